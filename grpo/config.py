@@ -1,0 +1,348 @@
+"""One typed configuration for both stages, parsed by transformers' `HfArgumentParser`.
+
+Every knob is a dataclass field with its help text. Checks that involve one dataclass live in its
+`__post_init__`; checks that span several (the generation batch against the micro-batch, the stage
+against the checkpoint) live in `validate`. Every error names the flag and says what to change.
+
+    python train.py --help                       # every flag, grouped
+    python train.py --config run.yaml --beta 0   # a YAML/JSON file, CLI flags override it
+
+Counting conventions (GRPO stage), per rank:
+    one generation batch   = per_device_prompts (B) x num_generations (G) completions
+    one inner epoch        = steps_per_generation optimizer steps over that batch, each on
+                             B*G / steps_per_generation completions, in micro-batches of
+                             micro_batch_size (gradient accumulation)
+    one generation batch   -> num_iterations * steps_per_generation optimizer steps
+`max_steps` counts optimizer steps; a new generation batch is sampled every
+num_iterations * steps_per_generation of them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+AGGREGATIONS = ("sequence", "token", "constant")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+SCHEDULES = ("constant", "cosine")
+STAGES = ("sft", "grpo")
+FREEZE_POLICIES = ("full", "language", "seed", "lora")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model: str = _help(
+        "Policy to train: a hub id (Qwen/Qwen2.5-VL-3B-Instruct), a local directory written by "
+        "save_pretrained, or 'tiny' for the built-in offline preset.",
+        default="tiny",
+    )
+    init_from: str | None = _help(
+        "Start from this checkpoint's weights (e.g. the SFT stage's output_dir or one of its "
+        "checkpoint-N/model folders). The reference model for GRPO is this starting point.",
+        default=None,
+    )
+    dtype: str = _help("float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU).", default="auto")
+    attn_implementation: str = _help("sdpa | eager | flash_attention_2.", default="sdpa")
+    max_pixels: int | None = _help("Largest image area the processor keeps (the seed uses 65536 = 256*256).", default=None)
+    min_pixels: int | None = _help("Smallest image area the processor keeps.", default=None)
+    freeze_policy: str = _help(
+        "Which parameters train: full | language (vision frozen) | seed (merger.mlp.2, embeddings "
+        "and the first --num_trainable_layers language layers) | lora.",
+        default="full",
+    )
+    num_trainable_layers: int = _help("Language layers that train under --freeze_policy seed.", default=5)
+    lora_r: int = _help("LoRA rank (--freeze_policy lora).", default=8)
+    lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", default=32.0)
+    lora_dropout: float = _help("Dropout on the LoRA input.", default=0.0)
+    lora_targets: str = _help("Comma-separated projection names that get LoRA adapters.", default="q_proj,v_proj")
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
+
+    def __post_init__(self):
+        if self.freeze_policy not in FREEZE_POLICIES:
+            raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.num_trainable_layers < 0:
+            raise ConfigError("--num_trainable_layers must be >= 0")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = _help(
+        "Training data: 'synthetic' (built-in counting scenes), a hub name, a save_to_disk folder, "
+        "a parquet file/folder, or a jsonl file (with --image_root).",
+        default="synthetic",
+    )
+    split: str = _help("Split of --dataset to read.", default="train")
+    val_fraction: float = _help("Fraction held out for validation (deterministic, seeded).", default=0.1)
+    num_examples: int | None = _help("Use only this many examples (synthetic: how many to draw).", default=None)
+    image_column: str | None = _help("Column holding the image(s), when not the source's default.", default=None)
+    question_column: str | None = _help("Column holding the question.", default=None)
+    answer_column: str | None = _help("Column holding the gold answer.", default=None)
+    thinking_column: str | None = _help("Column holding the reasoning trace (SFT).", default=None)
+    image_root: str | None = _help("Folder that relative image paths in a jsonl file are under.", default=None)
+    question_kinds: str = _help(
+        "Synthetic data: comma-separated question kinds (total, by_color, by_shape, complex).", default="total"
+    )
+    count_min: int = _help("Synthetic data: fewest objects in a scene.", default=1)
+    count_max: int = _help("Synthetic data: most objects in a scene.", default=10)
+    image_size: int = _help("Synthetic data: side of the square scene in pixels.", default=112)
+    max_prompt_length: int | None = _help(
+        "Longest prompt in tokens (image tokens included). Longer prompts are never cut through "
+        "their image tokens: they are skipped and counted, or rejected (see --long_prompts).",
+        default=None,
+    )
+    long_prompts: str = _help("What to do with prompts over --max_prompt_length: skip | error.", default="skip")
+    system_prompt: str | None = _help("System prompt; default: the R1 prompt of the seeds. '' for none.", default=None)
+
+    @property
+    def system_prompt_text(self) -> str | None:
+        """The system prompt to use: the seeds' R1 prompt by default, none when given ''."""
+        if self.system_prompt is None:
+            from data.prompts import SYSTEM_PROMPT
+
+            return SYSTEM_PROMPT
+        return self.system_prompt or None
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.count_min < 0 or self.count_max < self.count_min:
+            raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
+        if self.long_prompts not in ("skip", "error"):
+            raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
+
+
+@dataclass
+class TrainArguments:
+    stage: str = _help("sft | grpo.", default="grpo")
+    output_dir: str = _help("Where checkpoints, metrics.jsonl and samples.log go.", default="runs/grpo")
+    max_steps: int = _help("Optimizer steps to run.", default=100)
+    learning_rate: float = _help("Peak learning rate of AdamW.", default=1e-5)
+    lr_scheduler: str = _help("constant | cosine (both after linear warm-up).", default="constant")
+    warmup_steps: int = _help("Linear warm-up steps.", default=0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.1)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.99)
+    max_grad_norm: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
+    seed: int = _help("Seed for model init (tiny preset), data order and sampling.", default=0)
+    device: str = _help("auto | cpu | cuda. Under torchrun each rank takes cuda:LOCAL_RANK.", default="auto")
+    logging_steps: int = _help("Print a metrics line every N steps (metrics.jsonl gets every step).", default=1)
+    save_steps: int = _help("Save a checkpoint every N steps (and always at the end). 0: only at the end.", default=50)
+    save_total_limit: int = _help("Checkpoints to keep; older ones are deleted after a new one is complete.", default=2)
+    resume: bool = _help("Continue the run in --output_dir from its latest checkpoint.", default=False)
+    overwrite_output_dir: bool = _help("Delete another run's checkpoints in --output_dir and start over.", default=False)
+    max_nonfinite_steps: int = _help("Stop after this many consecutive steps with a non-finite loss/grad.", default=3)
+    progress_bar: bool = _help("Show a tqdm progress bar on rank 0.", default=True)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage {self.stage!r} is not one of {STAGES}")
+        if self.max_steps < 1:
+            raise ConfigError("--max_steps must be >= 1")
+        if self.learning_rate <= 0:
+            raise ConfigError("--learning_rate must be > 0")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ConfigError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {SCHEDULES}")
+        if self.warmup_steps < 0 or self.save_steps < 0 or self.save_total_limit < 1:
+            raise ConfigError("--warmup_steps and --save_steps must be >= 0, --save_total_limit >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("--max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class GRPOArguments:
+    per_device_prompts: int = _help("B: prompts per rank in one generation batch.", default=4)
+    num_generations: int = _help("G: completions sampled per prompt (the group). At least 2.", default=8)
+    steps_per_generation: int = _help(
+        "Optimizer steps per inner epoch over one generation batch (its B*G completions are split "
+        "into this many equal mini-batches).",
+        default=1,
+    )
+    micro_batch_size: int = _help("Completions per forward/backward (gradient accumulation unit).", default=8)
+    num_iterations: int = _help("Inner epochs (PPO-style) over each generation batch. mu in the GRPO paper.", default=1)
+    max_completion_length: int = _help("Most tokens sampled per completion.", default=64)
+    temperature: float = _help("Sampling temperature tau; the loss uses logits / tau too. 0 = greedy.", default=1.0)
+    top_p: float = _help("Nucleus sampling threshold (1.0 = off).", default=1.0)
+    top_k: int = _help("Top-k sampling (0 = off).", default=0)
+    beta: float = _help("Weight of the k3 KL to the frozen reference (0: no reference model is built).", default=0.04)
+    epsilon: float = _help("PPO clip range: ratio is clipped to [1 - epsilon, 1 + epsilon_high].", default=0.2)
+    epsilon_high: float | None = _help("Upper clip (DAPO clip-higher); default: --epsilon.", default=None)
+    loss_aggregation: str = _help(
+        "sequence (GRPO: mean over each completion's tokens, then over completions) | token (DAPO: "
+        "over all tokens of the step) | constant (Dr. GRPO: sum / (completions * max_completion_length)).",
+        default="sequence",
+    )
+    advantage_scale: str = _help("group (z-score) | batch (divide by the batch std) | none (Dr. GRPO).", default="group")
+    mask_truncated_completions: bool = _help("Leave completions that hit max_completion_length out of the loss.", default=False)
+    reward_functions: str = _help(
+        "Comma-separated reward functions: built-in names (format, count_accuracy, choice_accuracy, "
+        "math_accuracy) or module:function.",
+        default="format,count_accuracy",
+    )
+    reward_weights: str | None = _help("Comma-separated weights, one per reward function (default all 1).", default=None)
+    sample_log_steps: int = _help("Write a sample (question, answer, completion, rewards) every N steps.", default=10)
+    reuse_frozen_image_features: bool = _help(
+        "When the vision tower is frozen, reuse the rollout's image features in every training, "
+        "old-policy and reference forward of the step instead of re-encoding.",
+        default=True,
+    )
+
+    def __post_init__(self):
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"--num_generations {self.num_generations}: GRPO compares completions within a group, "
+                "so it needs at least 2 (the seeds use 2-8)"
+            )
+        for name in ("per_device_prompts", "steps_per_generation", "micro_batch_size", "num_iterations", "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0:
+            raise ConfigError(f"--beta {self.beta}: the KL weight must be >= 0 (0 turns the KL term off)")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ConfigError(f"--epsilon {self.epsilon}: must be in [0, 1) so that 1 - epsilon > 0")
+        if self.epsilon_high < 0:
+            raise ConfigError(f"--epsilon_high {self.epsilon_high}: must be >= 0")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ConfigError(f"--loss_aggregation {self.loss_aggregation!r} is not one of {AGGREGATIONS}")
+        if self.advantage_scale not in ADVANTAGE_SCALES:
+            raise ConfigError(f"--advantage_scale {self.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
+        if self.temperature < 0:
+            raise ConfigError("--temperature must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
+        generation_batch = self.per_device_prompts * self.num_generations
+        if generation_batch % self.steps_per_generation:
+            raise ConfigError(
+                f"the generation batch (--per_device_prompts {self.per_device_prompts} x --num_generations "
+                f"{self.num_generations} = {generation_batch}) does not split into --steps_per_generation "
+                f"{self.steps_per_generation} equal mini-batches; change one of them"
+            )
+        mini_batch = generation_batch // self.steps_per_generation
+        if mini_batch % self.micro_batch_size:
+            raise ConfigError(
+                f"each optimizer step takes {mini_batch} completions, which --micro_batch_size "
+                f"{self.micro_batch_size} does not divide; pick a divisor of {mini_batch}"
+            )
+
+    @property
+    def reward_function_names(self) -> list[str]:
+        return [name.strip() for name in self.reward_functions.split(",") if name.strip()]
+
+    @property
+    def reward_weight_values(self) -> list[float] | None:
+        if self.reward_weights is None:
+            return None
+        weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
+        if len(weights) != len(self.reward_function_names):
+            raise ConfigError(
+                f"--reward_weights has {len(weights)} values but --reward_functions names "
+                f"{len(self.reward_function_names)} functions; give one weight per function"
+            )
+        return weights
+
+    @property
+    def optimizer_steps_per_generation(self) -> int:
+        return self.num_iterations * self.steps_per_generation
+
+
+@dataclass
+class SFTArguments:
+    per_device_batch_size: int = _help("Examples per rank per micro-batch.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    eval_steps: int = _help("Validation loss every N steps (0: only at the end).", default=100)
+    max_eval_examples: int = _help("Validation examples used for the validation loss.", default=256)
+
+    def __post_init__(self):
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("--per_device_batch_size and --gradient_accumulation_steps must be >= 1")
+        if self.eval_steps < 0 or self.max_eval_examples < 1:
+            raise ConfigError("--eval_steps must be >= 0 and --max_eval_examples >= 1")
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments, GRPOArguments, SFTArguments)
+
+
+@dataclass
+class Config:
+    """All arguments of one run, grouped as the parser groups them."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainArguments
+    grpo: GRPOArguments
+    sft: SFTArguments
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {group: asdict(getattr(self, group)) for group in ("model", "data", "train", "grpo", "sft")}
+
+
+def _read_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    # A file written by Config.to_dict() is grouped; flatten it.
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("model", "data", "train", "grpo", "sft"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse CLI flags (and an optional --config YAML/JSON file that CLI flags override)."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ALL_ARGUMENTS)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of flag values; CLI flags override it.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = _read_config_file(known.config)
+        valid = {f.name for cls in ALL_ARGUMENTS for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(f"--config {known.config}: unknown keys {unknown}; see python train.py --help")
+        parser.set_defaults(**values)
+    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    rest = outputs[-1]
+    if rest:
+        raise ConfigError(f"unknown arguments {rest}; see python train.py --help")
+    # The parser appends a Namespace holding --config after the dataclasses; keep the dataclasses.
+    groups = [group for group in outputs[:-1] if isinstance(group, ALL_ARGUMENTS)]
+    config = Config(*groups)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span several argument groups."""
+    if config.train.stage == "grpo" and not config.grpo.reward_function_names:
+        raise ConfigError("--reward_functions is empty; GRPO needs at least one reward function")
+    config.grpo.reward_weight_values  # raises when the weights do not match the functions

@@ -1,0 +1,73 @@
+"""The typed config: defaults run offline, bad settings fail at start with the flag and the fix."""
+
+import json
+
+import pytest
+
+from grpo.config import ConfigError, parse_config
+
+
+def test_defaults_are_the_offline_demo():
+    config = parse_config([])
+    assert config.model.model == "tiny"
+    assert config.data.dataset == "synthetic"
+    assert config.train.stage == "grpo"
+    # epsilon_high defaults to epsilon (symmetric clip: GRPO; set it higher for DAPO's clip-higher)
+    assert config.grpo.epsilon_high == config.grpo.epsilon == 0.2
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--num_generations", "1"], "--num_generations"),
+        (["--beta", "-0.1"], "--beta"),
+        (["--epsilon", "1.0"], "--epsilon"),
+        (["--epsilon_high", "-0.5"], "--epsilon_high"),
+        (["--max_completion_length", "0"], "--max_completion_length"),
+        (["--loss_aggregation", "mean"], "--loss_aggregation"),
+        (["--advantage_scale", "rank"], "--advantage_scale"),
+        (["--stage", "ppo"], "--stage"),
+        (["--freeze_policy", "half"], "--freeze_policy"),
+        # 3 prompts x 4 completions = 12 completions do not split into micro-batches of 5
+        (["--per_device_prompts", "3", "--num_generations", "4", "--micro_batch_size", "5"], "--micro_batch_size"),
+        # 12 completions do not split into 5 optimizer steps
+        (["--per_device_prompts", "3", "--num_generations", "4", "--steps_per_generation", "5"], "--steps_per_generation"),
+        (["--reward_functions", "format,count_accuracy", "--reward_weights", "1.0"], "--reward_weights"),
+        (["--val_fraction", "1.5"], "--val_fraction"),
+        (["--long_prompts", "truncate"], "--long_prompts"),
+    ],
+)
+def test_impossible_settings_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        parse_config(argv)
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(ConfigError, match="--not_a_flag"):
+        parse_config(["--not_a_flag", "3"])
+
+
+def test_config_file_with_cli_override(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"beta": 0.0, "num_generations": 4, "learning_rate": 3e-4}))
+    config = parse_config(["--config", str(path), "--num_generations", "6"])
+    assert config.grpo.beta == 0.0  # from the file
+    assert config.train.learning_rate == 3e-4  # from the file
+    assert config.grpo.num_generations == 6  # the CLI wins
+
+
+def test_config_yaml_roundtrip_of_to_dict(tmp_path):
+    import yaml
+
+    config = parse_config(["--stage", "sft", "--max_steps", "7"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    again = parse_config(["--config", str(path)])
+    assert again.to_dict() == config.to_dict()
+
+
+def test_config_file_unknown_key(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"betta": 0.1}))
+    with pytest.raises(ConfigError, match="betta"):
+        parse_config(["--config", str(path)])

@@ -1,0 +1,149 @@
+"""Tests for grpo/logprobs.py: chosen-token log-probs (chunked vs naive) and entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo.logprobs import token_entropy, token_logprobs, token_logprobs_naive
+
+QWEN_VOCAB = 151_936
+
+
+def test_hand_worked_1x2x3():
+    # One completion (R=1), two positions (T=2), vocabulary of 3.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]])  # [1, 2, 3]
+    token_ids = torch.tensor([[1, 2]])  # [1, 2]
+    # Position 0: all logits equal, so p = 1/3 for every token: log(1/3) = -1.0986123.
+    # Position 1: logsumexp(1, 2, 3) = 3 + log(1 + e^-1 + e^-2) = 3 + log(1.5032147)
+    #             = 3 + 0.4076059 = 3.4076059; chosen logit 3, so 3 - 3.4076059 = -0.4076059.
+    expected = torch.tensor([[-1.0986123, -0.4076059]])
+    for chunk_size in (1, 2, 4096):
+        got = token_logprobs(logits, token_ids, chunk_size=chunk_size)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(token_logprobs_naive(logits, token_ids), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 4096])  # 4 and 5 do not divide R*T = 6
+def test_chunked_matches_naive_qwen_vocab(dtype, chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 3, QWEN_VOCAB, generator=generator)).to(dtype)  # [R, T, V]
+    token_ids = torch.randint(0, QWEN_VOCAB, (2, 3), generator=generator)  # [R, T]
+    chunked = token_logprobs(logits, token_ids, chunk_size=chunk_size)
+    naive = token_logprobs_naive(logits, token_ids)
+    assert chunked.dtype == torch.float32 and chunked.shape == (2, 3)
+    # Both upcast the same bf16 numbers to float32 before the logsumexp: they agree in float32.
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_chunked_matches_naive(dtype):
+    generator = torch.Generator().manual_seed(1)
+    base = (3 * torch.randn(2, 3, QWEN_VOCAB, generator=generator)).to(dtype)  # [R, T, V]
+    token_ids = torch.randint(0, QWEN_VOCAB, (2, 3), generator=generator)  # [R, T]
+    upstream = torch.randn(2, 3, generator=generator)  # [R, T] an arbitrary d loss / d logp
+    grads = []
+    for fn in (
+        lambda x: token_logprobs(x, token_ids, chunk_size=4),
+        lambda x: token_logprobs_naive(x, token_ids),
+    ):
+        logits = base.clone().requires_grad_(True)
+        (fn(logits) * upstream).sum().backward()
+        assert logits.grad.dtype == dtype
+        grads.append(logits.grad.float())
+    # d logp / d z_v = 1[v == y] - softmax(z)_v; bf16 rounding of the grad allows ~1e-2 relative.
+    atol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(grads[0], grads[1], atol=atol, rtol=1e-2)
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)  # [R, T, V]
+    token_ids = torch.randint(0, 7, (2, 3))  # [R, T]
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, token_ids, chunk_size=4), (logits,))
+
+
+def test_non_viewable_slice_matches_naive():
+    # output.logits[:, :-1] cannot be viewed as [R*T, V]; the chunks then go row by row.
+    full = torch.randn(3, 5, 11, requires_grad=True)  # [R, T+1, V]
+    logits = full[:, :-1]  # [R, T, V] non-viewable slice
+    token_ids = torch.randint(0, 11, (3, 4))  # [R, T]
+    chunked = token_logprobs(logits, token_ids, chunk_size=3)
+    torch.testing.assert_close(chunked, token_logprobs_naive(logits, token_ids), atol=1e-6, rtol=0)
+    chunked.sum().backward()
+    grad_chunked = full.grad.clone()
+    full.grad = None
+    token_logprobs_naive(full[:, :-1], token_ids).sum().backward()
+    torch.testing.assert_close(grad_chunked, full.grad, atol=1e-6, rtol=0)
+
+
+def test_backward_saves_no_float32_copy_of_the_logits():
+    # The point of the chunking: autograd keeps the bf16 logits, not a float32 [R, T, V] copy.
+    logits = torch.randn(2, 3, 1000).to(torch.bfloat16).requires_grad_(True)  # [R, T, V]
+    token_ids = torch.randint(0, 1000, (2, 3))  # [R, T]
+    logits_bytes = logits.numel() * logits.element_size()
+
+    def saved_bytes(fn) -> int:
+        sizes = []
+
+        def pack(tensor):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            fn(logits, token_ids)
+        return sum(sizes)
+
+    # chunked: the logits themselves + [R*T] ids and logsumexps.
+    assert saved_bytes(lambda x, y: token_logprobs(x, y, chunk_size=2)) < 1.1 * logits_bytes
+    # naive: at least the float32 log-softmax, twice the bf16 logits.
+    assert saved_bytes(token_logprobs_naive) >= 2 * logits_bytes
+
+
+def test_entropy_hand_values():
+    # Uniform over V = 4: H = log 4 = 1.3862944.
+    # One-hot-ish (logits 0 and -inf): p = [1, 0, 0, 0], H = 0 (and no NaN from 0 * log 0).
+    # Two equal logits, two at -inf: H = log 2 = 0.6931472.
+    neg_inf = float("-inf")
+    logits = torch.tensor(
+        [
+            [
+                [0.0, 0.0, 0.0, 0.0],
+                [0.0, neg_inf, neg_inf, neg_inf],
+                [5.0, 5.0, neg_inf, neg_inf],
+            ]
+        ]
+    )  # [1, 3, 4]
+    expected = torch.tensor([[math.log(4), 0.0, math.log(2)]])
+    torch.testing.assert_close(token_entropy(logits, chunk_size=2), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_matches_naive(dtype):
+    logits = (2 * torch.randn(2, 3, 500)).to(dtype)  # [R, T, V]
+    log_p = logits.float().log_softmax(-1)  # [R, T, V]
+    naive = -(log_p.exp() * log_p).sum(-1)  # [R, T]
+    chunked = token_entropy(logits, chunk_size=4)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+
+
+def test_entropy_works_with_grad_enabled():
+    logits = torch.randn(2, 3, 6, requires_grad=True)  # [R, T, V]
+    entropy = token_entropy(logits, chunk_size=4)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"logits must be \[R, T, V\]"):
+        token_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_ids must be"):
+        token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
+    with pytest.raises(ValueError, match="floating point"):
+        token_entropy(torch.zeros(2, 3, 5, dtype=torch.long))
