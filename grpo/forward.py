@@ -1,0 +1,321 @@
+"""The one model forward: images encoded once, explicit 3-D positions, logits only where needed.
+
+Every pass over the policy goes through this file: the sampler's prefill (grpo/rollout.py), the
+training forward, and the no-grad old-policy and reference passes. GRPO (DeepSeekMath, arXiv
+2402.03300) needs log pi(o_t | q, o_<t) for each completion token o_t; this module computes it for
+Qwen2.5-VL so that the sampler and the trainer see exactly the same numbers.
+
+Letters (docs/architecture.md): B prompts, G completions per prompt, R rows (B*G or a micro-batch),
+P prompt tokens (left padded), T completion tokens, V vocabulary, D hidden size, N image tokens
+after the vision merger.
+
+Where this departs from calling `model(**processor_outputs)` / `generate()`:
+  1. The vision tower runs once per batch of prompts (`encode_images`); its merged tokens are
+     scattered into the token embeddings ourselves (`build_inputs_embeds`) and copied to the G
+     rows of each group (`image_inputs_for_rows`), instead of re-encoding G copies of each image.
+  2. The 3-D rotary positions (mRoPE) are computed here (`mrope_position_ids`) and always passed
+     explicitly. The HF forward would otherwise infer them from `mm_token_type_ids` and cached
+     `rope_deltas`, state that goes wrong when a KV cache is copied G ways, when rows are a
+     micro-batch, or when `mm_token_type_ids` is simply forgotten (image tokens then silently get
+     text positions; tests/test_forward.py pins that).
+  3. `logits_to_keep=T+1` so the [R, L, V] logits exist only for the completion positions.
+  4. Temperature: the policy being optimised is softmax(logits / tau), the distribution the
+     sampler drew from. Top-p / top-k truncation is ignored in the loss (as TRL does): the
+     logprobs are those of the full tempered distribution, and the sampler records the same.
+     tau = 0 (greedy) is scored with tau = 1.
+
+The model is only touched through stable HF APIs: `get_input_embeddings()`, the vision tower
+`model.model.visual` (through `get_image_features`), and `model(inputs_embeds=, position_ids=,
+attention_mask=, logits_to_keep=)`.
+
+Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_forward.py -q
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from grpo.logprobs import token_entropy, token_logprobs
+
+
+def _config(model: torch.nn.Module):
+    """The HF config, also through a DDP-style wrapper (`.module`)."""
+    return getattr(model, "module", model).config
+
+
+def image_token_id_of(model: torch.nn.Module) -> int:
+    """Id of the `<|image_pad|>` placeholder token, from the model's config."""
+    return int(_config(model).image_token_id)
+
+
+def spatial_merge_size_of(model: torch.nn.Module) -> int:
+    """How many patches per side the vision merger folds into one token (2 for Qwen2.5-VL)."""
+    return int(_config(model).vision_config.spatial_merge_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_images(model: torch.nn.Module, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+    """Run the vision tower once over all images of a batch; returns merged tokens [N, D].
+
+    `pixel_values` is [sum of t*h*w over images, patch_dim] (no batch dim), one `image_grid_thw`
+    row per image. Image k contributes t*h*w / merge**2 consecutive rows of the result.
+    """
+    hf_model = getattr(model, "module", model)
+    out = hf_model.model.get_image_features(pixel_values, image_grid_thw)
+    # transformers 5.x returns an output object whose pooler_output is a per-image tuple; 4.x
+    # returned the tuple itself. Accept both.
+    embeds = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(embeds, (tuple, list)):
+        embeds = torch.cat(list(embeds), dim=0)  # [N, D]
+    return embeds  # [N, D]
+
+
+def tokens_per_image(image_grid_thw: Tensor, spatial_merge_size: int) -> list[int]:
+    """Merged tokens of each image: t*h*w / merge**2 (one image_pad token each in the prompt)."""
+    return (image_grid_thw.prod(-1) // spatial_merge_size**2).tolist()
+
+
+def count_images_per_prompt(
+    input_ids: Tensor, image_grid_thw: Tensor | None, *, image_token_id: int, spatial_merge_size: int
+) -> list[int]:
+    """How many `image_grid_thw` rows belong to each prompt row of `input_ids` [B, P].
+
+    Images are in row order, so walk the grid rows, consuming each prompt's image_pad tokens.
+    """
+    if image_grid_thw is None:
+        return [0] * input_ids.shape[0]
+    sizes = tokens_per_image(image_grid_thw, spatial_merge_size)
+    counts, k = [], 0
+    for pad_tokens in (input_ids == image_token_id).sum(-1).tolist():  # image tokens per row
+        n_images = 0
+        while pad_tokens > 0:
+            pad_tokens -= sizes[k]
+            k += 1
+            n_images += 1
+        if pad_tokens != 0:
+            raise ValueError("image_pad tokens of a prompt do not add up to whole images")
+        counts.append(n_images)
+    if k != len(sizes):
+        raise ValueError(f"{len(sizes)} images in image_grid_thw but {k} in input_ids")
+    return counts
+
+
+def image_inputs_for_rows(
+    image_embeds: Tensor,
+    image_grid_thw: Tensor,
+    images_per_prompt: Sequence[int],
+    group_size: int,
+    rows: Sequence[int] | Tensor,
+    spatial_merge_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Image embeddings and grid rows for completion rows `rows` (row r belongs to prompt r // G).
+
+    `image_embeds` [N, D] is per prompt (as encoded once); the result is [N_R, D] with the
+    embeddings of row r's prompt, in row order, plus its `image_grid_thw` rows [I_R, 3]. Any
+    subset of rows works, so a micro-batch takes exactly what its rows need.
+    """
+    if isinstance(rows, Tensor):
+        rows = rows.tolist()
+    sizes = tokens_per_image(image_grid_thw, spatial_merge_size)
+    image_chunks = list(image_embeds.split(sizes))  # per image: [tokens_k, D]
+    grid_chunks = list(image_grid_thw.split(1))  # per image: [1, 3]
+    first_image = [0]  # first image index of each prompt
+    for n in images_per_prompt:
+        first_image.append(first_image[-1] + n)
+    embeds, grids = [], []
+    for r in rows:
+        prompt = r // group_size
+        images = range(first_image[prompt], first_image[prompt + 1])
+        embeds += [image_chunks[k] for k in images]
+        grids += [grid_chunks[k] for k in images]
+    if not embeds:  # rows whose prompts carry no image
+        return image_embeds[:0], image_grid_thw[:0]
+    return torch.cat(embeds), torch.cat(grids)  # [N_R, D], [I_R, 3]
+
+
+def expand_image_embeds(
+    image_embeds: Tensor,
+    image_grid_thw: Tensor,
+    images_per_prompt: Sequence[int],
+    group_size: int,
+    spatial_merge_size: int,
+) -> Tensor:
+    """Per-prompt image embeddings [N, D] -> the G rows of every group [N*G, D].
+
+    Not `image_embeds.repeat(G, 1)`: that would lay out [prompt0, prompt1, prompt0, prompt1, ...],
+    while rows are grouped [p0 x G, p1 x G]; with prompts of different image counts, row 1 would
+    then read prompt 1's image. Each prompt's block of images is repeated on its own G rows.
+    """
+    num_rows = len(images_per_prompt) * group_size
+    embeds, _ = image_inputs_for_rows(
+        image_embeds, image_grid_thw, images_per_prompt, group_size, range(num_rows), spatial_merge_size
+    )
+    return embeds  # [N*G, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# positions and embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def mrope_position_ids(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    image_grid_thw: Tensor | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[Tensor, Tensor]:
+    """3-D rotary positions (temporal, height, width) of a left-padded batch (Qwen2-VL mRoPE).
+
+    Text tokens count 0, 1, 2, ... on all three axes. An image of g_t x g_h x g_w merged tokens
+    starting at text position s gets (s + t, s + h, s + w) for its grid cells, and the text after it
+    continues at s + max(g_h, g_w). Padding (attention_mask 0) is skipped: positions start at 0 at
+    each row's first real token, and padded slots hold 0 (they are never attended to).
+
+    Returns position_ids [3, B, L] and next_position [B] = max position + 1: the position of the
+    first generated token, the same on all three axes (generated tokens are text).
+    """
+    batch_size, seq_len = input_ids.shape  # B, L
+    position_ids = torch.zeros(3, batch_size, seq_len, dtype=torch.long, device=input_ids.device)
+    next_position = torch.zeros(batch_size, dtype=torch.long, device=input_ids.device)  # [B]
+    sizes = [] if image_grid_thw is None else image_grid_thw.tolist()
+    image_index = 0  # images are numbered across the whole batch, in row order
+    for b in range(batch_size):
+        real = (
+            torch.ones(seq_len, dtype=torch.bool, device=input_ids.device)
+            if attention_mask is None
+            else attention_mask[b].bool()
+        )  # [L]
+        ids = input_ids[b][real]  # [n] the row without its padding
+        image_starts = (ids == image_token_id).nonzero().flatten().tolist()
+        chunks: list[Tensor] = []  # each [3, len]
+        cursor, current = 0, 0  # next token index in `ids`, next text position
+        while image_starts and image_starts[0] >= cursor:
+            start = image_starts[0]
+            text = torch.arange(start - cursor, device=ids.device) + current  # [len]
+            chunks.append(text.expand(3, -1))
+            current += start - cursor
+            grid_t, grid_h, grid_w = sizes[image_index]
+            image_index += 1
+            grid_h, grid_w = grid_h // spatial_merge_size, grid_w // spatial_merge_size
+            t, h, w = torch.meshgrid(
+                torch.arange(grid_t, device=ids.device),
+                torch.arange(grid_h, device=ids.device),
+                torch.arange(grid_w, device=ids.device),
+                indexing="ij",
+            )  # each [g_t, g_h, g_w]
+            chunks.append(torch.stack([t, h, w]).reshape(3, -1) + current)  # [3, g_t*g_h*g_w]
+            cursor = start + grid_t * grid_h * grid_w
+            current += max(grid_h, grid_w)  # as HF's get_rope_index (transformers 5.x)
+            image_starts = [i for i in image_starts if i >= cursor]
+        chunks.append((torch.arange(len(ids) - cursor, device=ids.device) + current).expand(3, -1))
+        row_positions = torch.cat(chunks, dim=1)  # [3, n]
+        position_ids[:, b, real] = row_positions
+        next_position[b] = row_positions.max() + 1 if row_positions.numel() else 0
+    return position_ids, next_position  # [3, B, L], [B]
+
+
+def build_inputs_embeds(model: torch.nn.Module, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
+    """Token embeddings [R, L, D] with the image_pad slots filled by image embeddings, in order."""
+    hf_model = getattr(model, "module", model)
+    embeds = hf_model.get_input_embeddings()(input_ids)  # [R, L, D]
+    if image_embeds is None:
+        return embeds
+    image_mask = input_ids == image_token_id_of(model)  # [R, L]
+    if int(image_mask.sum()) != image_embeds.shape[0]:
+        raise ValueError(
+            f"{int(image_mask.sum())} image_pad tokens but {image_embeds.shape[0]} image embeddings"
+        )
+    # masked_scatter fills the True slots in row-major order, i.e. row by row, left to right:
+    # the order in which images appear. It is differentiable w.r.t. both inputs.
+    return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))  # [R, L, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# the scoring forward
+# ---------------------------------------------------------------------------------------------
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor | None,
+    image_embeds: Tensor | None,
+    image_grid_thw_rows: Tensor | None,
+    *,
+    image_token_id: int | None = None,
+    spatial_merge_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log pi(o_t | q, o_<t) of each completion token under softmax(logits / tau): [R, T] float32.
+
+    prompt_ids / prompt_mask [R, P] left padded; completion_ids [R, T]; completion_mask [R, T] (1
+    through the first EOS; None = all ones); image_embeds [N_R, D] and image_grid_thw_rows [I_R, 3]
+    for these R rows (see `image_inputs_for_rows`). Differentiable w.r.t. the model (and the image
+    embeddings) unless called under torch.no_grad. With return_entropy, also the entropy [R, T] of
+    the same tempered distribution (detached: a metric, not a loss term).
+    """
+    if image_token_id is None:
+        image_token_id = image_token_id_of(model)
+    if spatial_merge_size is None:
+        spatial_merge_size = spatial_merge_size_of(model)
+    num_completion = completion_ids.shape[1]  # T
+    if completion_mask is None:
+        completion_mask = torch.ones_like(completion_ids)  # [R, T]
+    # A micro-batch that lacks the batch's longest prompt has columns of padding in every row;
+    # drop them (positions and masks are per real token, so nothing else changes).
+    first_column = int(prompt_mask.any(dim=0).long().argmax())
+    prompt_ids, prompt_mask = prompt_ids[:, first_column:], prompt_mask[:, first_column:]  # [R, P']
+
+    # Positions: the prompt's mRoPE positions, then one text position per completion token on all
+    # three axes, continuing from the prompt's max + 1 (what the sampler's decode steps used).
+    prompt_positions, next_position = mrope_position_ids(
+        prompt_ids, prompt_mask, image_grid_thw_rows,
+        image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
+    )  # [3, R, P], [R]
+    steps = torch.arange(num_completion, device=prompt_ids.device)  # [T]
+    completion_positions = (next_position[:, None] + steps).expand(3, -1, -1)  # [3, R, T]
+    position_ids = torch.cat([prompt_positions, completion_positions], dim=-1)  # [3, R, P+T]
+
+    # Embeddings: images go only into the prompt part; a completion may (rarely) sample the
+    # image_pad id, and that token is plain text there, as it was for the sampler.
+    prompt_embeds = build_inputs_embeds(model, prompt_ids, image_embeds)  # [R, P, D]
+    completion_embeds = build_inputs_embeds(model, completion_ids, None)  # [R, T, D]
+    inputs_embeds = torch.cat([prompt_embeds, completion_embeds], dim=1)  # [R, P+T, D]
+
+    # Left padding of the prompt is masked out. Completion slots after the first EOS are masked
+    # too; by causality that changes nothing for the tokens up to EOS, the only ones scored.
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [R, P+T]
+
+    output = model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=num_completion + 1,
+    )
+    # Logits at positions P-1 .. P+T-2 predict completion tokens 0 .. T-1; the last one is unused.
+    logits = output.logits[:, :-1, :]  # [R, T, V]
+    # tau = 0 means greedy sampling; its tokens are scored under the untempered policy.
+    tau = temperature if temperature > 0 else 1.0
+    # Divided in the logits' dtype, exactly as the sampler does, so both see the same numbers.
+    logits = logits / tau  # [R, T, V]
+    logprobs = token_logprobs(logits, completion_ids, chunk_size=chunk_size)  # [R, T]
+    if return_entropy:
+        # A diagnostic, never differentiated: no_grad keeps its float32 chunks out of the graph.
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), chunk_size=chunk_size)  # [R, T]
+        return logprobs, entropy
+    return logprobs

@@ -1,0 +1,317 @@
+"""The rollout sampler: G completions per prompt, with one prefill per prompt and a shared KV cache.
+
+GRPO (DeepSeekMath, arXiv 2402.03300) scores each prompt's G sampled completions against each
+other, so the G completions of a prompt share everything up to the first generated token. The
+sampler exploits that (the nanochat engine does the same for text):
+
+  1. encode all images of the batch once                       image_embeds [N, D]
+  2. prefill each prompt once, with explicit 3-D positions       KV cache of B rows, logits [B, V]
+  3. copy the KV cache and the last logits to the G rows          KV cache of B*G rows
+  4. decode token by token at positions next_position + step, with a growing attention mask;
+     temperature, top-k, top-p; greedy when temperature == 0; a row stops at its first EOS (later
+     tokens forced to pad); the loop stops when every row stopped or after max_new_tokens.
+
+Where it departs from `model.generate()` on G repeated prompts:
+  - images are encoded B times instead of B*G and the prompt is prefilled B times, not B*G;
+  - positions are explicit (`grpo.forward.mrope_position_ids`) instead of the model's cached
+    `rope_deltas`, so nothing depends on hidden state of the model object;
+  - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
+    tempered vocabulary, before top-k / top-p truncation. That is the distribution the loss
+    optimises (grpo/forward.py: truncation is ignored there too), so these numbers equal
+    `completion_logprobs` on the same tokens and can serve as old-policy logprobs. Greedy
+    (tau = 0) records logprobs at tau = 1.
+
+`generate_rollouts_naive` keeps the `generate()` version for tests and benchmarks.
+
+Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_rollout.py -q
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from grpo.forward import (
+    build_inputs_embeds,
+    count_images_per_prompt,
+    encode_images,
+    image_token_id_of,
+    mrope_position_ids,
+    spatial_merge_size_of,
+)
+from grpo.masks import completion_mask
+
+
+@dataclass
+class Rollout:
+    """What the sampler hands to the trainer for one batch of B prompts x G completions."""
+
+    completion_ids: Tensor
+    """[B*G, T] sampled tokens; pad_token_id after each row's first EOS; T = longest row."""
+    sampler_logprobs: Tensor
+    """[B*G, T] float32 log softmax(logits / tau) of each chosen token (tau = 1 when greedy); 0 after EOS."""
+    is_eos_terminated: Tensor
+    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens)."""
+    image_embeds: Tensor | None
+    """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
+    when the vision tower is frozen (expand with grpo.forward.image_inputs_for_rows)."""
+    images_per_prompt: list[int]
+    """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
+    num_generated_tokens: int
+    """Tokens generated over all rows, each row counted through its first EOS."""
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(output):
+    """The KV cache of a forward's output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """One sampling step from last-position logits [R, V] -> (token [R], logprob [R] float32).
+
+    The logprob is of the full tempered distribution, before top-k / top-p (see module docstring).
+    """
+    if temperature == 0:  # greedy; scored at tau = 1
+        token = logits.argmax(dim=-1)  # [R]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+    # Divide in the logits' dtype, as completion_logprobs does, then go to float32.
+    scaled = (logits / temperature).float()  # [R, V]
+    logprobs = torch.log_softmax(scaled, dim=-1)  # [R, V] the policy the loss optimises
+    filtered = scaled  # [R, V] truncated copy used only to draw the token
+    if top_k > 0:
+        kth_best = torch.topk(filtered, min(top_k, filtered.shape[-1]), dim=-1).values[:, -1:]  # [R, 1]
+        filtered = filtered.masked_fill(filtered < kth_best, float("-inf"))  # [R, V]
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)  # [R, V]
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [R, V]
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V]
+        # Keep the smallest prefix whose mass reaches top_p; the best token always survives
+        # (its mass_before is 0), so a row can never be left with nothing to sample.
+        drop_sorted = mass_before >= top_p  # [R, V]
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # [R, V] back in vocabulary order
+        filtered = filtered.masked_fill(drop, float("-inf"))  # [R, V]
+    probs = torch.softmax(filtered, dim=-1)  # [R, V]
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [R]
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)  # [R], [R]
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample G completions for each of the B prompts of a collated batch (see module docstring).
+
+    `generator` must live on the model's device (torch.multinomial draws on the logits' device).
+    """
+    # Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns
+    # the KV cache off when gradient checkpointing is on in train mode. The mode is restored after.
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_rollouts(
+            model, batch, group_size=group_size, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _sample_rollouts(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> Rollout:
+    input_ids = batch["input_ids"]  # [B, P] left padded
+    prompt_mask = batch["attention_mask"]  # [B, P]
+    pixel_values = batch.get("pixel_values")  # [sum t*h*w, patch_dim] or None
+    image_grid_thw = batch.get("image_grid_thw")  # [num_images, 3] or None
+    image_token_id = image_token_id_of(model)
+    merge = spatial_merge_size_of(model)
+    device = input_ids.device
+    eos = torch.tensor(list(eos_token_ids), device=device)  # [E]
+    cache_kwarg = _cache_kwarg(model)
+
+    # --- images: the vision tower runs once for the whole batch ---
+    image_embeds = None
+    if pixel_values is not None and pixel_values.numel() > 0:  # a text-only batch has no images
+        image_embeds = encode_images(model, pixel_values, image_grid_thw)  # [N, D]
+
+    # --- prefill: once per prompt ---
+    # Left padding puts every prompt's last token in column P-1, so one `logits_to_keep=1` gives
+    # each row's next-token logits and the decode steps append in the same column for all rows.
+    # Positions are explicit: a padded row starts at 0 at its first real token, and the HF
+    # forward would otherwise rebuild them from mm_token_type_ids and a cached rope_deltas.
+    prompt_positions, next_position = mrope_position_ids(
+        input_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
+    )  # [3, B, P], [B]
+    output = model(
+        inputs_embeds=build_inputs_embeds(model, input_ids, image_embeds),  # [B, P, D]
+        attention_mask=prompt_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+
+    # --- copy to the G rows of each group: rows are [p0 x G, p1 x G, ...] ---
+    cache = _output_cache(output)
+    cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
+    logits = output.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # [B*G, V]
+    attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [B*G, P]
+    next_position = next_position.repeat_interleave(group_size)  # [B*G]
+    num_rows = logits.shape[0]  # R = B*G
+
+    # --- decode ---
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [R]
+    tokens, logprobs = [], []  # each step: [R]
+    for step in range(max_new_tokens):
+        token, logprob = sample_next_token(
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+        )  # [R], [R]
+        # A finished row keeps emitting pad (its logprob 0); it still runs through the model so
+        # the batch stays rectangular, and its later tokens are masked out of the loss.
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)  # [R]
+        logprob = torch.where(finished, torch.zeros_like(logprob), logprob)  # [R]
+        tokens.append(token)
+        logprobs.append(logprob)
+        finished = finished | torch.isin(token, eos)  # [R]
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        # The new token is a text token: same position on the three axes, one past the last.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(num_rows, 1)], dim=1)  # [R, P+step+1]
+        position_ids = (next_position + step).view(1, num_rows, 1).expand(3, -1, -1)  # [3, R, 1]
+        output = model(
+            inputs_embeds=build_inputs_embeds(model, token[:, None], None),  # [R, 1, D]
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg: cache},
+        )
+        cache = _output_cache(output)
+        logits = output.logits[:, -1, :]  # [R, V]
+
+    completion_ids = torch.stack(tokens, dim=1)  # [R, T]; T = longest row (loop stops when all end)
+    sampler_logprobs = torch.stack(logprobs, dim=1)  # [R, T]
+    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [R, T] 1 through the first EOS
+    return Rollout(
+        completion_ids=completion_ids,
+        sampler_logprobs=sampler_logprobs,
+        is_eos_terminated=finished,
+        image_embeds=None if image_embeds is None else image_embeds.detach(),
+        images_per_prompt=count_images_per_prompt(
+            input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
+        ),
+        num_generated_tokens=int(mask.sum()),
+    )
+
+
+def repeat_batch_per_group(batch: dict, group_size: int, *, image_token_id: int, spatial_merge_size: int) -> dict:
+    """The naive way: every prompt repeated G times, images included, for `model.generate`.
+
+    pixel_values has no batch dim, so it is cut per image (t*h*w patch rows each) and each
+    prompt's images are repeated G times in row order; a plain `.repeat` would scramble them.
+    """
+    input_ids = batch["input_ids"]  # [B, P]
+    out = {
+        "input_ids": input_ids.repeat_interleave(group_size, dim=0),  # [B*G, P]
+        "attention_mask": batch["attention_mask"].repeat_interleave(group_size, dim=0),  # [B*G, P]
+    }
+    if batch.get("mm_token_type_ids") is not None:
+        out["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(group_size, dim=0)  # [B*G, P]
+    grid = batch.get("image_grid_thw")  # [num_images, 3]
+    if grid is None:
+        return out
+    images_per_prompt = count_images_per_prompt(
+        input_ids, grid, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size
+    )
+    patches = list(batch["pixel_values"].split(grid.prod(-1).tolist()))  # per image: [t*h*w, patch_dim]
+    grids = list(grid.split(1))  # per image: [1, 3]
+    pixel_rows, grid_rows, first = [], [], 0
+    for n in images_per_prompt:
+        for _ in range(group_size):
+            pixel_rows += patches[first : first + n]
+            grid_rows += grids[first : first + n]
+        first += n
+    out["pixel_values"] = torch.cat(pixel_rows)  # [G * sum t*h*w, patch_dim]
+    out["image_grid_thw"] = torch.cat(grid_rows)  # [G * num_images, 3]
+    return out
+
+
+@torch.no_grad()
+def generate_rollouts_naive(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+) -> Tensor:
+    """The same rollouts through `model.generate` on G copies of each prompt: completion_ids [B*G, T].
+
+    Needs `mm_token_type_ids` in the batch (transformers 5.x builds image positions from it).
+    """
+    hf_model = getattr(model, "module", model)
+    repeated = repeat_batch_per_group(
+        batch, group_size, image_token_id=image_token_id_of(model), spatial_merge_size=spatial_merge_size_of(model)
+    )
+    # A full config so the checkpoint's own defaults (Qwen ships top_k=1, repetition_penalty=1.05)
+    # cannot sneak in.
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        repetition_penalty=1.0,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=pad_token_id,
+    )
+    sequences = hf_model.generate(**repeated, generation_config=generation_config)  # [B*G, P+T]
+    completion_ids = sequences[:, repeated["input_ids"].shape[1] :]  # [B*G, T]
+    # generate already pads finished rows; force it anyway so both samplers share one convention.
+    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T]
+    return completion_ids.masked_fill(mask == 0, pad_token_id)  # [B*G, T]

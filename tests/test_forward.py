@@ -1,0 +1,281 @@
+"""Tests for grpo/forward.py: image encoding and expansion, 3-D positions, the scoring forward.
+
+A tiny random Qwen2_5_VLForConditionalGeneration (text 64 x 2 layers, vision 32 x 2 blocks,
+vocab 300, ~0.2 M parameters) in float32 with SDPA attention, and hand-built batches: left
+padded prompts of different lengths with 1 or 2 images each. `build_model` and `make_batch` are
+also used by tests/test_rollout.py.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_forward.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from grpo.forward import (
+    build_inputs_embeds,
+    completion_logprobs,
+    count_images_per_prompt,
+    encode_images,
+    expand_image_embeds,
+    image_inputs_for_rows,
+    mrope_position_ids,
+)
+from grpo.masks import completion_mask
+
+VOCAB = 300
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, EOS, PAD = 290, 291, 292, 293, 294, 295
+MERGE = 2
+PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal_patch * patch * patch
+
+# Two prompts of different lengths; the first has two images (4x4 and 2x4 patches -> 4 and 2
+# merged tokens), the second one (4x6 -> 6 tokens). Ints are runs of random text tokens.
+TWO_PROMPTS = [[3, (1, 4, 4), 5, (1, 2, 4), 2], [6, (1, 4, 6), 4]]
+
+
+def build_model(seed: int = 0, attn: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:
+    """A random tiny Qwen2.5-VL in float32. mrope_section sums to head_dim / 2 = 16 / 2."""
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=14, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS, tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def make_batch(prompts: list[list], seed: int = 0) -> dict:
+    """A collated GRPO batch: left padded input_ids [B, P], pixel_values without batch dim."""
+    g = torch.Generator().manual_seed(seed)
+    rows, grids = [], []
+    for segments in prompts:
+        ids = []
+        for segment in segments:
+            if isinstance(segment, int):  # a run of text tokens, ids below the special ones
+                ids += torch.randint(0, 280, (segment,), generator=g).tolist()
+            else:  # an image grid (t, h, w) in patches -> t*h*w / 4 image_pad tokens
+                grids.append(segment)
+                t, h, w = segment
+                ids += [VISION_START] + [IMAGE_PAD] * (t * h * w // MERGE**2) + [VISION_END]
+        rows.append(ids)
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), PAD)  # [B, P]
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)  # [B, P]
+    for i, ids in enumerate(rows):
+        input_ids[i, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, length - len(ids) :] = 1
+    image_grid_thw = torch.tensor(grids)  # [num_images, 3]
+    pixel_values = torch.randn(int(image_grid_thw.prod(-1).sum()), PATCH_DIM, generator=g)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,  # [sum t*h*w, PATCH_DIM]
+        "image_grid_thw": image_grid_thw,
+        "mm_token_type_ids": (input_ids == IMAGE_PAD).long(),  # [B, P]
+    }
+
+
+def completion_mask_of(completion_ids: torch.Tensor) -> torch.Tensor:
+    """1 through the first EOS, 0 after, as the trainer builds it (grpo/masks.py)."""
+    return completion_mask(completion_ids, [EOS])[0]  # [R, T]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(TWO_PROMPTS)
+
+
+# --- positions ---
+
+
+def test_mrope_positions_equal_get_rope_index(model):
+    # Three rows: two images, one image, one image at the very end of the prompt.
+    batch = make_batch([[3, (1, 4, 4), 5, (1, 2, 4), 2], [6, (1, 4, 6), 4], [1, (1, 6, 2)]], seed=1)
+    positions, next_position = mrope_position_ids(
+        batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+        image_token_id=IMAGE_PAD, spatial_merge_size=MERGE,
+    )
+    expected, rope_deltas = model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    assert torch.equal(positions, expected)
+    # HF's rope_delta = (max position + 1) - real length; generate decodes at length + delta.
+    assert torch.equal(next_position, rope_deltas.flatten() + batch["attention_mask"].sum(-1))
+    # Row 0 by hand: 3 text (0,1,2), vision_start 3, a 2x2 image at 4 + (0..1, 0..1), the text
+    # after it continues at 4 + max(2, 2) = 6.
+    row = positions[:, 0, batch["attention_mask"][0].bool()]  # [3, n]
+    assert row[:, :5].tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert row[:, 4:8].tolist() == [[4, 4, 4, 4], [4, 4, 5, 5], [4, 5, 4, 5]]
+    assert row[:, 8].tolist() == [6, 6, 6]
+
+
+def test_mrope_positions_text_only_skip_left_padding():
+    input_ids = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10]])  # [2, 4]
+    attention_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    positions, next_position = mrope_position_ids(
+        input_ids, attention_mask, None, image_token_id=IMAGE_PAD, spatial_merge_size=MERGE
+    )
+    assert positions[0].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert torch.equal(positions[0], positions[2])
+    assert next_position.tolist() == [2, 4]
+
+
+# --- images ---
+
+
+def test_encode_images_once_equals_one_image_at_a_time(model, batch):
+    together = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
+    patches = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+    one_by_one = torch.cat(
+        [encode_images(model, p, g[None]) for p, g in zip(patches, batch["image_grid_thw"], strict=True)]
+    )
+    assert together.shape == (4 + 2 + 6, 64)
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
+
+
+def test_expand_image_embeds_puts_each_prompt_on_its_own_rows():
+    # Prompt 0: images of 4 and 2 tokens (6 rows), prompt 1: one image of 6 tokens. Embedding
+    # value = its index, so the expected layout can be written out.
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 6]])
+    embeds = torch.arange(12.0)[:, None].expand(12, 3)  # [N=12, D=3]
+    expanded = expand_image_embeds(embeds, grid, [2, 1], group_size=2, spatial_merge_size=MERGE)
+    prompt0, prompt1 = list(range(0, 6)), list(range(6, 12))
+    assert expanded[:, 0].tolist() == prompt0 + prompt0 + prompt1 + prompt1
+    # The naive whole-tensor repeat interleaves prompts: row 1 would read prompt 1's image.
+    assert embeds.repeat(2, 1)[:, 0].tolist() != expanded[:, 0].tolist()
+
+
+def test_image_inputs_for_any_subset_of_rows():
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 6]])
+    embeds = torch.arange(12.0)[:, None]  # [12, 1]
+    rows_embeds, rows_grid = image_inputs_for_rows(embeds, grid, [2, 1], 3, [4, 1], MERGE)
+    # Row 4 is prompt 1 (4 // 3), row 1 is prompt 0.
+    assert rows_embeds[:, 0].tolist() == list(range(6, 12)) + list(range(0, 6))
+    assert rows_grid.tolist() == [[1, 4, 6], [1, 4, 4], [1, 2, 4]]
+
+
+def test_count_images_per_prompt(batch):
+    counts = count_images_per_prompt(
+        batch["input_ids"], batch["image_grid_thw"], image_token_id=IMAGE_PAD, spatial_merge_size=MERGE
+    )
+    assert counts == [2, 1]
+
+
+def test_build_inputs_embeds_fills_image_slots_in_order(model, batch):
+    image_embeds = torch.randn(12, 64)  # [N, D]
+    embeds = build_inputs_embeds(model, batch["input_ids"], image_embeds)  # [B, P, D]
+    slots = batch["input_ids"] == IMAGE_PAD  # [B, P]
+    torch.testing.assert_close(embeds[slots], image_embeds)
+    text = model.get_input_embeddings()(batch["input_ids"])  # [B, P, D]
+    torch.testing.assert_close(embeds[~slots], text[~slots])
+
+
+# --- the scoring forward ---
+
+
+def _prompt_and_completion(batch, seed=0, length=7):
+    g = torch.Generator().manual_seed(seed)
+    completion_ids = torch.randint(0, 280, (batch["input_ids"].shape[0], length), generator=g)  # [B, T]
+    completion_ids[0, 4] = EOS  # row 0 ends early: tokens 5 and 6 are padding
+    completion_ids[0, 5:] = PAD
+    return completion_ids
+
+
+def _our_logprobs(model, batch, completion_ids, **kwargs):
+    image_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
+    return completion_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], completion_ids,
+        completion_mask_of(completion_ids), image_embeds, batch["image_grid_thw"],
+        image_token_id=IMAGE_PAD, spatial_merge_size=MERGE, **kwargs,
+    )
+
+
+def _hf_logprobs(model, batch, completion_ids, with_mm_token_type_ids):
+    """The plain HF forward over prompt + completion, from input_ids and pixel_values."""
+    input_ids = torch.cat([batch["input_ids"], completion_ids], 1)  # [B, P+T]
+    attention_mask = torch.cat([batch["attention_mask"], completion_mask_of(completion_ids)], 1)
+    kwargs = {}
+    if with_mm_token_type_ids:  # extended with zeros over the (text) completion
+        kwargs["mm_token_type_ids"] = torch.cat(
+            [batch["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1
+        )  # [B, P+T]
+    model.model.rope_deltas = None  # the HF forward caches this between calls
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], **kwargs,
+    ).logits[:, batch["input_ids"].shape[1] - 1 : -1]  # [B, T, V]
+    return torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, T]
+
+
+@torch.no_grad()
+def test_completion_logprobs_match_hf_forward_only_with_mm_token_type_ids(model, batch):
+    completion_ids = _prompt_and_completion(batch)
+    mask = completion_mask_of(completion_ids).bool()
+    ours = _our_logprobs(model, batch, completion_ids)  # [B, T]
+    with_mm = _hf_logprobs(model, batch, completion_ids, with_mm_token_type_ids=True)
+    without_mm = _hf_logprobs(model, batch, completion_ids, with_mm_token_type_ids=False)
+    assert (ours - with_mm)[mask].abs().max() < 1e-5
+    # DESIGN.md: without mm_token_type_ids the image tokens get text positions, silently.
+    assert (ours - without_mm)[mask].abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_completion_logprobs_of_a_micro_batch_equal_the_full_batch(model, batch):
+    group_size = 2
+    image_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
+    prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # [R=4, P]
+    prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)  # [4, P]
+    completion_ids = torch.randint(0, 280, (4, 5), generator=torch.Generator().manual_seed(3))  # [4, T]
+
+    def score(rows):
+        embeds, grid = image_inputs_for_rows(
+            image_embeds, batch["image_grid_thw"], [2, 1], group_size, rows, MERGE
+        )
+        return completion_logprobs(
+            model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], None, embeds, grid
+        )
+
+    full = score([0, 1, 2, 3])  # [4, T]
+    micro = score([3, 0])  # [2, T]
+    torch.testing.assert_close(micro, full[[3, 0]], atol=1e-5, rtol=0)
+    # Rows of the shorter prompt only: their 2 shared columns of left padding get trimmed.
+    torch.testing.assert_close(score([2, 3]), full[[2, 3]], atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_are_differentiable_and_temperature_scaled(model, batch):
+    completion_ids = _prompt_and_completion(batch)
+    logprobs, entropy = _our_logprobs(model, batch, completion_ids, temperature=0.5, return_entropy=True)
+    assert logprobs.shape == entropy.shape == completion_ids.shape
+    assert logprobs.dtype == torch.float32 and not entropy.requires_grad
+    assert (entropy >= 0).all()
+    model.zero_grad()
+    logprobs.sum().backward()
+    # Gradient reaches the LM head and, through the image embeddings, the vision tower.
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.visual.merger.mlp[2].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    with torch.no_grad():
+        hot = _our_logprobs(model, batch, completion_ids, temperature=0.5)  # [B, T]
+        cold = _our_logprobs(model, batch, completion_ids, temperature=1.0)  # [B, T]
+    torch.testing.assert_close(hot, logprobs.detach())
+    assert not torch.allclose(hot, cold)
