@@ -1,0 +1,83 @@
+"""Tests of the hand-written LoRA (models/lora.py): identity at init, training, merge, plain save.
+
+Run: OMP_NUM_THREADS=1 python -m pytest tests/test_models_lora.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from models.freeze import apply_freeze_policy
+from models.lora import LoRALinear, apply_lora, lora_parameters, merge_lora
+from models.tiny import build_tiny_policy
+
+
+def test_lora_linear_arithmetic():
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3)
+    lora = LoRALinear(base, r=2, alpha=4.0)
+    x = torch.randn(5, 4)  # [5, in]
+    # B = 0 at init: the output is the base layer's.
+    assert torch.equal(lora(x), base(x))
+    assert lora.scale == 2.0  # alpha / r = 4 / 2
+    with torch.no_grad():
+        lora.lora_B.fill_(1.0)  # [3, 2]
+    # y = W x + b + 2 * B A x
+    expected = base(x) + 2.0 * (x @ lora.lora_A.t() @ lora.lora_B.t())
+    torch.testing.assert_close(lora(x), expected)
+    torch.testing.assert_close(x @ lora.merged_weight().t() + base.bias, expected)
+    assert not base.weight.requires_grad and lora.lora_A.requires_grad
+
+
+def test_apply_lora_errors_on_no_match():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="lora_targets"):
+        apply_lora(model, ("q_proj",))
+    with pytest.raises(ValueError, match="lora_r"):
+        LoRALinear(nn.Linear(2, 2), r=0)
+
+
+def test_train_merge_save_roundtrip(tmp_path):
+    model, processor = build_tiny_policy(seed=0)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many objects?<|im_end|>\n<|im_start|>assistant\n"
+    batch = processor(text=[text], images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits  # [1, P, V]
+
+    counts = apply_freeze_policy(model, "lora", lora_r=4, lora_alpha=8)
+    adapters = lora_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for p in adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)  # identity at init
+
+    # A few SGD steps push B away from zero.
+    model.train()
+    optimizer = torch.optim.SGD(adapters, lr=1.0)
+    for _ in range(3):
+        loss = model(**batch).logits.logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert any(m.lora_B.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        trained = model(**batch).logits  # [1, P, V]
+    assert not torch.allclose(trained, before, atol=1e-4)
+
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    with torch.no_grad():
+        merged = model(**batch).logits  # [1, P, V]
+    torch.testing.assert_close(merged, trained, rtol=1e-5, atol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or ".base." in k]
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, merged, rtol=1e-5, atol=1e-5)
