@@ -1,0 +1,191 @@
+"""Training logs: one JSON line of metrics per step, and human-readable sample blocks.
+
+- `MetricsLogger` appends `{"step": N, "name": value, ...}` to `output_dir/metrics.jsonl`. Each
+  line is flushed as it is written, so a crash (even `kill -9`) loses at most the line being
+  written; a half-written last line is dropped when the file is opened again. Values are plain
+  floats (tensors through `.item()`); NaN and inf are written as Python's json writes them
+  (`NaN`, `Infinity`), which `json.loads` and pandas read back.
+- Resuming: the file is appended to, never truncated on open. A run resumed from the checkpoint
+  of step S has already logged steps after S before it died; `truncate_after(S)` drops them so
+  the file holds each step once. A fresh run calls `truncate_after(0)` (steps count from 1).
+- `SampleLogger` writes, every N steps, one sample as a readable block (question, gold answer,
+  one completion, the extracted answer, its reward per function), like the seed's log file.
+  Reading completions is the fastest way to see reward hacking.
+- Only rank 0 should write: build both with `enabled=is_main(info)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from grpo.rewards import extract_answer
+
+
+def _to_float(key: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {key!r} is a tensor of shape {tuple(value.shape)}; log a scalar (.mean())")
+        return float(value.item())
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
+        return float(value)
+    raise TypeError(f"metric {key!r} is a {type(value).__name__}; metrics must be numbers")
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a line a crash left without its newline, so the next record starts on a line of its own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as file:
+        data = file.read()
+        if data.endswith(b"\n"):
+            return
+        file.truncate(data.rfind(b"\n") + 1)  # rfind -1 -> 0: the whole file was one partial line
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics JSONL file (for plots and tests); skips a partial last line."""
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if line.endswith("\n"):
+                records.append(json.loads(line))
+    return records
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to a JSONL file. Disabled loggers do nothing."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_last_line(self.path)
+            self._open()
+
+    def _open(self) -> None:
+        # buffering=1: line-buffered text mode; log() also flushes explicitly.
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+
+    def log(self, step: int, metrics: Mapping[str, object]) -> dict:
+        """Write `{"step": step, **metrics}` as one line and return it (floats only)."""
+        record = {"step": int(step)}
+        for key, value in metrics.items():
+            if key == "step":
+                raise ValueError("'step' is reserved in metrics; pass it as the step argument")
+            record[key] = _to_float(key, value)
+        if self.enabled:
+            if self._file is None:
+                raise RuntimeError(f"MetricsLogger({self.path}) was closed; create a new one to log again")
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        return record
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records with step > `step` (rewritten atomically); returns how many were dropped."""
+        if not self.enabled:
+            return 0
+        if self._file is not None:
+            self._file.close()
+        dropped = 0
+        if self.path.exists():
+            _drop_partial_last_line(self.path)
+            with open(self.path, encoding="utf-8") as file:
+                lines = file.readlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            dropped = len(lines) - len(kept)
+            if dropped:
+                temporary = self.path.with_name(self.path.name + ".tmp")
+                with open(temporary, "w", encoding="utf-8") as file:
+                    file.writelines(kept)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+        self._open()
+        return dropped
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SampleLogger:
+    """Every `every` steps, appends one sample as a readable block to a text file.
+
+    `every` <= 0 or `enabled=False` turns it off. Use `should_log(step)` to skip decoding work on
+    the other steps. `log` is another name for `maybe_log`.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int, enabled: bool = True):
+        self.path = Path(path)
+        self.every = every
+        self.enabled = enabled and every > 0
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def should_log(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def maybe_log(
+        self,
+        step: int,
+        *,
+        question: str,
+        answer: str,
+        completion: str,
+        rewards: Mapping[str, float],
+        advantage: float | None = None,
+    ) -> str | None:
+        """Append the block for `step` if it is a logging step; returns the text written (or None)."""
+        if not self.should_log(step):
+            return None
+        reward_text = "  ".join(f"{name}={_to_float(name, value):.3f}" for name, value in rewards.items())
+        lines = [
+            f"{'-' * 20} step {step} {'-' * 20}",
+            "Question:",
+            str(question),
+            "Gold answer:",
+            str(answer),
+            "Completion:",
+            str(completion),
+            "Extracted:",
+            str(extract_answer(str(completion))),
+            f"Rewards: {reward_text}",
+        ]
+        if advantage is not None:
+            lines.append(f"Advantage: {_to_float('advantage', advantage):.3f}")
+        text = "\n".join(lines) + "\n\n"
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(text)
+        return text
+
+    log = maybe_log
+
+
+def summarize(values: Iterable[float] | torch.Tensor) -> dict[str, float]:
+    """mean, std (population: divide by n), min and max of `values`; all NaN when empty."""
+    tensor = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values), dtype=torch.float64)
+    tensor = tensor.detach().reshape(-1)
+    if tensor.numel() == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "mean": tensor.mean().item(),
+        "std": tensor.std(correction=0).item(),
+        "min": tensor.min().item(),
+        "max": tensor.max().item(),
+    }

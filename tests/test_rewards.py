@@ -1,0 +1,293 @@
+"""Reward functions by hand-written examples, the registry, and every error `compute_rewards` raises."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from grpo.rewards import (
+    REWARD_FUNCTIONS,
+    choice_accuracy_reward,
+    compute_rewards,
+    count_accuracy_reward,
+    extract_answer,
+    format_reward,
+    math_accuracy_reward,
+    parse_integer,
+    resolve_reward_functions,
+)
+
+# --- extract_answer ---
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<answer>3</answer>", "3"),
+        ("<think>x</think><answer> 3 \n</answer>", "3"),
+        ("<think>maybe <answer>2</answer>?</think><answer>4</answer>", "4"),  # the LAST one
+        ("<answer>\nmulti\nline\n</answer>", "multi\nline"),
+        ("no tags at all", None),
+        ("<answer>3", None),  # never closed
+        ("<answer></answer>", ""),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# --- format ---
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>count them</think><answer>3</answer>", 1.0),
+        ("<think>a\nb</think>\n<answer>3</answer>", 1.0),  # the seed's newline between the tags
+        ("  \n<think></think> <answer>3</answer>\n", 1.0),  # empty thinking, surrounding space
+        ("<answer>3</answer>", 0.0),  # no thinking
+        ("<think>x</think>", 0.0),  # no answer
+        ("<answer>3</answer><think>x</think>", 0.0),  # wrong order
+        ("<think>x</think><answer>3</answer> trailing words", 0.0),
+        ("preamble <think>x</think><answer>3</answer>", 0.0),
+        ("<think>x</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
+        ("<think>x <think>y</think></think><answer>1</answer>", 0.0),  # nested thinking
+        ("<think>x</think><answer>  </answer>", 0.0),  # blank answer
+        ("<think>x</think><answer></answer></answer>", 0.0),  # stray closing tag as "content"
+    ],
+)
+def test_format_reward(text, expected):
+    assert format_reward([text], ["3"]) == [expected]
+
+
+# --- count_accuracy ---
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>x</think><answer>3</answer>", 1.0),
+        ("<answer> 3 </answer>", 1.0),
+        ("<answer>3.</answer>", 1.0),
+        ("<answer>3.0</answer>", 1.0),
+        ("<answer>+3</answer>", 1.0),
+        ("<answer>Three</answer>", 1.0),  # number words zero..twenty count
+        ("<answer>4</answer>", 0.0),
+        ("<answer>3 objects</answer>", 0.0),  # only the number may be inside the tag
+        ("<answer>3.5</answer>", 0.0),
+        ("<answer>2</answer> then <answer>3</answer>", 1.0),  # the last tag decides
+        ("<answer>3</answer> then <answer>2</answer>", 0.0),
+        ("The answer is 3", 0.0),  # no tag -> 0
+        ("<answer></answer>", 0.0),
+    ],
+)
+def test_count_accuracy_reward(completion, expected):
+    assert count_accuracy_reward([completion], ["3"]) == [expected]
+
+
+def test_parse_integer_edges():
+    assert parse_integer("0") == 0
+    assert parse_integer("twenty") == 20
+    assert parse_integer("-2") == -2
+    assert parse_integer("12345678901234567890") == 12345678901234567890  # no float rounding
+    assert parse_integer("twenty-one") is None
+    assert parse_integer("3..") is None
+
+
+def test_count_accuracy_rejects_non_integer_gold():
+    with pytest.raises(ValueError, match="gold answer 'B' is not an integer"):
+        count_accuracy_reward(["<answer>3</answer>"], ["B"])
+
+
+# --- choice_accuracy ---
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<answer>B</answer>", 1.0),
+        ("<answer>(B)</answer>", 1.0),
+        ("<answer> B. 5</answer>", 1.0),
+        ("<answer>B) five</answer>", 1.0),
+        ("<answer>b</answer>", 1.0),  # a lone lower-case letter
+        ("<answer>C</answer>", 0.0),
+        ("<answer>Blue</answer>", 0.0),  # a word, not an option
+        ("<answer>F</answer>", 0.0),
+        ("B", 0.0),  # no tag
+    ],
+)
+def test_choice_accuracy_reward(completion, expected):
+    assert choice_accuracy_reward([completion], ["B"]) == [expected]
+
+
+def test_choice_accuracy_gold_forms():
+    assert choice_accuracy_reward(["<answer>D</answer>"] * 2, ["(D)", "D. 12"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="option letter"):
+        choice_accuracy_reward(["<answer>D</answer>"], ["12"])
+
+
+# --- math_accuracy ---
+
+
+def test_math_accuracy_without_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # makes `import math_verify` fail
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[math\]"'):
+        math_accuracy_reward(["<answer>1/2</answer>"], ["1/2"])
+    with pytest.raises(ImportError, match="math-verify"):
+        resolve_reward_functions(["math_accuracy"])  # fails at start-up, not at step 1
+
+
+def test_math_accuracy_through_math_verify(monkeypatch):
+    # A stand-in math_verify that knows 1/2 == 0.5 == \frac{1}{2}; parse returns [] for what it
+    # cannot read. This pins the wiring (extract, parse gold and answer, verify), not math-verify.
+    def parse(text):
+        text = text.strip("$ ")
+        table = {"1/2": 0.5, "0.5": 0.5, "\\frac{1}{2}": 0.5, "3": 3.0}
+        return [table[text]] if text in table else []
+
+    fake = types.SimpleNamespace(parse=parse, verify=lambda gold, answer: gold == answer)
+    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    completions = [
+        "<think>half</think><answer>0.5</answer>",
+        "<answer>\\frac{1}{2}</answer>",
+        "<answer>3</answer>",
+        "<answer>gibberish</answer>",
+        "0.5",  # no tag
+    ]
+    assert math_accuracy_reward(completions, ["1/2"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    # A gold answer math-verify cannot parse falls back to a string comparison.
+    assert math_accuracy_reward(["<answer>Paris</answer>"], ["paris"]) == [1.0]
+
+
+# --- registry ---
+
+
+def length_reward(completions, answers, **columns):
+    """A custom reward for the module:function test: shorter is better."""
+    return [1.0 / (1 + len(text)) for text in completions]
+
+
+NOT_CALLABLE = 3
+
+
+def test_resolve_built_ins_and_module_function():
+    resolved = resolve_reward_functions(["format", "count_accuracy", f"{__name__}:length_reward"])
+    assert [name for name, _ in resolved] == ["format", "count_accuracy", "length_reward"]
+    assert resolved[0][1] is REWARD_FUNCTIONS["format"]
+    assert resolved[2][1] is length_reward
+    assert set(REWARD_FUNCTIONS) == {"format", "count_accuracy", "choice_accuracy", "math_accuracy"}
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("nonsense", ValueError, "unknown reward 'nonsense'"),
+        ("no_such_module_xyz:fn", ImportError, "cannot import module 'no_such_module_xyz'"),
+        (f"{__name__}:missing", AttributeError, "has no attribute 'missing'"),
+        (f"{__name__}:NOT_CALLABLE", TypeError, "not a function"),
+        (":fn", ValueError, "module:function"),
+    ],
+)
+def test_resolve_errors(spec, error, message):
+    with pytest.raises(error, match=message):
+        resolve_reward_functions([spec])
+
+
+def test_resolve_rejects_duplicates_and_empty():
+    with pytest.raises(ValueError, match="given twice"):
+        resolve_reward_functions(["format", "format"])
+    with pytest.raises(ValueError, match="empty"):
+        resolve_reward_functions([])
+
+
+# --- compute_rewards ---
+
+
+def test_compute_rewards_weighted_sum_and_metrics():
+    functions = resolve_reward_functions(["format", "count_accuracy"])
+    completions = [
+        "<think>a</think><answer>3</answer>",  # format 1, count 1
+        "<think>a</think><answer>2</answer>",  # format 1, count 0
+        "<answer>3</answer>",  # format 0, count 1
+        "3",  # format 0, count 0
+    ]
+    rewards, per_function, metrics = compute_rewards(functions, [0.5, 2.0], completions, ["3"] * 4)
+    # total = 0.5 * format + 2 * count: [2.5, 0.5, 2.0, 0.0]
+    assert per_function.shape == (4, 2) and per_function.dtype == torch.float32
+    assert per_function.tolist() == [[1, 1], [1, 0], [0, 1], [0, 0]]
+    assert rewards.dtype == torch.float32
+    assert rewards.tolist() == [2.5, 0.5, 2.0, 0.0]
+    # each function: values {1,1,0,0}: mean 0.5, population std 0.5
+    assert metrics["reward/format/mean"] == 0.5 and metrics["reward/format/std"] == 0.5
+    assert metrics["reward/count_accuracy/mean"] == 0.5
+    assert metrics["reward/total/mean"] == pytest.approx(5.0 / 4)  # (2.5 + 0.5 + 2 + 0) / 4
+    # total std: deviations 1.25, -0.75, 0.75, -1.25 -> mean square (1.5625+0.5625)*2/4 = 1.0625
+    assert metrics["reward/total/std"] == pytest.approx(math.sqrt(1.0625))
+
+
+def test_compute_rewards_default_weights_and_columns():
+    def uses_questions(completions, answers, questions, **columns):
+        return [float(len(q)) for q in questions]
+
+    functions = [("count_accuracy", count_accuracy_reward), ("question_length", uses_questions)]
+    rewards, _, _ = compute_rewards(
+        functions, None, ["<answer>1</answer>", "x"], ["1", "1"], questions=["ab", "abc"]
+    )
+    assert rewards.tolist() == [1.0 + 2.0, 0.0 + 3.0]
+
+
+def test_compute_rewards_names_raising_function_and_offending_row():
+    def breaks_on_b(completions, answers, **columns):
+        return [1.0 if "b" not in text else 1 / 0 for text in completions]
+
+    completions = ["a", "a", "b" * 1000]
+    with pytest.raises(RuntimeError) as info:
+        compute_rewards([("breaks_on_b", breaks_on_b)], None, completions, ["gold-7"] * 3)
+    message = str(info.value)
+    assert "'breaks_on_b' raised ZeroDivisionError" in message
+    assert "on completion 2" in message  # the row that fails, found by re-running row by row
+    assert "gold-7" in message
+    assert "more chars" in message and len(message) < 1000  # the completion is truncated
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ([1.0], r"returned 1 values for 2 completions; expected 2"),
+        ([1.0, None], r"returned None for completion 1"),
+        ([1.0, float("nan")], r"returned nan for completion 1"),
+        ([1.0, "1"], r"returned '1' for completion 1"),
+        (1.0, r"returned a float"),
+    ],
+)
+def test_compute_rewards_rejects_bad_outputs(output, message):
+    def bad(completions, answers, **columns):
+        return output
+
+    with pytest.raises((ValueError, TypeError), match=r"reward function 'bad' " + message):
+        compute_rewards([("bad", bad)], None, ["x", "y"], ["1", "1"])
+
+
+def test_compute_rewards_accepts_tensor_and_numpy_outputs():
+    import numpy as np
+
+    functions = [
+        ("tensor", lambda completions, answers, **c: torch.tensor([1.0, 2.0])),
+        ("numpy", lambda completions, answers, **c: np.array([0.5, 0.25])),
+    ]
+    rewards, _, _ = compute_rewards(functions, None, ["x", "y"], ["1", "1"])
+    assert rewards.tolist() == [1.5, 2.25]
+
+
+def test_compute_rewards_checks_weights_and_lengths():
+    functions = resolve_reward_functions(["format", "count_accuracy"])
+    with pytest.raises(ValueError, match="--reward_weights has 1 values but there are 2"):
+        compute_rewards(functions, [1.0], ["x"], ["1"])
+    with pytest.raises(ValueError, match="1 completions but 2 answers"):
+        compute_rewards(functions, None, ["x"], ["1", "2"])
+    with pytest.raises(ValueError, match="column 'questions' has 2 rows, expected 1"):
+        compute_rewards(functions, None, ["x"], ["1"], questions=["a", "b"])
