@@ -345,4 +345,4 @@ def validate(config: Config) -> None:
     """Checks that span several argument groups."""
     if config.train.stage == "grpo" and not config.grpo.reward_function_names:
         raise ConfigError("--reward_functions is empty; GRPO needs at least one reward function")
-    config.grpo.reward_weight_values  # raises when the weights do not match the functions
+    _ = config.grpo.reward_weight_values  # raises when the weights do not match the functions

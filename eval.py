@@ -1,0 +1,185 @@
+"""Accuracy of a checkpoint on a dataset: greedy by default, pass@k with sampling as an option.
+
+    python eval.py --model runs/grpo --dataset synthetic --output_dir runs/eval-grpo
+    python eval.py --model tiny --dataset synthetic-shifted --num_examples 500
+    python eval.py --model runs/grpo --num_samples 8 --temperature 1.0     # pass@8
+
+--model takes what train.py writes (a run's output_dir, a checkpoint-N folder, or its model/
+folder), a hub id or local Qwen2.5-VL folder, or 'tiny'. The completions come from the same
+sampler GRPO trains with (grpo/rollout.py). Writes, into --output_dir:
+    samples.jsonl   one line per example: question, gold, outputs, extracted answers, correct
+    summary.json    accuracy with its 95% (Wilson) interval, format rate, pass@k, counts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _help(text, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EvalArguments:
+    model: str = _help("A run's output_dir, a checkpoint folder, a hub id / local Qwen2.5-VL folder, or 'tiny'.", default="tiny")
+    output_dir: str = _help("Where samples.jsonl and summary.json go.", default="runs/eval")
+    eval_part: str = _help(
+        "Which part of --dataset to score: validation (the held-out split train.py never trains on), "
+        "train, or all.",
+        default="validation",
+    )
+    batch_size: int = _help("Prompts per generation batch.", default=32)
+    max_completion_length: int = _help("Most tokens generated per answer.", default=64)
+    num_samples: int = _help("k: completions per prompt. 1 = greedy decoding; k > 1 samples and reports pass@k.", default=1)
+    temperature: float = _help("Sampling temperature when --num_samples > 1.", default=1.0)
+    top_p: float = _help("Nucleus threshold when sampling.", default=1.0)
+    top_k: int = _help("Top-k when sampling (0 = off).", default=0)
+    accuracy_reward: str = _help("The reward function that decides correctness (built-in name or module:function).", default="count_accuracy")
+    format_reward: str = _help("The reward function reported as the format rate ('' to skip).", default="format")
+    seed: int = _help("Seed for data generation/splitting and sampling.", default=0)
+    device: str = _help("auto | cpu | cuda.", default="auto")
+    dtype: str = _help("auto | float32 | bfloat16.", default="auto")
+    attn_implementation: str = _help("sdpa | eager | flash_attention_2.", default="sdpa")
+    max_pixels: int | None = _help("Largest image area the processor keeps.", default=None)
+    min_pixels: int | None = _help("Smallest image area the processor keeps.", default=None)
+    progress_bar: bool = _help("Show a progress bar.", default=True)
+
+    def __post_init__(self):
+        if self.eval_part not in ("validation", "train", "all"):
+            raise ValueError(f"--eval_part {self.eval_part!r}: use validation, train or all")
+        if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:
+            raise ValueError("--num_samples, --batch_size and --max_completion_length must be >= 1")
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (better than p ± 1.96 sqrt(p(1-p)/n) near 0 or 1)."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = correct / total
+    denominator = 1 + z**2 / total
+    centre = (p + z**2 / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def evaluate(args: EvalArguments, data_args) -> dict:
+    from data.collators import GRPOCollator
+    from grpo.data_setup import load_eval_dataset
+    from grpo.rewards import resolve_reward_functions
+    from grpo.rollout import sample_rollouts
+    from grpo.setup import resolve_device, resolve_dtype, resolve_model_path, seed_everything
+    from models.loading import load_policy, special_token_ids
+
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    source = resolve_model_path(args.model)
+    model, processor = load_policy(
+        source, dtype=resolve_dtype(args.dtype, device), device=device, attn_implementation=args.attn_implementation,
+        max_pixels=args.max_pixels, min_pixels=args.min_pixels, seed=args.seed,
+    )
+    model.eval()
+    tokens = special_token_ids(model, processor)
+    dataset, report = load_eval_dataset(data_args, part=args.eval_part, seed=args.seed)
+    collator = GRPOCollator(processor, system_prompt=data_args.system_prompt_text)
+    names = [args.accuracy_reward] + ([args.format_reward] if args.format_reward else [])
+    (accuracy_name, accuracy_fn), *format_fn = resolve_reward_functions(names)
+    generator = torch.Generator().manual_seed(args.seed)
+    greedy = args.num_samples == 1
+    k = args.num_samples
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    totals = {"examples": 0, "pass": 0, "correct_samples": 0, "formatted_samples": 0, "samples": 0}
+    progress = tqdm(total=len(dataset), desc="eval", disable=not args.progress_bar)
+    with open(out_dir / "samples.jsonl", "w") as samples_file:
+        for start in range(0, len(dataset), args.batch_size):
+            examples = [dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))]
+            batch = collator(examples)
+            batch_on_device = {key: v.to(device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
+            rollout = sample_rollouts(
+                model, batch_on_device, group_size=k, max_new_tokens=args.max_completion_length,
+                eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+                temperature=0.0 if greedy else args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
+            )
+            outputs = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            answers = [a for a in batch["answers"] for _ in range(k)]
+            questions = [q for q in batch["questions"] for _ in range(k)]
+            correct = accuracy_fn(outputs, answers, questions=questions)
+            formatted = format_fn[0][1](outputs, answers, questions=questions) if format_fn else [0.0] * len(outputs)
+            from grpo.rewards import extract_answer
+
+            for i, example in enumerate(examples):
+                rows = range(i * k, (i + 1) * k)
+                is_correct = [bool(correct[r] > 0) for r in rows]
+                totals["examples"] += 1
+                totals["pass"] += int(any(is_correct))
+                totals["correct_samples"] += sum(is_correct)
+                totals["formatted_samples"] += sum(bool(formatted[r] > 0) for r in rows)
+                totals["samples"] += k
+                record = {
+                    "question": example["question"],
+                    "gold": example["answer"],
+                    "outputs": [outputs[r] for r in rows],
+                    "extracted": [extract_answer(outputs[r]) for r in rows],
+                    "correct": is_correct,
+                }
+                samples_file.write(json.dumps(record) + "\n")
+            progress.update(len(examples))
+    progress.close()
+
+    n = totals["examples"]
+    accuracy = totals["correct_samples"] / max(totals["samples"], 1)
+    # The interval is over prompts; with k > 1 it is computed for pass@k.
+    low, high = wilson_interval(totals["pass"] if not greedy else totals["correct_samples"], n)
+    summary = {
+        "model": source,
+        "dataset": data_args.dataset,
+        "eval_part": args.eval_part,
+        "num_examples": n,
+        "skipped_images": report.skipped_images,
+        "accuracy": accuracy,
+        "accuracy_ci95": [low, high],
+        "format_rate": totals["formatted_samples"] / max(totals["samples"], 1),
+        "num_samples": k,
+        f"pass@{k}": totals["pass"] / max(n, 1),
+        "decoding": "greedy" if greedy else f"sampling (temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k})",
+        "seconds": time.perf_counter() - started,
+        "args": asdict(args),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"[eval] {source} on {data_args.dataset} ({args.eval_part}, n={n}): accuracy {accuracy:.3f} "
+        f"(95% CI {low:.3f}-{high:.3f}), format {summary['format_rate']:.3f}"
+        + (f", pass@{k} {summary[f'pass@{k}']:.3f}" if k > 1 else ""),
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    from grpo.config import ConfigError, DataArguments
+
+    parser = HfArgumentParser((EvalArguments, DataArguments))
+    try:
+        args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    except (ConfigError, ValueError) as error:
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return evaluate(args, data_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The GRPO training loop, flat and top to bottom (DeepSeekMath, arXiv 2402.03300, Algorithm 1).
+
+    torchrun --nproc_per_node 2 train.py --stage grpo --init_from runs/sft --max_steps 100
+
+One generation batch, per rank (B prompts, G completions each):
+
+    1. rollout: sample G completions per prompt with the hand-written sampler (grpo/rollout.py)
+    2. rewards: decode, score with each reward function, weighted sum       r        [B*G]
+    3. advantages: z-score within each group of G                           A        [B*G]
+    4. old logprobs (only when num_iterations > 1) and reference logprobs (only when beta > 0)
+    5. for each of num_iterations inner epochs, for each of steps_per_generation mini-batches:
+         accumulate the GRPO loss over micro-batches, average gradients over ranks,
+         clip the gradient norm, take one AdamW step
+
+Where this departs from the paper, and why:
+    1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
+       stage's starting point (as in TRL and the seeds).
+    2. With num_iterations == 1 no old-policy forward runs: old_logprobs = logprobs.detach(), so
+       the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
+    3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
+       from; top-p / top-k truncation is ignored in the loss (as in TRL).
+    4. All G completions of a prompt live on one rank, so advantages need no communication; only
+       the loss normaliser (token or completion count) and the gradients are all-reduced.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from grpo.advantages import group_advantages
+from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
+from grpo.config import Config
+from grpo.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
+from grpo.generation_batch import GenerationBatch
+from grpo.loss import grpo_loss, step_normaliser
+from grpo.masks import completion_mask as build_completion_mask
+from grpo.masks import mask_truncated
+from grpo.metrics import MetricsLogger, SampleLogger
+from grpo.rewards import compute_rewards, resolve_reward_functions
+from grpo.rollout import sample_rollouts
+from grpo.setup import (
+    IndexStream,
+    StopRequest,
+    adapter_state,
+    broadcast_parameters,
+    build_optimizer,
+    build_policy,
+    build_scheduler,
+    model_for_saving,
+    restore_adapters,
+    seed_everything,
+    sync_gradients,
+)
+
+
+def train_grpo(config: Config) -> dict:
+    dist_info = init_distributed(config.train.device)
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    is_main = rank == 0
+    targs, gargs = config.train, config.grpo
+    seed_everything(targs.seed)
+    G = gargs.num_generations
+
+    # --- run directory: refuse to clobber another run, find the checkpoint to resume ---
+    # Rank 0 decides (and deletes, with --overwrite_output_dir); the others take its answer.
+    resume_from = None
+    if is_main:
+        resume_from = check_output_dir(targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage="grpo")
+    resume_from = broadcast_object(resume_from)
+
+    # --- policy, reference, optimizer ---
+    policy = build_policy(config, device, with_reference=gargs.beta > 0, resume_dir=resume_from)
+    model, processor, tokens = policy.model, policy.processor, policy.tokens
+    merge_size = model.config.vision_config.spatial_merge_size
+    broadcast_parameters(model, world_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, targs)
+    scheduler = build_scheduler(optimizer, targs)
+
+    # --- data: each rank draws its own prompts ---
+    from data.collators import GRPOCollator
+    from grpo.data_setup import load_prompt_dataset
+
+    dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
+    collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
+    stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
+    reward_functions = resolve_reward_functions(gargs.reward_function_names)
+    reward_weights = gargs.reward_weight_values
+    # The sampler's own generator: seeded per rank so ranks explore differently.
+    generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
+
+    step = 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        step = state["step"]
+        stream.load_state_dict(state["data_state"])
+        generator.set_state(state["extra"]["sampler_generators"][rank])
+        restore_adapters(policy, state["extra"].get("lora_adapters", {}))
+        if is_main:
+            print(f"[resume] {resume_from} at step {step}", flush=True)
+
+    metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
+    metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+    sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
+    progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
+    consecutive_nonfinite = 0
+    last_saved = step
+    stop = StopRequest().__enter__()
+
+    def save(at_step):
+        # Every rank contributes its RNG streams (so a resumed rank samples what it would have);
+        # rank 0 writes.
+        rng_states = all_gather_object(capture_rng_state())
+        generators = all_gather_object(generator.get_state())
+        if is_main:
+            save_checkpoint(
+                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer,
+                scheduler=scheduler, data_state=stream.state_dict(), run_config={"stage": "grpo", **config.to_dict()},
+                extra={"sampler_generators": generators, "lora_adapters": adapter_state(policy)},
+                keep_last=targs.save_total_limit, model_to_save=model_for_saving(policy), rng_states=rng_states,
+            )
+
+    while step < targs.max_steps and not stop.requested:
+        # --- rollout ---
+        t_rollout = time.perf_counter()
+        examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
+        batch = collator(examples)
+        batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        model.eval()
+        rollout = sample_rollouts(
+            model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
+        )
+        completion_ids = rollout.completion_ids  # [B*G, T]
+        rollout_seconds = time.perf_counter() - t_rollout
+
+        # --- rewards and advantages ---
+        completions = processor.batch_decode(completion_ids, skip_special_tokens=True)
+        answers = [answer for answer in batch["answers"] for _ in range(G)]
+        questions = [question for question in batch["questions"] for _ in range(G)]
+        rewards, per_function, reward_metrics = compute_rewards(
+            reward_functions, reward_weights, completions, answers, questions=questions
+        )  # [B*G], [B*G, F]
+        advantages, advantage_metrics = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
+        advantages = advantages.to(device)
+        completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
+        loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
+
+        # --- inputs shared by every forward of this generation batch ---
+        generation = GenerationBatch(
+            prompt_ids=batch_on_device["input_ids"], prompt_mask=batch_on_device["attention_mask"],
+            pixel_values=batch_on_device["pixel_values"], image_grid_thw=batch_on_device["image_grid_thw"],
+            images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
+            completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
+            temperature=gargs.temperature, spatial_merge_size=merge_size,
+        )
+        # The rollout encoded each prompt's images once; whenever the vision tower cannot change
+        # (frozen) every later forward reuses those features instead of re-encoding.
+        reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
+        num_rows, T = completion_ids.shape
+        micro = gargs.micro_batch_size
+
+        # --- old and reference logprobs (only when they are needed) ---
+        t_update = time.perf_counter()
+        old_logprobs = ref_logprobs = None
+        with torch.no_grad():
+            if gargs.num_iterations > 1:
+                # The policy has not moved since the rollout, so its image features are exact here.
+                old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
+                for rows in torch.arange(num_rows).split(micro):
+                    values = generation.logprobs(model, rows, reuse_rollout_images=True)  # [R, T_rows]
+                    old_logprobs[rows, : values.shape[1]] = values
+            if gargs.beta > 0:
+                ref_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
+                for rows in torch.arange(num_rows).split(micro):
+                    values = generation.logprobs(policy.reference, rows, reuse_rollout_images=reuse_images)
+                    ref_logprobs[rows, : values.shape[1]] = values
+
+        # --- policy update: num_iterations epochs x steps_per_generation optimizer steps ---
+        model.train()
+        mini_batch_rows = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
+        for _epoch in range(gargs.num_iterations):
+            for mini_rows in mini_batch_rows:
+                # The normaliser spans every micro-batch of this optimizer step on every rank;
+                # DDP-style averaging divides gradients by world_size, so divide it back out.
+                # Clamped to 1: a step whose completions are all masked out contributes zero loss.
+                normaliser = max(
+                    all_reduce_sum(step_normaliser(loss_mask[mini_rows], gargs.loss_aggregation, gargs.max_completion_length)),
+                    1.0,
+                ) / world_size
+                sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0}
+                for rows in mini_rows.split(micro):
+                    logprobs, entropy = generation.logprobs(
+                        model, rows, reuse_rollout_images=reuse_images, return_entropy=True
+                    )  # [R, T_rows]
+                    length = logprobs.shape[1]
+                    loss, info = grpo_loss(
+                        logprobs,
+                        None if old_logprobs is None else old_logprobs[rows, :length],
+                        None if ref_logprobs is None else ref_logprobs[rows, :length],
+                        advantages[rows], loss_mask[rows, :length].to(device),
+                        epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
+                        aggregation=gargs.loss_aggregation, normaliser=normaliser,
+                    )
+                    loss.backward()
+                    n = info["num_tokens"]
+                    sums["loss"] += loss.item()
+                    sums["tokens"] += n
+                    sums["clip_low"] += info["clip_frac_low"] * n
+                    sums["clip_high"] += info["clip_frac_high"] * n
+                    sums["kl"] += info.get("kl_mean", 0.0) * n
+                    sums["ratio"] += info["ratio_mean"] * n
+                    mask_rows = loss_mask[rows, :length].to(entropy.device)
+                    sums["entropy"] += float((entropy.detach() * mask_rows).sum())
+                sync_gradients(trainable, world_size)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
+                # Each rank's loss is its share divided by (global count / world_size); undo that.
+                loss_total = all_reduce_sum(sums["loss"]) / world_size
+                if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_total))):
+                    # A non-finite loss or gradient would poison the weights and Adam's moments:
+                    # skip the step; several in a row mean the run is broken, so stop.
+                    optimizer.zero_grad(set_to_none=True)
+                    consecutive_nonfinite += 1
+                    print(f"[grpo] step {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped", flush=True)
+                    if consecutive_nonfinite >= targs.max_nonfinite_steps:
+                        raise RuntimeError(
+                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
+                            "lower --learning_rate, raise --max_grad_norm clipping, or check the data"
+                        )
+                    continue
+                consecutive_nonfinite = 0
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                # --- metrics ---
+                tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
+                lengths = completion_mask.sum(1)  # [B*G]
+                metrics = {
+                    "loss": loss_total,
+                    "kl": all_reduce_sum(sums["kl"]) / tokens_step,
+                    "clip_frac_low": all_reduce_sum(sums["clip_low"]) / tokens_step,
+                    "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
+                    "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
+                    "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
+                    "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0],
+                    "completion_length_mean": float(lengths.float().mean()),
+                    "completion_length_max": float(lengths.max()),
+                    "truncated_frac": float(is_truncated.float().mean()),
+                    "rollout_seconds": rollout_seconds,
+                    "update_seconds": time.perf_counter() - t_update,
+                    "rollout_tokens_per_second": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+                    "skipped_images": data_report.skipped_images,
+                    **reward_metrics,
+                    **{f"advantage/{k}": v for k, v in advantage_metrics.items()},
+                }
+                metrics_logger.log(step, metrics)
+                if sample_logger is not None:
+                    sample_logger.maybe_log(
+                        step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
+                        rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
+                    )
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                if step >= targs.max_steps:
+                    break
+            if step >= targs.max_steps:
+                break
+
+        # --- checkpoint (only between generation batches, so a resume starts a fresh one) ---
+        if targs.save_steps and step - last_saved >= targs.save_steps and step < targs.max_steps:
+            save(step)
+            last_saved = step
+
+    stop.__exit__(None, None, None)
+    progress.close()
+    if step > last_saved or resume_from is None:
+        save(step)
+    metrics_logger.close()
+    if stop.requested and is_main:
+        print(
+            f"[grpo] {stop.signal_name} received: saved a checkpoint at step {step} in {targs.output_dir}. "
+            f"Resume with the same command plus --resume.",
+            flush=True,
+        )
+    cleanup()
+    return {"step": step, "output_dir": targs.output_dir, "stopped_early": stop.requested}
