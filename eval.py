@@ -68,13 +68,15 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     denominator = 1 + z**2 / total
     centre = (p + z**2 / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At p = 1 (or 0) the bound is exactly 1 (0) in exact arithmetic, but rounding can land it a hair
+    # inside (0.9999999999999999), leaving the interval without its own estimate: keep p inside.
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 @torch.no_grad()
 def evaluate(args: EvalArguments, data_args) -> dict:
     from data.collators import GRPOCollator
-    from grpo.data_setup import load_eval_dataset
+    from grpo.data_setup import check_gold_answers, load_eval_dataset
     from grpo.rewards import resolve_reward_functions
     from grpo.rollout import sample_rollouts
     from grpo.setup import resolve_device, resolve_dtype, resolve_model_path, seed_everything
@@ -89,7 +91,9 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     )
     model.eval()
     tokens = special_token_ids(model, processor)
-    dataset, report = load_eval_dataset(data_args, part=args.eval_part, seed=args.seed)
+    # The same --max_pixels downscaling of the images as train.py applies (grpo/data_setup.py).
+    dataset, report = load_eval_dataset(data_args, part=args.eval_part, seed=args.seed, max_pixels=args.max_pixels)
+    check_gold_answers(dataset, [args.accuracy_reward])  # fail now, not at the batch that holds it
     collator = GRPOCollator(processor, system_prompt=data_args.system_prompt_text)
     names = [args.accuracy_reward] + ([args.format_reward] if args.format_reward else [])
     (accuracy_name, accuracy_fn), *format_fn = resolve_reward_functions(names)

@@ -7,12 +7,41 @@ The held-out part is the same for every command: for the built-in synthetic data
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from data.sources import load_examples, train_val_split
 
 SYNTHETIC = ("synthetic", "synthetic-shifted")
 
 
+def _has_no_rows(path: Path) -> bool:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with open(path, "rb") as file:  # up to the first non-blank byte, not the whole file
+            return not any(chunk.strip() for chunk in iter(lambda: file.read(1 << 16), b""))
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_metadata(path).num_rows == 0
+    if (path / "state.json").is_file():  # save_to_disk of a Dataset: no data files means no rows
+        return not json.loads((path / "state.json").read_text()).get("_data_files")
+    if path.is_dir():
+        files = [f for f in path.iterdir() if f.suffix.lower() in (".jsonl", ".json", ".parquet")]
+        return bool(files) and all(_has_no_rows(f) for f in files)
+    return False
+
+
+def _check_not_empty(source: str) -> None:
+    """A clear error for a local --dataset without rows. `datasets` fails on one with messages that
+    do not say so: StopIteration (empty jsonl), "corresponds to no data" (parquet), IndexError
+    (save_to_disk of an empty Dataset)."""
+    path = Path(source)
+    if path.exists() and _has_no_rows(path):
+        raise ValueError(f"--dataset {source} holds no rows; point it at a file or folder with examples")
+
+
 def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pixels: int | None = None):
+    _check_not_empty(data_args.dataset)
     kinds = tuple(kind.strip() for kind in data_args.question_kinds.split(",") if kind.strip())
     return load_examples(
         data_args.dataset,
@@ -33,8 +62,13 @@ def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pix
     )
 
 
-def _part(data_args, *, part: str, seed: int, num_examples: int | None, max_pixels: int | None = None):
-    """'train', 'validation' or 'all' of the configured source, with its load report."""
+def _part(
+    data_args, *, part: str, seed: int, num_examples: int | None, max_pixels: int | None = None, allow_empty: bool = False
+):
+    """'train', 'validation' or 'all' of the configured source, with its load report.
+
+    allow_empty: an empty part is returned rather than refused (SFT's validation part under
+    --val_fraction 0, which only turns the validation loss off)."""
     if data_args.dataset in SYNTHETIC:
         split = "validation" if part == "validation" else "train"
         return _load(data_args, split=split, seed=seed, num_examples=num_examples, max_pixels=max_pixels)
@@ -42,8 +76,9 @@ def _part(data_args, *, part: str, seed: int, num_examples: int | None, max_pixe
     if part != "all":
         train, val = train_val_split(dataset, data_args.val_fraction, seed=seed)
         dataset = val if part == "validation" else train
-        if len(dataset) == 0:
-            raise ValueError(f"{data_args.dataset}: the {part} part is empty; raise --val_fraction or add data")
+        if len(dataset) == 0 and not allow_empty:
+            change = "lower" if part == "train" else "raise"  # the train part shrinks as val_fraction grows
+            raise ValueError(f"{data_args.dataset}: the {part} part is empty; {change} --val_fraction or add data")
     if num_examples is not None and num_examples < len(dataset):
         dataset = dataset.select(range(num_examples))
     return dataset, report
@@ -74,16 +109,45 @@ def load_prompt_dataset(config, processor, *, is_main: bool = True):
         report.skipped_long_prompts = skipped
         if len(dataset) == 0:
             raise ValueError("every prompt is over --max_prompt_length; raise it or lower --max_pixels")
+    check_gold_answers(dataset, config.grpo.reward_function_names)
     if is_main:
         print(f"[data] {data_args.dataset}: {len(dataset)} prompts ({report.skipped_images} skipped images)", flush=True)
     return dataset, report
+
+
+def check_gold_answers(dataset, reward_names: list[str]) -> None:
+    """Fail before step 1 when a built-in accuracy reward cannot read a gold answer.
+
+    count_accuracy and choice_accuracy raise on such an answer, but only at the step that first
+    samples its prompt (hours into a run); reading the answer column up front is cheap.
+    """
+    from grpo.rewards import parse_choice, parse_integer
+
+    parsers = {"count_accuracy": ("an integer", parse_integer), "choice_accuracy": ("an option letter A-E", parse_choice)}
+    answers = None
+    for name in reward_names:
+        if name not in parsers:
+            continue
+        answers = list(dataset["answer"]) if answers is None else answers  # the column only, no images
+        kind, parse = parsers[name]
+        bad = [row for row, answer in enumerate(answers) if parse(str(answer)) is None]
+        if bad:
+            row = bad[0]
+            raise ValueError(
+                f"reward function {name!r}: the gold answer of example {row} ({answers[row]!r}, question "
+                f"{dataset[row]['question']!r}) is not {kind}; {len(bad)} of {len(answers)} examples are "
+                f"like it. Fix the data (--answer_column?) or pick a reward that fits it in --reward_functions"
+            )
 
 
 def load_sft_datasets(config, *, is_main: bool = True):
     """SFT demonstrations: (train, validation, report)."""
     data_args, seed = config.data, config.train.seed
     train, report = _part(data_args, part="train", seed=seed, num_examples=data_args.num_examples, max_pixels=config.model.max_pixels)
-    val, _ = _part(data_args, part="validation", seed=seed, num_examples=config.sft.max_eval_examples, max_pixels=config.model.max_pixels)
+    val, _ = _part(
+        data_args, part="validation", seed=seed, num_examples=config.sft.max_eval_examples,
+        max_pixels=config.model.max_pixels, allow_empty=True,  # --val_fraction 0: no validation loss
+    )
     if is_main:
         print(f"[data] {data_args.dataset}: {len(train)} train / {len(val)} validation examples", flush=True)
     return train, (val if len(val) else None), report

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages
 from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
-from grpo.config import Config
+from grpo.config import Config, GRPOArguments
 from grpo.distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -60,6 +60,62 @@ from grpo.setup import (
     seed_everything,
     sync_gradients,
 )
+
+
+def accumulate_step_gradients(
+    model: torch.nn.Module,
+    generation: GenerationBatch,
+    step_rows: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    gargs: GRPOArguments,
+    reuse_images: bool,
+    world_size: int,
+) -> dict[str, float]:
+    """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
+
+    step_rows: [R] the rows of the generation batch (B*G rows, this rank's) that the step trains on.
+    advantages [B*G], loss_mask [B*G, T], old/ref logprobs [B*G, T] or None: the whole batch's.
+    The loss is divided by the step's count over every micro-batch and every rank (/ world_size),
+    so after `sync_gradients` averages over ranks each .grad equals the gradient one process
+    holding every rank's rows would compute. Returns this rank's sums for the step's metrics.
+    Kept out of the loop so a test can run it on two ranks against one process (test_torchrun.py).
+    """
+    # The normaliser spans every micro-batch of this optimizer step on every rank;
+    # DDP-style averaging divides gradients by world_size, so divide it back out.
+    # Clamped to 1: a step whose completions are all masked out contributes zero loss.
+    normaliser = max(
+        all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
+        1.0,
+    ) / world_size
+    sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0}
+    for rows in step_rows.split(gargs.micro_batch_size):
+        logprobs, entropy = generation.logprobs(
+            model, rows, reuse_rollout_images=reuse_images, return_entropy=True
+        )  # [R, T_rows]
+        length = logprobs.shape[1]
+        mask_rows = loss_mask[rows, :length].to(logprobs.device)  # [R, T_rows]
+        loss, info = grpo_loss(
+            logprobs,
+            None if old_logprobs is None else old_logprobs[rows, :length],
+            None if ref_logprobs is None else ref_logprobs[rows, :length],
+            advantages[rows], mask_rows,
+            epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
+            aggregation=gargs.loss_aggregation, normaliser=normaliser,
+        )
+        loss.backward()
+        n = info["num_tokens"]
+        sums["loss"] += loss.item()
+        sums["tokens"] += n
+        sums["clip_low"] += info["clip_frac_low"] * n
+        sums["clip_high"] += info["clip_frac_high"] * n
+        sums["kl"] += info.get("kl_mean", 0.0) * n
+        sums["ratio"] += info["ratio_mean"] * n
+        sums["entropy"] += float((entropy.detach() * mask_rows.to(entropy.device)).sum())
+    return sums
 
 
 def train_grpo(config: Config) -> dict:
@@ -103,7 +159,9 @@ def train_grpo(config: Config) -> dict:
         state = load_trainer_state(resume_from, optimizer=optimizer, scheduler=scheduler, rank=rank)
         step = state["step"]
         stream.load_state_dict(state["data_state"])
-        generator.set_state(state["extra"]["sampler_generators"][rank])
+        sampler_states = state["extra"]["sampler_generators"]
+        if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
+            generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
         restore_adapters(policy, state["extra"].get("lora_adapters", {}))
         if is_main:
             print(f"[resume] {resume_from} at step {step}", flush=True)
@@ -114,7 +172,6 @@ def train_grpo(config: Config) -> dict:
     progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
     consecutive_nonfinite = 0
     last_saved = step
-    stop = StopRequest().__enter__()
 
     def save(at_step):
         # Every rank contributes its RNG streams (so a resumed rank samples what it would have);
@@ -129,162 +186,139 @@ def train_grpo(config: Config) -> dict:
                 keep_last=targs.save_total_limit, model_to_save=model_for_saving(policy), rng_states=rng_states,
             )
 
-    while step < targs.max_steps and not stop.requested:
-        # --- rollout ---
-        t_rollout = time.perf_counter()
-        examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
-        batch = collator(examples)
-        batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        model.eval()
-        rollout = sample_rollouts(
-            model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
-            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
-            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
-        )
-        completion_ids = rollout.completion_ids  # [B*G, T]
-        rollout_seconds = time.perf_counter() - t_rollout
+    # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
+    # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
+    with StopRequest() as stop:
+        while step < targs.max_steps and not stop.requested_on_any_rank():
+            # --- rollout ---
+            t_rollout = time.perf_counter()
+            examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
+            batch = collator(examples)
+            batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            model.eval()
+            rollout = sample_rollouts(
+                model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+                eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+                temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
+            )
+            completion_ids = rollout.completion_ids  # [B*G, T]
+            rollout_seconds = time.perf_counter() - t_rollout
 
-        # --- rewards and advantages ---
-        completions = processor.batch_decode(completion_ids, skip_special_tokens=True)
-        answers = [answer for answer in batch["answers"] for _ in range(G)]
-        questions = [question for question in batch["questions"] for _ in range(G)]
-        rewards, per_function, reward_metrics = compute_rewards(
-            reward_functions, reward_weights, completions, answers, questions=questions
-        )  # [B*G], [B*G, F]
-        advantages, advantage_metrics = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
-        advantages = advantages.to(device)
-        completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
-        loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
+            # --- rewards and advantages ---
+            completions = processor.batch_decode(completion_ids, skip_special_tokens=True)
+            answers = [answer for answer in batch["answers"] for _ in range(G)]
+            questions = [question for question in batch["questions"] for _ in range(G)]
+            rewards, per_function, reward_metrics = compute_rewards(
+                reward_functions, reward_weights, completions, answers, questions=questions
+            )  # [B*G], [B*G, F]
+            advantages, advantage_metrics = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
+            advantages = advantages.to(device)
+            completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
+            loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
 
-        # --- inputs shared by every forward of this generation batch ---
-        generation = GenerationBatch(
-            prompt_ids=batch_on_device["input_ids"], prompt_mask=batch_on_device["attention_mask"],
-            pixel_values=batch_on_device["pixel_values"], image_grid_thw=batch_on_device["image_grid_thw"],
-            images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
-            completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
-            temperature=gargs.temperature, spatial_merge_size=merge_size,
-        )
-        # The rollout encoded each prompt's images once; whenever the vision tower cannot change
-        # (frozen) every later forward reuses those features instead of re-encoding.
-        reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
-        num_rows, T = completion_ids.shape
-        micro = gargs.micro_batch_size
+            # --- inputs shared by every forward of this generation batch ---
+            generation = GenerationBatch(
+                prompt_ids=batch_on_device["input_ids"], prompt_mask=batch_on_device["attention_mask"],
+                pixel_values=batch_on_device["pixel_values"], image_grid_thw=batch_on_device["image_grid_thw"],
+                images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
+                completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
+                temperature=gargs.temperature, spatial_merge_size=merge_size,
+            )
+            # The rollout encoded each prompt's images once; whenever the vision tower cannot change
+            # (frozen) every later forward reuses those features instead of re-encoding.
+            reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
+            num_rows, T = completion_ids.shape
+            micro = gargs.micro_batch_size
 
-        # --- old and reference logprobs (only when they are needed) ---
-        t_update = time.perf_counter()
-        old_logprobs = ref_logprobs = None
-        with torch.no_grad():
-            if gargs.num_iterations > 1:
-                # The policy has not moved since the rollout, so its image features are exact here.
-                old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                for rows in torch.arange(num_rows).split(micro):
-                    values = generation.logprobs(model, rows, reuse_rollout_images=True)  # [R, T_rows]
-                    old_logprobs[rows, : values.shape[1]] = values
-            if gargs.beta > 0:
-                ref_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                for rows in torch.arange(num_rows).split(micro):
-                    values = generation.logprobs(policy.reference, rows, reuse_rollout_images=reuse_images)
-                    ref_logprobs[rows, : values.shape[1]] = values
+            # --- old and reference logprobs (only when they are needed) ---
+            t_update = time.perf_counter()
+            old_logprobs = ref_logprobs = None
+            with torch.no_grad():
+                if gargs.num_iterations > 1:
+                    # The policy has not moved since the rollout, so its image features are exact here.
+                    old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
+                    for rows in torch.arange(num_rows).split(micro):
+                        values = generation.logprobs(model, rows, reuse_rollout_images=True)  # [R, T_rows]
+                        old_logprobs[rows, : values.shape[1]] = values
+                if gargs.beta > 0:
+                    ref_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
+                    for rows in torch.arange(num_rows).split(micro):
+                        values = generation.logprobs(policy.reference, rows, reuse_rollout_images=reuse_images)
+                        ref_logprobs[rows, : values.shape[1]] = values
 
-        # --- policy update: num_iterations epochs x steps_per_generation optimizer steps ---
-        model.train()
-        mini_batch_rows = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
-        for _epoch in range(gargs.num_iterations):
-            for mini_rows in mini_batch_rows:
-                # The normaliser spans every micro-batch of this optimizer step on every rank;
-                # DDP-style averaging divides gradients by world_size, so divide it back out.
-                # Clamped to 1: a step whose completions are all masked out contributes zero loss.
-                normaliser = max(
-                    all_reduce_sum(step_normaliser(loss_mask[mini_rows], gargs.loss_aggregation, gargs.max_completion_length)),
-                    1.0,
-                ) / world_size
-                sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0}
-                for rows in mini_rows.split(micro):
-                    logprobs, entropy = generation.logprobs(
-                        model, rows, reuse_rollout_images=reuse_images, return_entropy=True
-                    )  # [R, T_rows]
-                    length = logprobs.shape[1]
-                    loss, info = grpo_loss(
-                        logprobs,
-                        None if old_logprobs is None else old_logprobs[rows, :length],
-                        None if ref_logprobs is None else ref_logprobs[rows, :length],
-                        advantages[rows], loss_mask[rows, :length].to(device),
-                        epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
-                        aggregation=gargs.loss_aggregation, normaliser=normaliser,
+            # --- policy update: num_iterations epochs x steps_per_generation optimizer steps ---
+            model.train()
+            mini_batch_rows = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
+            for _epoch in range(gargs.num_iterations):
+                for mini_rows in mini_batch_rows:
+                    sums = accumulate_step_gradients(
+                        model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
+                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
+                        reuse_images=reuse_images, world_size=world_size,
                     )
-                    loss.backward()
-                    n = info["num_tokens"]
-                    sums["loss"] += loss.item()
-                    sums["tokens"] += n
-                    sums["clip_low"] += info["clip_frac_low"] * n
-                    sums["clip_high"] += info["clip_frac_high"] * n
-                    sums["kl"] += info.get("kl_mean", 0.0) * n
-                    sums["ratio"] += info["ratio_mean"] * n
-                    mask_rows = loss_mask[rows, :length].to(entropy.device)
-                    sums["entropy"] += float((entropy.detach() * mask_rows).sum())
-                sync_gradients(trainable, world_size)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
-                # Each rank's loss is its share divided by (global count / world_size); undo that.
-                loss_total = all_reduce_sum(sums["loss"]) / world_size
-                if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_total))):
-                    # A non-finite loss or gradient would poison the weights and Adam's moments:
-                    # skip the step; several in a row mean the run is broken, so stop.
+                    sync_gradients(trainable, world_size)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
+                    # Each rank's loss is its share divided by (global count / world_size); undo that.
+                    loss_total = all_reduce_sum(sums["loss"]) / world_size
+                    if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_total))):
+                        # A non-finite loss or gradient would poison the weights and Adam's moments:
+                        # skip the step; several in a row mean the run is broken, so stop.
+                        optimizer.zero_grad(set_to_none=True)
+                        consecutive_nonfinite += 1
+                        print(f"[grpo] step {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped", flush=True)
+                        if consecutive_nonfinite >= targs.max_nonfinite_steps:
+                            raise RuntimeError(
+                                f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
+                                "lower --learning_rate, raise --max_grad_norm clipping, or check the data"
+                            )
+                        continue
+                    consecutive_nonfinite = 0
+                    optimizer.step()
+                    scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    consecutive_nonfinite += 1
-                    print(f"[grpo] step {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped", flush=True)
-                    if consecutive_nonfinite >= targs.max_nonfinite_steps:
-                        raise RuntimeError(
-                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
-                            "lower --learning_rate, raise --max_grad_norm clipping, or check the data"
-                        )
-                    continue
-                consecutive_nonfinite = 0
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                    step += 1
 
-                # --- metrics ---
-                tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
-                lengths = completion_mask.sum(1)  # [B*G]
-                metrics = {
-                    "loss": loss_total,
-                    "kl": all_reduce_sum(sums["kl"]) / tokens_step,
-                    "clip_frac_low": all_reduce_sum(sums["clip_low"]) / tokens_step,
-                    "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
-                    "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
-                    "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
-                    "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
-                    "completion_length_mean": float(lengths.float().mean()),
-                    "completion_length_max": float(lengths.max()),
-                    "truncated_frac": float(is_truncated.float().mean()),
-                    "rollout_seconds": rollout_seconds,
-                    "update_seconds": time.perf_counter() - t_update,
-                    "rollout_tokens_per_second": float(lengths.sum()) / max(rollout_seconds, 1e-9),
-                    "skipped_images": data_report.skipped_images,
-                    **reward_metrics,
-                    **{f"advantage/{k}": v for k, v in advantage_metrics.items()},
-                }
-                metrics_logger.log(step, metrics)
-                if sample_logger is not None:
-                    sample_logger.maybe_log(
-                        step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
-                        rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
-                    )
-                progress.update(1)
-                progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                    # --- metrics ---
+                    tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
+                    lengths = completion_mask.sum(1)  # [B*G]
+                    metrics = {
+                        "loss": loss_total,
+                        "kl": all_reduce_sum(sums["kl"]) / tokens_step,
+                        "clip_frac_low": all_reduce_sum(sums["clip_low"]) / tokens_step,
+                        "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
+                        "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
+                        "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
+                        "grad_norm": float(grad_norm),
+                        "lr": scheduler.get_last_lr()[0],
+                        "completion_length_mean": float(lengths.float().mean()),
+                        "completion_length_max": float(lengths.max()),
+                        "truncated_frac": float(is_truncated.float().mean()),
+                        "rollout_seconds": rollout_seconds,
+                        "update_seconds": time.perf_counter() - t_update,
+                        "rollout_tokens_per_second": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+                        "skipped_images": data_report.skipped_images,
+                        "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
+                        **reward_metrics,
+                        **{f"advantage/{k}": v for k, v in advantage_metrics.items()},
+                    }
+                    metrics_logger.log(step, metrics)
+                    if sample_logger is not None:
+                        sample_logger.maybe_log(
+                            step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
+                            rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
+                        )
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                    if step >= targs.max_steps:
+                        break
                 if step >= targs.max_steps:
                     break
-            if step >= targs.max_steps:
-                break
 
-        # --- checkpoint (only between generation batches, so a resume starts a fresh one) ---
-        if targs.save_steps and step - last_saved >= targs.save_steps and step < targs.max_steps:
-            save(step)
-            last_saved = step
+            # --- checkpoint (only between generation batches, so a resume starts a fresh one) ---
+            if targs.save_steps and step - last_saved >= targs.save_steps and step < targs.max_steps:
+                save(step)
+                last_saved = step
 
-    stop.__exit__(None, None, None)
     progress.close()
     if step > last_saved or resume_from is None:
         save(step)

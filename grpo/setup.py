@@ -265,6 +265,22 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
+    def requested_on_any_rank(self) -> bool:
+        """Whether any rank got a signal (one scalar all-reduce; the flag itself in one process).
+
+        A scheduler's SIGTERM reaches the ranks at slightly different times. A rank that left the
+        loop alone would wait in the save's collectives while the others wait in the next step's,
+        until the process-group timeout; so the ranks agree, and all stop at the same step.
+        """
+        from grpo.distributed import all_reduce_sum
+
+        requested_here = self.requested  # read once: a signal may land during the all-reduce
+        if all_reduce_sum(float(requested_here)) == 0:
+            return False  # every rank read False, so every rank goes on
+        if not self.requested:
+            self.requested, self.signal_name = True, "a stop signal on another rank"
+        return True
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -124,7 +124,7 @@ def train_sft(config: Config) -> dict:
 
     model.train()
     with StopRequest() as stop:
-        while step < targs.max_steps and not stop.requested:
+        while step < targs.max_steps and not stop.requested_on_any_rank():
             started = time.perf_counter()
             micro_batches = [
                 collator([train_set[i] for i in stream.take(sargs.per_device_batch_size)])

@@ -1,0 +1,134 @@
+"""Shared fixtures for the end-to-end tests: train.py in-process or as a subprocess, on tiny settings.
+
+Every run uses the built-in tiny model (0.74M parameters) and synthetic data, a handful of prompts
+and short completions, so a GRPO step takes well under a second on one CPU core. The tiny model
+never writes a correct answer, so GRPO runs score with `reward_fns:length_reward` (tests/reward_fns.py)
+to have a reward spread and a gradient.
+
+    train_run(out, "--max_steps", "2")                 # train.main([...]) in-process -> Path(out)
+    train_run(out, "--max_steps", "2", stage="sft")
+    run_script(["train.py", ...], timeout=60)          # python train.py ... in a subprocess
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+
+TINY_COMMON = ["--model", "tiny", "--num_examples", "64", "--progress_bar", "false", "--save_steps", "2"]
+TINY_GRPO = [
+    *TINY_COMMON, "--per_device_prompts", "2", "--num_generations", "2", "--micro_batch_size", "4",
+    "--max_completion_length", "8", "--learning_rate", "1e-3", "--reward_functions", "reward_fns:length_reward",
+]  # fmt: skip
+TINY_SFT = [*TINY_COMMON, "--per_device_batch_size", "2", "--learning_rate", "1e-3", "--max_eval_examples", "4"]
+
+# Wall-clock measurements: the only metrics two identical runs may disagree on.
+TIMING_KEYS = frozenset({"rollout_seconds", "update_seconds", "rollout_tokens_per_second", "step_seconds"})
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def train_argv(output_dir, *flags: str, stage: str = "grpo") -> list[str]:
+    """The argv of a tiny run; later flags override the defaults (argparse keeps the last value)."""
+    defaults = TINY_GRPO if stage == "grpo" else TINY_SFT
+    return ["--stage", stage, "--output_dir", str(output_dir), *defaults, *flags]
+
+
+@pytest.fixture
+def train_run(monkeypatch):
+    """Run train.py's `main(argv)` in this process; returns the output dir as a Path."""
+    for name in TORCHRUN_VARIABLES:  # a test process launched under torchrun must still run alone
+        monkeypatch.delenv(name, raising=False)
+
+    def run(output_dir, *flags: str, stage: str = "grpo") -> Path:
+        import train
+
+        train.main(train_argv(output_dir, *flags, stage=stage))
+        return Path(output_dir)
+
+    return run
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child python/torchrun: one thread, tests/ importable, no torchrun state."""
+    env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def run_script(args: list[str], *, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python ARGS...` from the repository root, output captured; fails the test on a timeout."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(output_dir) -> list[dict]:
+    from grpo.metrics import read_metrics as read
+
+    return read(Path(output_dir) / "metrics.jsonl")
+
+
+def without_timings(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in TIMING_KEYS}
+
+
+def latest_model_dir(output_dir) -> Path:
+    from grpo.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(output_dir)
+    assert latest is not None, f"no complete checkpoint in {output_dir}: {sorted(os.listdir(output_dir))}"
+    return latest / "model"
+
+
+def saved_weights(model_dir) -> dict[str, torch.Tensor]:
+    """The safetensors tensors of a saved model folder, by name."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        weights.update(load_file(path))
+    assert weights, f"no safetensors in {model_dir}"
+    return weights
+
+
+def load_saved_model(model_dir):
+    """A checkpoint's model/ through plain transformers, as a user would load it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def initial_tiny_weights() -> dict[str, torch.Tensor]:
+    """The tiny preset's weights before any training (seed 0), named as the model's state_dict names them."""
+    from models.loading import load_policy
+
+    model, _ = load_policy("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    return model_state(model)
+
+
+@pytest.fixture(scope="session")
+def grpo_run_dir(tmp_path_factory) -> Path:
+    """A finished two-step tiny GRPO run, shared by the tests that only read it (eval, loading)."""
+    import train
+
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
+    output_dir = tmp_path_factory.mktemp("grpo-run") / "run"
+    train.main(train_argv(output_dir, "--max_steps", "2", "--beta", "0.04"))
+    return output_dir

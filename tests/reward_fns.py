@@ -1,0 +1,47 @@
+"""Reward functions the end-to-end tests pass as `--reward_functions reward_fns:NAME`.
+
+The tiny model never writes a correct answer, so the built-in rewards are all 0 and GRPO's
+advantages (and gradients) would be 0 too. These give a reward spread on random text, so the
+policy moves. The tests put this folder on PYTHONPATH (pytest already has it on sys.path).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+
+def length_reward(completions, answers, **columns):
+    """The completion's length in characters, scaled to [0, 1] (random text has a spread)."""
+    return [min(len(text), 64) / 64 for text in completions]
+
+
+def vowel_reward(completions, answers, **columns):
+    """Fraction of the completion's characters that are vowels: a second, independent spread."""
+    return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions]
+
+
+def even_parity(completions, answers, **columns):
+    """1.0 when len(completion) + gold is even: a "correctness" eval.py can score on random text
+    (greedy decoding of the tiny model writes the same text for every prompt; the gold varies)."""
+    return [float((len(text) + int(answer)) % 2 == 0) for text, answer in zip(completions, answers, strict=True)]
+
+
+def raise_on_rank_one(completions, answers, **columns):
+    """Fails on rank 1 only, as a user's reward that breaks on one rank's data would."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("reward_fns.raise_on_rank_one: rank 1 refuses to score")
+    return length_reward(completions, answers)
+
+
+def always_raises(completions, answers, **columns):
+    raise KeyError("no such column")
+
+
+def wrong_length(completions, answers, **columns):
+    """One value too few."""
+    return [0.0] * (len(completions) - 1)
+
+
+def nan_reward(completions, answers, **columns):
+    return [math.nan] * len(completions)

@@ -1,0 +1,489 @@
+"""When things go wrong: signals, kill -9, non-finite steps, a failing rank, and bad input.
+
+Each failure must end one of three ways: the run continues (a skipped row or step, counted), the
+run stops cleanly with a checkpoint and says how to resume, or it stops at start-up with an error
+that names the flag, column, function or row to fix. Never a hang, never a traceback that says
+nothing about the cause. docs/troubleshooting.md is the user-facing side of this file.
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_faults.py -q [-m slow]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import (
+    REPO,
+    latest_model_dir,
+    load_saved_model,
+    read_metrics,
+    run_script,
+    subprocess_env,
+    train_argv,
+)
+from PIL import Image
+
+import train
+
+# --- helpers ---
+
+
+@pytest.fixture
+def background():
+    """start(command, log) runs a command in the background, output to `log`; whatever is still
+    running at the end of the test (a failed test's job) is killed, with every process under it."""
+    started: list[subprocess.Popen] = []
+
+    def start(command: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as log_file:
+            process = subprocess.Popen(
+                command, cwd=REPO, env=subprocess_env(), stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            # torchrun starts its workers in sessions of their own: collect them before the kill.
+            for pid in [*_descendants(process.pid), process.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait()
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process visible in /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return parents
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = _parents()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _train_command(output_dir: Path, *flags: str) -> list[str]:
+    """`python train.py` (GRPO, tiny)."""
+    return [sys.executable, "train.py", *train_argv(output_dir, *flags)]
+
+
+def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"train.py exited ({process.returncode}) before the test could act:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for train.py:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def _metric_lines(output_dir: Path) -> int:
+    path = output_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _steps(output_dir: Path) -> list[int]:
+    return [record["step"] for record in read_metrics(output_dir)]
+
+
+def _png(color: str, size=(56, 56)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _save_dataset(path: Path, rows: int, *, answers=None, corrupt: int = 0, drop: str | None = None) -> str:
+    """A save_to_disk counting dataset shaped like the seeds' (image, problem, solution)."""
+    colors = ["red", "green", "blue", "yellow"]
+    images = [{"bytes": _png(colors[i % 4]), "path": None} for i in range(rows)]
+    for i in range(corrupt):  # the first `corrupt` rows hold bytes that are not an image
+        images[i] = {"bytes": b"\x89PNG\r\n\x1a\n not an image", "path": None}
+    columns = {
+        "image": images,
+        "problem": [f"How many objects are there in the image? ({i})" for i in range(rows)],
+        "solution": [f"<answer> {a} </answer>" for a in (answers or [str(i % 5 + 1) for i in range(rows)])],
+    }
+    features = {"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")}
+    if drop:
+        del columns[drop], features[drop]
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(path))
+    return str(path)
+
+
+# --- preemption: SIGTERM, kill -9 ---
+
+
+def test_sigterm_saves_exits_zero_and_says_how_to_resume(tmp_path, train_run, background):
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    # save_steps 100: the only checkpoint the run can have is the one SIGTERM makes it write.
+    process = background(_train_command(out, "--max_steps", "12", "--save_steps", "100"), log)
+    _wait_for(lambda: _metric_lines(out) >= 1, process, log)  # after the first step
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "SIGTERM received: saved a checkpoint at step" in text
+    assert "Resume with the same command plus --resume" in text
+    stopped_at = int(latest_model_dir(out).parent.name.split("-")[1])
+    assert 1 <= stopped_at < 12 and _steps(out) == list(range(1, stopped_at + 1))
+    load_saved_model(latest_model_dir(out))  # loadable by plain transformers
+    # Relaunching the same command plus --resume finishes the run.
+    result = train_run(out, "--max_steps", "12", "--save_steps", "100", "--resume")
+    assert _steps(result) == list(range(1, 13))
+    assert latest_model_dir(out).parent.name == "checkpoint-00000012"
+
+
+def test_kill_minus_nine_after_a_checkpoint_then_resume_completes(tmp_path, train_run, background):
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    process = background(_train_command(out, "--max_steps", "16", "--save_steps", "2", "--save_total_limit", "1"), log)
+    # Kill at some point after the first checkpoint: a few steps later, mid-step or mid-save.
+    _wait_for(lambda: _metric_lines(out) >= 5, process, log)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed or cleaned up
+    process.wait(timeout=30)
+    checkpoint = latest_model_dir(out).parent  # a complete checkpoint survived
+    saved_step = int(checkpoint.name.split("-")[1])
+    assert saved_step >= 2 and saved_step % 2 == 0
+    load_saved_model(checkpoint / "model")
+    assert _steps(out)[:saved_step] == list(range(1, saved_step + 1))  # steps past it may be logged too
+    train_run(out, "--max_steps", "16", "--save_steps", "2", "--save_total_limit", "1", "--resume")
+    assert _steps(out) == list(range(1, 17))  # the steps after the checkpoint are logged once, again
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp-") or p.name.startswith(".replaced-")] == []
+    assert latest_model_dir(out).parent.name == "checkpoint-00000016"
+
+
+# --- non-finite loss ---
+
+
+def _nan_loss_on(calls: set[int] | None, monkeypatch, module):
+    """Patch the loop's loss so that the listed calls (1-based; None: all) return NaN."""
+    original = module.grpo_loss
+    count = {"calls": 0}
+
+    def loss(*args, **kwargs):
+        value, info = original(*args, **kwargs)
+        count["calls"] += 1
+        if calls is None or count["calls"] in calls:
+            value = value * math.nan
+        return value, info
+
+    monkeypatch.setattr(module, "grpo_loss", loss)
+    return count
+
+
+def test_one_non_finite_step_is_skipped_and_logged(tmp_path, train_run, monkeypatch, capsys):
+    import grpo.grpo_loop as loop
+
+    _nan_loss_on({2}, monkeypatch, loop)  # one micro-batch per step: the 2nd optimizer step's loss
+    out = train_run(tmp_path / "run", "--max_steps", "3", "--save_steps", "0")
+    assert "step 2: non-finite loss/gradient (nan, nan); step skipped" in capsys.readouterr().out
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]  # the skipped step was redone on the next batch
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    weights = load_saved_model(latest_model_dir(out)).state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())  # NaN never reached the weights
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, train_run, monkeypatch):
+    import grpo.grpo_loop as loop
+
+    count = _nan_loss_on(None, monkeypatch, loop)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss or gradient; lower --learning_rate"):
+        train_run(tmp_path / "run", "--max_steps", "5", "--max_nonfinite_steps", "2")
+    assert count["calls"] == 2
+    assert _steps(tmp_path / "run") == []
+    # The loop's SIGTERM/SIGINT handlers are gone again although it raised: Ctrl-C works here.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def test_sft_non_finite_steps_stop_the_run(tmp_path, train_run, monkeypatch):
+    import grpo.sft_loop as loop
+
+    original = loop.sft_token_losses
+    monkeypatch.setattr(loop, "sft_token_losses", lambda model, batch: (original(model, batch)[0] * math.inf, torch.tensor(1)))
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+        train_run(tmp_path / "sft", "--max_steps", "4", stage="sft")
+
+
+# --- torchrun: one rank fails ---
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_stops_the_whole_torchrun_job(tmp_path):
+    """Rank 1's reward function raises; rank 0 waits in the next all-reduce. torchrun must stop
+    both with rank 1's error, well before the 30-minute collective timeout."""
+    torchrun = REPO / ".venv/bin/torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun in .venv")
+    argv = train_argv(tmp_path / "run", "--max_steps", "3", "--device", "cpu", "--reward_functions", "reward_fns:raise_on_rank_one")
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--standalone", "train.py", *argv],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "reward function 'raise_on_rank_one' raised RuntimeError: reward_fns.raise_on_rank_one: rank 1 refuses" in output
+    assert time.monotonic() - started < 180
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, background):
+    """A scheduler's SIGTERM can reach the ranks at different times; here only rank 1 gets one.
+    Both must leave the loop at the same step, save and exit 0 (not wait in different collectives)."""
+    torchrun = REPO / ".venv/bin/torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun in .venv")
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    argv = train_argv(out, "--max_steps", "200", "--save_steps", "1000", "--device", "cpu")
+    process = background([str(torchrun), "--nproc_per_node", "2", "--standalone", "train.py", *argv], log)
+    _wait_for(lambda: _metric_lines(out) >= 2, process, log, timeout=150)
+    rank_one = _worker_with_rank(process.pid, 1)
+    os.kill(rank_one, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
+    assert "a stop signal on another rank received: saved a checkpoint" in log.read_text()
+    stopped_at = int(latest_model_dir(out).parent.name.split("-")[1])
+    assert 2 <= stopped_at < 200 and _steps(out) == list(range(1, stopped_at + 1))
+
+
+def _worker_with_rank(agent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (read from /proc)."""
+    for _ in range(100):
+        for pid in _descendants(agent_pid):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {agent_pid}")
+
+
+# --- impossible settings: rejected at start, exit code 2, the flag named ---
+
+BAD_SETTINGS = [
+    (["--num_generations", "1"], "--num_generations 1: GRPO compares completions within a group"),
+    (["--per_device_prompts", "3", "--steps_per_generation", "4"], "--steps_per_generation 4 equal mini-batches"),
+    (["--micro_batch_size", "3"], "--micro_batch_size 3 does not divide"),
+    (["--beta", "-0.1"], "--beta -0.1: the KL weight must be >= 0"),
+    (["--epsilon", "1.5"], "--epsilon 1.5: must be in [0, 1)"),
+    (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
+    (["--reward_functions", "format", "--reward_weights", "1,2"], "--reward_weights has 2 values"),
+    (["--max_steps", "0"], "--max_steps must be >= 1"),
+    (["--stage", "rl"], "--stage 'rl' is not one of"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_SETTINGS, ids=[flags[-2] for flags, _ in BAD_SETTINGS])
+def test_impossible_settings_exit_2_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_argv(tmp_path / "run", *flags))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # rejected before anything was written
+
+
+def test_impossible_setting_through_the_real_command(tmp_path):
+    result = run_script(["train.py", "--num_generations", "1", "--output_dir", str(tmp_path / "run")], timeout=60)
+    assert result.returncode == 2
+    assert "train.py: error: --num_generations 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- output directories and stages ---
+
+
+def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, train_run):
+    out = train_run(tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-2")
+    first = read_metrics(out)
+    with pytest.raises(FileExistsError, match="already holds a run .*pass --resume to continue it or --overwrite_output_dir"):
+        train_run(out, "--max_steps", "1")
+    assert read_metrics(out) == first  # refused before touching anything
+    train_run(out, "--max_steps", "2", "--overwrite_output_dir")
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]  # the old run's line is gone, not duplicated
+    assert records[0]["lr"] == pytest.approx(1e-3)  # the new run's settings
+    with pytest.raises(ValueError, match="only one of --resume and --overwrite_output_dir"):
+        train_run(out, "--resume", "--overwrite_output_dir")
+
+
+def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path, train_run):
+    with pytest.warns(UserWarning, match="holds no complete checkpoint; starting a new run"):
+        out = train_run(tmp_path / "run", "--max_steps", "1", "--resume")
+    assert _steps(out) == [1]
+
+
+def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run):
+    out = train_run(tmp_path / "sft", "--max_steps", "1", stage="sft")
+    with pytest.raises(ValueError, match=r"stage/checkpoint mismatch: .* --stage sft but this run is --stage grpo.*--init_from"):
+        train_run(out, "--max_steps", "2", "--resume")
+    # What the message suggests works: GRPO from the SFT checkpoint, in a new output dir.
+    grpo = train_run(tmp_path / "grpo", "--max_steps", "1", "--init_from", str(out))
+    assert _steps(grpo) == [1]
+
+
+def test_resuming_with_other_trainable_parameters_is_refused(tmp_path, train_run):
+    out = train_run(tmp_path / "run", "--max_steps", "1")
+    with pytest.raises(ValueError, match=r"the optimizer state in .* does not fit this run's optimizer .*--freeze_policy"):
+        train_run(out, "--max_steps", "2", "--resume", "--freeze_policy", "language")
+    assert _steps(out) == [1]
+
+
+# --- bad data ---
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, train_run):
+    source = _save_dataset(tmp_path / "data", rows=12, corrupt=2)
+    with pytest.warns(UserWarning, match="skipped 2 of 12 rows"):
+        out = train_run(tmp_path / "run", "--dataset", source, "--max_steps", "2", "--num_examples", "12")
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["skipped_images"] == 2 for r in records)
+
+
+def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run):
+    source = _save_dataset(tmp_path / "data", rows=4, drop="solution")
+    with pytest.raises(ValueError, match=r"no answer column .* the columns found are \['image', 'problem'\]. .*--answer_column"):
+        train_run(tmp_path / "run", "--dataset", source)
+    renamed = tmp_path / "renamed"
+    datasets.load_from_disk(source).add_column("count", ["3"] * 4).save_to_disk(str(renamed))
+    with pytest.raises(ValueError, match=r"no answer column \(looked for \['total'\]\)"):
+        train_run(tmp_path / "run", "--dataset", str(renamed), "--answer_column", "total")
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "save_to_disk"])
+def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, form):
+    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")})
+    empty = datasets.Dataset.from_dict({"image": [], "problem": [], "solution": []}, features=features)
+    path = tmp_path / f"empty.{form}"
+    if form == "jsonl":
+        path.write_text("")
+    elif form == "parquet":
+        empty.to_parquet(str(path))
+    else:
+        empty.save_to_disk(str(path))
+    with pytest.raises(ValueError, match=f"--dataset {path} holds no rows"):
+        train_run(tmp_path / "run", "--dataset", str(path))
+
+
+def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run):
+    source = _save_dataset(tmp_path / "data", rows=10)
+    out = train_run(tmp_path / "sft", "--dataset", source, "--val_fraction", "0", "--max_steps", "2", stage="sft")
+    assert [("val_loss" in record) for record in read_metrics(out)] == [False, False]
+    # eval.py scores the held-out part, which --val_fraction 0 leaves empty: it says so.
+    import eval as eval_script
+
+    with pytest.raises(ValueError, match="the validation part is empty; raise --val_fraction"):
+        eval_script.main(["--model", str(out), "--dataset", source, "--val_fraction", "0", "--output_dir", str(tmp_path / "e")])
+
+
+def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run):
+    source = _save_dataset(tmp_path / "data", rows=3, corrupt=3)
+    with pytest.raises(ValueError, match=r"no usable examples \(3 rows read, 3 skipped because their images failed"):
+        with pytest.warns(UserWarning, match="skipped 3 of 3 rows"):
+            train_run(tmp_path / "run", "--dataset", source)
+
+
+def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run):
+    answers = ["3", "4", "blue", "5", "2", "1", "3", "two", "4", "5"]
+    source = _save_dataset(tmp_path / "data", rows=10, answers=answers)
+    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of example \d+ \('(blue|two)'") as error:
+        train_run(tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
+    assert "question 'How many objects are there in the image? (2)'" in str(error.value)  # the first bad row
+    assert "2 of 10 examples" not in str(error.value)  # "two" is a number word count_accuracy reads
+    assert "1 of 10 examples are like it" in str(error.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
+    # The same data with a reward that does not parse gold answers trains.
+    out = train_run(tmp_path / "ok", "--dataset", source, "--val_fraction", "0.0", "--max_steps", "1")
+    assert _steps(out) == [1]
+
+
+def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_path, train_run):
+    from data.collators import prompt_length
+    from data.prompts import SYSTEM_PROMPT
+    from data.sources import load_examples
+    from models.loading import load_policy
+
+    # The tiny synthetic prompts are 121, 122 or 128 tokens long (images included).
+    _, processor = load_policy("tiny")
+    examples, _ = load_examples("synthetic", num_examples=64, seed=0, synthetic_kwargs={"question_kinds": ("total",)})
+    lengths = [prompt_length(processor, examples[i], SYSTEM_PROMPT) for i in range(64)]
+    limit = sorted(set(lengths))[-2]
+    too_long = sum(n > limit for n in lengths)
+    assert 0 < too_long < 64
+
+    out = train_run(tmp_path / "skip", "--max_steps", "2", "--max_prompt_length", str(limit))
+    assert [r["skipped_long_prompts"] for r in read_metrics(out)] == [too_long, too_long]
+    with pytest.raises(ValueError, match=f"{too_long} of 64 prompts are longer than --max_prompt_length {limit} .*--long_prompts skip"):
+        train_run(tmp_path / "error", "--max_prompt_length", str(limit), "--long_prompts", "error")
+    with pytest.raises(ValueError, match="every prompt is over --max_prompt_length"):
+        train_run(tmp_path / "none", "--max_prompt_length", "10")
+
+
+@pytest.mark.parametrize(
+    "function, error, message",
+    [
+        ("always_raises", RuntimeError, r"reward function 'always_raises' raised KeyError: 'no such column'\n  on completion 0"),
+        ("wrong_length", ValueError, r"reward function 'wrong_length' returned 3 values for 4 completions"),
+        ("nan_reward", ValueError, r"reward function 'nan_reward' returned nan for completion 0; every reward must be a finite"),
+    ],
+)
+def test_a_broken_reward_function_is_named(tmp_path, train_run, function, error, message):
+    with pytest.raises(error, match=message):
+        train_run(tmp_path / "run", "--reward_functions", f"reward_fns:length_reward,reward_fns:{function}")
+
+
+def test_an_unknown_reward_function_fails_at_start(tmp_path, train_run):
+    with pytest.raises(AttributeError, match="module 'reward_fns' has no attribute 'nope'"):
+        train_run(tmp_path / "run", "--reward_functions", "reward_fns:nope")
+    with pytest.raises(ImportError, match="cannot import module 'no_such_module'"):
+        train_run(tmp_path / "run", "--reward_functions", "no_such_module:reward")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
+
+
+def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path):
+    import eval as eval_script
+
+    source = _save_dataset(tmp_path / "data", rows=6, answers=["1", "2", "3", "four", "5", "many"])
+    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of example \d+ \('many'"):
+        eval_script.main(["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"])
+
+
+def test_metrics_file_and_checkpoint_left_by_a_crash_mid_line_are_repaired(tmp_path, train_run):
+    """A kill -9 can cut metrics.jsonl mid-line and leave a half-written .tmp checkpoint."""
+    out = train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "2")
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"step": 3, "loss": 0.1')  # the line being written when the process died
+    (out / ".tmp-checkpoint-4-12345" / "model").mkdir(parents=True)
+    train_run(out, "--max_steps", "3", "--resume")
+    assert _steps(out) == [1, 2, 3]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert not (out / ".tmp-checkpoint-4-12345").exists()
+    shutil.rmtree(out)

@@ -1,0 +1,164 @@
+"""train.py end to end on the tiny model: both stages, the metrics they log, the checkpoints they save.
+
+The runs go through the real command line (`train.main(argv)` in-process, and once as
+`python train.py` in a subprocess). Settings are tiny (2 prompts x 2 completions of <= 8 tokens),
+so each run takes a few seconds on one CPU core.
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_train_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import (
+    latest_model_dir,
+    load_saved_model,
+    model_state,
+    read_metrics,
+    run_script,
+    saved_weights,
+)
+
+# What the GRPO loop documents it logs every step (grpo/grpo_loop.py, "--- metrics ---").
+GRPO_KEYS = {
+    "step", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "grad_norm", "lr",
+    "completion_length_mean", "completion_length_max", "truncated_frac", "rollout_seconds", "update_seconds",
+    "rollout_tokens_per_second", "skipped_images", "skipped_long_prompts",
+    "reward/total/mean", "reward/total/std",
+    "advantage/frac_zero_std_groups", "advantage/advantage_mean", "advantage/advantage_std",
+    "advantage/reward_mean", "advantage/reward_std",
+}  # fmt: skip
+SFT_KEYS = {"step", "loss", "grad_norm", "lr", "tokens", "step_seconds", "skipped_images"}
+
+
+def _changed(before: dict, after: dict, names) -> set[str]:
+    return {name for name in names if not torch.equal(before[name], after[name])}
+
+
+def test_grpo_two_steps_log_every_metric_and_save_a_plain_transformers_checkpoint(train_run, tmp_path, initial_tiny_weights):
+    # Two reward functions with weights 2 and 0.5: the total must be their weighted sum.
+    out = train_run(
+        tmp_path / "grpo", "--max_steps", "2", "--beta", "0.04", "--save_steps", "0",
+        "--reward_functions", "reward_fns:length_reward,reward_fns:vowel_reward", "--reward_weights", "2,0.5",
+    )  # fmt: skip
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    per_function = {f"reward/{name}/{stat}" for name in ("length_reward", "vowel_reward") for stat in ("mean", "std")}
+    for record in records:
+        assert set(record) == GRPO_KEYS | per_function
+        assert all(math.isfinite(value) for value in record.values()), record
+        # total = 2 * length + 0.5 * vowel, row by row, so the means add the same way
+        expected_total = 2 * record["reward/length_reward/mean"] + 0.5 * record["reward/vowel_reward/mean"]
+        assert record["reward/total/mean"] == pytest.approx(expected_total, rel=1e-5)
+        assert record["lr"] == pytest.approx(1e-3)  # constant schedule, no warm-up
+        assert 1 <= record["completion_length_mean"] <= record["completion_length_max"] <= 8
+        assert 0.0 <= record["truncated_frac"] <= 1.0
+        assert record["advantage/frac_zero_std_groups"] in (0.0, 0.5, 1.0)  # B = 2 groups
+        assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one inner epoch: ratio is 1
+        assert record["clip_frac_low"] == record["clip_frac_high"] == 0.0
+        assert record["rollout_seconds"] > 0 and record["update_seconds"] > 0 and record["rollout_tokens_per_second"] > 0
+        assert record["skipped_images"] == 0 and record["skipped_long_prompts"] == 0
+    # Step 1: the policy is its own reference, so the KL is exactly 0; step 2 it has moved.
+    assert records[0]["kl"] == 0.0
+    assert records[1]["kl"] > 0.0
+    assert records[0]["grad_norm"] > 0.0
+
+    # save_steps 0: one checkpoint, at the end; loadable by plain transformers, and trained.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000002"]
+    model_dir = latest_model_dir(out)
+    model = load_saved_model(model_dir)
+    assert sum(p.numel() for p in model.parameters()) == 739_648
+    loaded = model_state(model)
+    assert loaded.keys() == initial_tiny_weights.keys()
+    assert _changed(initial_tiny_weights, loaded, loaded)  # the weights moved
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(str(model_dir)).tokenizer.vocab_size > 0
+    run_config = json.loads((model_dir.parent / "run_config.json").read_text())
+    assert run_config["stage"] == "grpo" and run_config["grpo"]["reward_weights"] == "2,0.5"
+
+
+def test_sft_two_steps_log_every_metric_and_save_a_plain_transformers_checkpoint(train_run, tmp_path, initial_tiny_weights):
+    out = train_run(tmp_path / "sft", "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "5", stage="sft")
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert set(records[0]) == SFT_KEYS
+    assert set(records[1]) == SFT_KEYS | {"val_loss"}  # validation at the last step
+    vocab = 927  # the tiny tokenizer; an untrained model's cross-entropy is about ln(927) = 6.83
+    for record in [*records, {"loss": records[1]["val_loss"]}]:
+        assert abs(record["loss"] - math.log(vocab)) < 1.0, record
+    assert records[0]["tokens"] > 0 and records[0]["grad_norm"] > 0 and records[0]["lr"] == pytest.approx(1e-3)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000001", "checkpoint-00000002"]
+    loaded = model_state(load_saved_model(latest_model_dir(out)))
+    assert _changed(initial_tiny_weights, loaded, loaded)
+
+
+def test_python_train_py_entry_point_with_a_config_file(tmp_path):
+    """`python train.py --config run.yaml` with a CLI override, as a user runs it."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "stage: sft\nmodel: tiny\nnum_examples: 32\nper_device_batch_size: 2\nmax_steps: 5\n"
+        "progress_bar: false\nmax_eval_examples: 4\nlearning_rate: 0.001\n"
+    )
+    out = tmp_path / "run"
+    result = run_script(["train.py", "--config", str(config), "--max_steps", "2", "--output_dir", str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # the CLI's 2, not the file's 5
+    run_config = json.loads((latest_model_dir(out).parent / "run_config.json").read_text())
+    assert run_config["stage"] == "sft" and run_config["train"]["max_steps"] == 2
+    assert run_config["data"]["num_examples"] == 32
+
+
+def test_two_inner_epochs_with_kl_move_the_ratio_and_the_kl(train_run, tmp_path):
+    # num_iterations 2: steps 1 and 3 are the first epoch over a generation batch, 2 and 4 the second.
+    out = train_run(
+        tmp_path / "mu2", "--max_steps", "4", "--num_iterations", "2", "--beta", "0.1", "--learning_rate", "1e-2",
+        "--save_steps", "0",
+    )  # fmt: skip
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    first, second, third, fourth = records
+    # Step 1: policy = old policy = reference, so the ratio is exactly 1 and the KL exactly 0.
+    assert first["ratio_mean"] == 1.0 and first["kl"] == 0.0
+    assert first["clip_frac_low"] == first["clip_frac_high"] == 0.0
+    # Step 2 re-uses step 1's completions after an AdamW step at lr 1e-2: the ratio has left 1.
+    assert abs(second["ratio_mean"] - 1.0) > 1e-3
+    assert second["kl"] > 1e-4
+    assert second["clip_frac_low"] + second["clip_frac_high"] > 0.0
+    # Step 3 starts a new generation batch: old logprobs are the current policy's again...
+    assert third["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # ...but the reference stays the starting point, so the KL stays positive.
+    assert third["kl"] > 1e-4
+    # Same completions on both epochs of a batch: lengths and rewards are logged identically.
+    for a, b in ((first, second), (third, fourth)):
+        assert a["completion_length_mean"] == b["completion_length_mean"]
+        assert a["reward/total/mean"] == b["reward/total/mean"]
+
+
+@pytest.mark.parametrize("policy", ["language", "lora"])
+def test_freeze_policies_train_only_their_parameters(train_run, tmp_path, initial_tiny_weights, policy):
+    out = train_run(tmp_path / policy, "--max_steps", "2", "--freeze_policy", policy, "--beta", "0.04")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    model_dir = latest_model_dir(out)
+    assert not [name for name in saved_weights(model_dir) if "lora" in name]  # merged, plain weights
+    loaded = model_state(load_saved_model(model_dir))
+    assert loaded.keys() == initial_tiny_weights.keys()
+    changed = _changed(initial_tiny_weights, loaded, loaded)
+    vision = {name for name in loaded if ".visual." in name}
+    if policy == "language":
+        assert changed and not changed & vision
+        assert "model.language_model.layers.0.mlp.up_proj.weight" in changed
+    else:  # LoRA on q_proj and v_proj (the default --lora_targets) of the language model only
+        assert changed == {
+            f"model.language_model.layers.{i}.self_attn.{proj}.weight" for i in (0, 1) for proj in ("q_proj", "v_proj")
+        }
+
+
+def test_full_freeze_policy_trains_the_vision_tower_too(grpo_run_dir, initial_tiny_weights):
+    loaded = model_state(load_saved_model(latest_model_dir(grpo_run_dir)))
+    changed = _changed(initial_tiny_weights, loaded, loaded)
+    assert "model.visual.patch_embed.proj.weight" in changed
+    assert "model.language_model.layers.1.self_attn.o_proj.weight" in changed
