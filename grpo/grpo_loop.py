@@ -45,7 +45,7 @@ from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
-from grpo.rewards import compute_rewards, resolve_reward_functions
+from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics
 from grpo.rollout import sample_rollouts
 from grpo.setup import (
     IndexStream,
@@ -116,6 +116,46 @@ def accumulate_step_gradients(
         sums["ratio"] += info["ratio_mean"] * n
         sums["entropy"] += float((entropy.detach() * mask_rows.to(entropy.device)).sum())
     return sums
+
+
+def rollout_metrics(
+    per_function: torch.Tensor,
+    reward_names: list[str],
+    reward_weights: list[float] | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    is_truncated: torch.Tensor,
+    group_size: int,
+    world_size: int,
+) -> dict[str, float]:
+    """Rewards, advantages and completion lengths over the whole job's rollouts (every rank's).
+
+    per_function [B*G, F], advantages [B*G], completion_mask [B*G, T], is_truncated [B*G]: this
+    rank's. Under torchrun each rank holds different prompts; rank 0 logs the statistics of all of
+    them, gathered once per generation batch (a few numbers per completion).
+    """
+    columns = [
+        per_function,  # [B*G, F]
+        advantages.detach().float().cpu()[:, None],  # [B*G, 1]
+        completion_mask.sum(1).float().cpu()[:, None],  # [B*G, 1]
+        is_truncated.float().cpu()[:, None],  # [B*G, 1]
+    ]
+    local = torch.cat(columns, dim=1)  # [B*G, F+3]
+    table = torch.cat(all_gather_object(local)) if world_size > 1 else local  # [world*B*G, F+3]
+    F = per_function.shape[1]
+    job_advantages, lengths, truncated = table[:, F], table[:, F + 1], table[:, F + 2]
+    weights = reward_weights if reward_weights is not None else [1.0] * F
+    rewards = table[:, :F] @ torch.tensor(weights, dtype=torch.float32)  # [world*B*G]
+    group_spread = rewards.view(-1, group_size).std(dim=1)  # [world*B]
+    return {
+        **reward_metrics(table[:, :F], reward_names, weights),
+        "advantage/mean": job_advantages.mean().item(),
+        "advantage/std": job_advantages.std(correction=0).item(),
+        "advantage/frac_zero_std_groups": (group_spread == 0).float().mean().item(),
+        "completion_length_mean": lengths.mean().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated_frac": truncated.mean().item(),
+    }
 
 
 def train_grpo(config: Config) -> dict:
@@ -211,10 +251,14 @@ def train_grpo(config: Config) -> dict:
             rewards, per_function, reward_metrics = compute_rewards(
                 reward_functions, reward_weights, completions, answers, questions=questions
             )  # [B*G], [B*G, F]
-            advantages, advantage_metrics = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
+            advantages, _ = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
             advantages = advantages.to(device)
             completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
+            generation_metrics = rollout_metrics(
+                per_function, [name for name, _ in reward_functions], reward_weights, advantages,
+                completion_mask, is_truncated, G, world_size,
+            )
 
             # --- inputs shared by every forward of this generation batch ---
             generation = GenerationBatch(
@@ -280,7 +324,6 @@ def train_grpo(config: Config) -> dict:
 
                     # --- metrics ---
                     tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
-                    lengths = completion_mask.sum(1)  # [B*G]
                     metrics = {
                         "loss": loss_total,
                         "kl": all_reduce_sum(sums["kl"]) / tokens_step,
@@ -290,16 +333,13 @@ def train_grpo(config: Config) -> dict:
                         "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
                         "grad_norm": float(grad_norm),
                         "lr": scheduler.get_last_lr()[0],
-                        "completion_length_mean": float(lengths.float().mean()),
-                        "completion_length_max": float(lengths.max()),
-                        "truncated_frac": float(is_truncated.float().mean()),
                         "rollout_seconds": rollout_seconds,
                         "update_seconds": time.perf_counter() - t_update,
-                        "rollout_tokens_per_second": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+                        # this rank's sampler throughput (each rank samples in parallel)
+                        "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
                         "skipped_images": data_report.skipped_images,
                         "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
-                        **reward_metrics,
-                        **{f"advantage/{k}": v for k, v in advantage_metrics.items()},
+                        **generation_metrics,
                     }
                     metrics_logger.log(step, metrics)
                     if sample_logger is not None:

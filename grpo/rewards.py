@@ -355,11 +355,19 @@ def compute_rewards(
 
     weight_vector = torch.tensor([float(w) for w in weights], dtype=torch.float32)  # [F]
     rewards = per_function @ weight_vector  # [R]
+    return rewards, per_function, reward_metrics(per_function, names, weights)
 
+
+def reward_metrics(per_function: torch.Tensor, names: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    """`reward/{name}/mean|std` per function (unweighted) and `reward/total/mean|std` (weighted sum).
+
+    per_function: [R, F]. Stds are population stds (divide by R), so one row gives 0, not NaN.
+    """
+    rewards = per_function @ torch.tensor([float(w) for w in weights], dtype=torch.float32)  # [R]
     metrics: dict[str, float] = {}
     for column, name in enumerate(names):
         metrics[f"reward/{name}/mean"] = per_function[:, column].mean().item()
         metrics[f"reward/{name}/std"] = per_function[:, column].std(correction=0).item()
     metrics["reward/total/mean"] = rewards.mean().item()
     metrics["reward/total/std"] = rewards.std(correction=0).item()
-    return rewards, per_function, metrics
+    return metrics

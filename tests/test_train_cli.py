@@ -28,8 +28,7 @@ GRPO_KEYS = {
     "completion_length_mean", "completion_length_max", "truncated_frac", "rollout_seconds", "update_seconds",
     "rollout_tokens_per_second", "skipped_images", "skipped_long_prompts",
     "reward/total/mean", "reward/total/std",
-    "advantage/frac_zero_std_groups", "advantage/advantage_mean", "advantage/advantage_std",
-    "advantage/reward_mean", "advantage/reward_std",
+    "advantage/frac_zero_std_groups", "advantage/mean", "advantage/std",
 }  # fmt: skip
 SFT_KEYS = {"step", "loss", "grad_norm", "lr", "tokens", "step_seconds", "skipped_images"}
 
@@ -162,3 +161,28 @@ def test_full_freeze_policy_trains_the_vision_tower_too(grpo_run_dir, initial_ti
     changed = _changed(initial_tiny_weights, loaded, loaded)
     assert "model.visual.patch_embed.proj.weight" in changed
     assert "model.language_model.layers.1.self_attn.o_proj.weight" in changed
+
+
+def test_rollout_metrics_cover_every_rank_by_hand():
+    """The job-wide statistics rank 0 logs, on one rank, checked by hand.
+
+    Two groups of G = 2 with one reward function:  rewards [1, 0 | 1, 1]
+      reward mean = 3/4 = 0.75, population std = sqrt(((.25)^2*3 + (.75)^2) / 4) = sqrt(0.1875) = 0.4330127
+      the second group has zero spread: frac_zero_std_groups = 1/2
+      lengths [3, 1, 2, 2] -> mean 2, max 3; truncated [F, F, T, F] -> 0.25
+    """
+    import torch
+
+    from grpo.grpo_loop import rollout_metrics
+
+    per_function = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
+    advantages = torch.tensor([0.7071, -0.7071, 0.0, 0.0])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.float32)
+    truncated = torch.tensor([False, False, True, False])
+    metrics = rollout_metrics(per_function, ["count_accuracy"], None, advantages, mask, truncated, 2, 1)
+    assert metrics["reward/count_accuracy/mean"] == pytest.approx(0.75)
+    assert metrics["reward/total/std"] == pytest.approx(0.4330127, abs=1e-6)
+    assert metrics["advantage/frac_zero_std_groups"] == 0.5
+    assert metrics["advantage/mean"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["completion_length_mean"] == 2.0 and metrics["completion_length_max"] == 3.0
+    assert metrics["truncated_frac"] == 0.25
