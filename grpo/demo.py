@@ -11,7 +11,7 @@ It drives the real command lines, so what it shows is what a user gets:
     4. torchrun train.py --stage grpo from the SFT checkpoint, on a larger pool of prompts that
                     carry only their answers (no traces): the seeds' set-up (37.8k traces for SFT,
                     70k answer-only prompts for GRPO)
-    5. train.py     the fair baseline: the same SFT run continued (--resume) for as long as GRPO took
+    5. train.py     the fair baseline: the same SFT run continued (--resume) for as long as GRPO trained
     6. eval.py      the GRPO and continued-SFT checkpoints
     7. a table (accuracy with 95% intervals, format rate, wall time per stage), a plot of reward and
        accuracy over GRPO steps, and report.md, all in --output_dir
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny budget: checks the pipeline, proves nothing")
     parser.add_argument("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
     parser.add_argument("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
-    parser.add_argument("--sft_steps", type=int, default=600)
+    parser.add_argument("--sft_steps", type=int, default=400)
     parser.add_argument("--sft_lr", type=float, default=1e-3)
     parser.add_argument("--grpo_steps", type=int, default=100)
     parser.add_argument("--grpo_lr", type=float, default=1e-4)
@@ -152,11 +152,18 @@ def main(argv=None) -> dict:
     )
     results["grpo"] = evaluate(args, str(grpo_dir), "grpo", out, seconds)
 
-    # --- 4. the fair baseline: SFT continued for GRPO's wall time ---
-    sft_metrics = read_metrics(sft_dir / "metrics.jsonl")
-    step_times = sorted(m["step_seconds"] for m in sft_metrics)
+    # --- 4. the fair baseline: SFT continued for GRPO's training time ---
+    # Both budgets are the loops' own time from their metrics (GRPO: rollout + update seconds of
+    # every step; SFT: the median step), so start-up and data building count for neither.
+    grpo_train_seconds = sum(m["rollout_seconds"] + m["update_seconds"] for m in read_metrics(grpo_dir / "metrics.jsonl"))
+    step_times = sorted(m["step_seconds"] for m in read_metrics(sft_dir / "metrics.jsonl"))
     seconds_per_step = step_times[len(step_times) // 2]
-    extra_steps = max(1, round(seconds["grpo"] / seconds_per_step))
+    extra_steps = max(1, round(grpo_train_seconds / seconds_per_step))
+    print(
+        f"\n[demo] GRPO trained for {grpo_train_seconds:.0f} s; at {seconds_per_step:.3f} s per SFT step the "
+        f"baseline gets {extra_steps} more SFT steps",
+        flush=True,
+    )
     continued_dir = out / "sft-continued"
     shutil.copytree(sft_dir, continued_dir)
     continued = list(sft_flags)

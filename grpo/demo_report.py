@@ -7,7 +7,7 @@ from pathlib import Path
 MODELS = (
     ("base", "untrained tiny Qwen2.5-VL"),
     ("sft", "SFT"),
-    ("sft-continued", "SFT continued for GRPO's wall time"),
+    ("sft-continued", "SFT continued for GRPO's training time"),
     ("grpo", "SFT -> GRPO"),
 )
 DATASETS = (("synthetic", "in-distribution"), ("synthetic-shifted", "shifted (OOD)"))
@@ -98,7 +98,7 @@ def write_report(out: Path, args, results: dict, seconds: dict, grpo_metrics: li
             f"SFT: {args.sft_examples} demonstrations with traces, {args.sft_steps} steps of 32, lr {args.sft_lr}. "
             f"GRPO: {args.grpo_steps} steps, {args.grpo_prompts} prompts x G={args.num_generations} per step "
             f"from {args.grpo_examples} answer-only prompts, lr {args.grpo_lr}, beta {args.beta}. "
-            f"Continued SFT: {extra_sft_steps} more steps on the same demonstrations (GRPO's wall time). "
+            f"Continued SFT: {extra_sft_steps} more steps on the same demonstrations (as long as GRPO trained). "
             f"Evaluation: {args.eval_examples} held-out scenes per set, greedy decoding.",
             "",
             results_table(results),

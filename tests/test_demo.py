@@ -40,7 +40,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert all("reward/total/mean" in m and "reward/count_accuracy/mean" in m for m in grpo_metrics)
 
     report = (out / "report.md").read_text()
-    for row in ("untrained tiny Qwen2.5-VL", "SFT -> GRPO", "SFT continued for GRPO's wall time", "| total |"):
+    for row in ("untrained tiny Qwen2.5-VL", "SFT -> GRPO", "SFT continued for GRPO's training time", "| total |"):
         assert row in report
     assert (out / "grpo_curves.png").stat().st_size > 10_000
     assert "| model |" in result.stdout  # the table was printed at the end
