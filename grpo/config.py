@@ -146,6 +146,12 @@ class TrainArguments:
     overwrite_output_dir: bool = _help("Delete another run's checkpoints in --output_dir and start over.", default=False)
     max_nonfinite_steps: int = _help("Stop after this many consecutive steps with a non-finite loss/grad.", default=3)
     progress_bar: bool = _help("Show a tqdm progress bar on rank 0.", default=True)
+    fsdp: bool = _help(
+        "Shard weights, gradients and Adam moments over the ranks with FSDP2 (torch fully_shard) "
+        "instead of keeping a full replica per rank: for models that do not fit one device. Same "
+        "math as without it; checkpoints stay plain Qwen2.5-VL folders. Not with --freeze_policy lora.",
+        default=False,
+    )
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -346,3 +352,8 @@ def validate(config: Config) -> None:
     if config.train.stage == "grpo" and not config.grpo.reward_function_names:
         raise ConfigError("--reward_functions is empty; GRPO needs at least one reward function")
     _ = config.grpo.reward_weight_values  # raises when the weights do not match the functions
+    if config.train.fsdp and config.model.freeze_policy == "lora":
+        raise ConfigError(
+            "--fsdp with --freeze_policy lora is not supported (saving would have to merge adapters "
+            "into sharded weights); use --fsdp with --freeze_policy full, language or seed, or LoRA without --fsdp"
+        )

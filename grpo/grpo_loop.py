@@ -56,8 +56,10 @@ from grpo.setup import (
     build_policy,
     build_scheduler,
     model_for_saving,
+    optimizer_for_checkpoint,
     restore_adapters,
     seed_everything,
+    shard_policy,
     sync_gradients,
 )
 
@@ -177,7 +179,10 @@ def train_grpo(config: Config) -> dict:
     policy = build_policy(config, device, with_reference=gargs.beta > 0, resume_dir=resume_from)
     model, processor, tokens = policy.model, policy.processor, policy.tokens
     merge_size = model.config.vision_config.spatial_merge_size
-    broadcast_parameters(model, world_size)
+    if targs.fsdp:  # shard the policy and reference over the ranks, not replicas (grpo/fsdp.py)
+        shard_policy(policy, device)
+    else:
+        broadcast_parameters(model, world_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, targs)
     scheduler = build_scheduler(optimizer, targs)
@@ -196,7 +201,9 @@ def train_grpo(config: Config) -> dict:
 
     step = 0
     if resume_from is not None:
-        state = load_trainer_state(resume_from, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        state = load_trainer_state(
+            resume_from, optimizer=optimizer_for_checkpoint(policy, optimizer), scheduler=scheduler, rank=rank
+        )  # --fsdp: each rank keeps its slice of the saved full Adam moments
         step = state["step"]
         stream.load_state_dict(state["data_state"])
         sampler_states = state["extra"]["sampler_generators"]
@@ -218,12 +225,15 @@ def train_grpo(config: Config) -> dict:
         # rank 0 writes.
         rng_states = all_gather_object(capture_rng_state())
         generators = all_gather_object(generator.get_state())
+        # --fsdp: every rank takes part in gathering the full weights and Adam moments for rank 0.
+        model_to_save = model_for_saving(policy) if is_main or policy.fsdp else None
+        optimizer_to_save = optimizer_for_checkpoint(policy, optimizer, gather=True)
         if is_main:
             save_checkpoint(
-                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer,
+                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer_to_save,
                 scheduler=scheduler, data_state=stream.state_dict(), run_config={"stage": "grpo", **config.to_dict()},
                 extra={"sampler_generators": generators, "lora_adapters": adapter_state(policy)},
-                keep_last=targs.save_total_limit, model_to_save=model_for_saving(policy), rng_states=rng_states,
+                keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
@@ -300,7 +310,8 @@ def train_grpo(config: Config) -> dict:
                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
                         reuse_images=reuse_images, world_size=world_size,
                     )
-                    sync_gradients(trainable, world_size)
+                    if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
+                        sync_gradients(trainable, world_size)
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
                     # Each rank's loss is its share divided by (global count / world_size); undo that.
                     loss_total = all_reduce_sum(sums["loss"]) / world_size

@@ -3,7 +3,8 @@
 - the policy (and, for GRPO with beta > 0, its frozen reference), freezing policy, LoRA;
 - AdamW and the learning-rate schedule (linear warm-up, then constant or cosine);
 - a deterministic, resumable stream of example indices, sharded by rank;
-- gradient averaging across ranks (what DDP does, written out: one all-reduce per optimizer step);
+- gradient averaging across ranks (what DDP does, written out: one all-reduce per optimizer step),
+  or, with --fsdp, sharding the policy over the ranks instead (grpo/fsdp.py);
 - a SIGTERM/SIGINT handler that asks the loop to save and exit at the next safe point.
 """
 
@@ -69,6 +70,7 @@ class Policy:
     reference: torch.nn.Module | None
     vision_trainable: bool
     uses_lora: bool
+    fsdp: bool = False  # set by shard_policy: weights are DTensor shards (grpo/fsdp.py)
 
 
 def build_policy(
@@ -91,7 +93,8 @@ def build_policy(
         return load_policy(
             path,
             dtype=resolve_dtype(args.dtype, device),
-            device=device,
+            # --fsdp: stay on the CPU; fully_shard moves one unit at a time to the device.
+            device=torch.device("cpu") if config.train.fsdp else device,
             attn_implementation=args.attn_implementation,
             max_pixels=args.max_pixels,
             min_pixels=args.min_pixels,
@@ -136,8 +139,26 @@ def restore_adapters(policy: Policy, adapters: dict) -> None:
         raise ValueError(f"the checkpoint's LoRA adapters do not fit this model: {unexpected[:3]}; check --lora_targets/--lora_r")
 
 
+def shard_policy(policy: Policy, device: torch.device) -> None:
+    """--fsdp: shard the policy and the reference over the ranks, in place of broadcast_parameters
+    (before the optimizer is built: the optimizer must see the sharded parameters)."""
+    from grpo.fsdp import shard_model
+
+    shard_model(policy.model, device)
+    if policy.reference is not None:  # as large as the policy; never runs backward
+        shard_model(policy.reference, device, reshard_root_after_forward=True)
+    policy.fsdp = True
+
+
 def model_for_saving(policy: Policy) -> torch.nn.Module:
-    """The module whose save_pretrained output is the checkpoint: LoRA is merged into a copy."""
+    """The module whose save_pretrained output is the checkpoint: LoRA is merged into a copy.
+
+    Under --fsdp the full weights are gathered to rank 0 first: every rank must call this.
+    """
+    if policy.fsdp:
+        from grpo.fsdp import FullModel
+
+        return FullModel(policy.model)
     if not policy.uses_lora:
         return policy.model
     import copy
@@ -145,6 +166,20 @@ def model_for_saving(policy: Policy) -> torch.nn.Module:
     from models.lora import merge_lora
 
     return merge_lora(copy.deepcopy(policy.model))
+
+
+def optimizer_for_checkpoint(policy: Policy, optimizer: torch.optim.Optimizer, *, gather: bool = False):
+    """The optimizer as save_checkpoint / load_trainer_state see it.
+
+    Under --fsdp: a view whose state_dict holds full tensors (the replicated layout); gather=True,
+    for saving, collects them now and must run on every rank.
+    """
+    if not policy.fsdp:
+        return optimizer
+    from grpo.fsdp import FullStateOptimizer
+
+    view = FullStateOptimizer(optimizer)
+    return view.gather() if gather else view
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:

@@ -40,8 +40,10 @@ from grpo.setup import (
     build_policy,
     build_scheduler,
     model_for_saving,
+    optimizer_for_checkpoint,
     restore_adapters,
     seed_everything,
+    shard_policy,
     sync_gradients,
 )
 
@@ -86,7 +88,10 @@ def train_sft(config: Config) -> dict:
     resume_from = broadcast_object(resume_from)
     policy = build_policy(config, device, with_reference=False, resume_dir=resume_from)
     model, processor = policy.model, policy.processor
-    broadcast_parameters(model, world_size)
+    if targs.fsdp:  # shard the policy over the ranks instead of replicating it (grpo/fsdp.py)
+        shard_policy(policy, device)
+    else:
+        broadcast_parameters(model, world_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, targs)
     scheduler = build_scheduler(optimizer, targs)
@@ -100,7 +105,9 @@ def train_sft(config: Config) -> dict:
 
     step = 0
     if resume_from is not None:
-        state = load_trainer_state(resume_from, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        state = load_trainer_state(
+            resume_from, optimizer=optimizer_for_checkpoint(policy, optimizer), scheduler=scheduler, rank=rank
+        )  # --fsdp: each rank keeps its slice of the saved full Adam moments
         step = state["step"]
         stream.load_state_dict(state["data_state"])
         restore_adapters(policy, state["extra"].get("lora_adapters", {}))
@@ -114,12 +121,15 @@ def train_sft(config: Config) -> dict:
 
     def save(at_step):
         rng_states = all_gather_object(capture_rng_state())  # every rank's, so each resumes its own
+        # --fsdp: every rank takes part in gathering the full weights and Adam moments for rank 0.
+        model_to_save = model_for_saving(policy) if is_main or policy.fsdp else None
+        optimizer_to_save = optimizer_for_checkpoint(policy, optimizer, gather=True)
         if is_main:
             save_checkpoint(
-                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer,
+                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer_to_save,
                 scheduler=scheduler, data_state=stream.state_dict(), run_config={"stage": "sft", **config.to_dict()},
                 extra={"lora_adapters": adapter_state(policy)}, keep_last=targs.save_total_limit,
-                model_to_save=model_for_saving(policy), rng_states=rng_states,
+                model_to_save=model_to_save, rng_states=rng_states,
             )
 
     model.train()
@@ -140,7 +150,8 @@ def train_sft(config: Config) -> dict:
                 nll, _ = sft_token_losses(model, batch)
                 (nll / normaliser).backward()
                 nll_total += float(nll.detach())
-            sync_gradients(trainable, world_size)
+            if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
+                sync_gradients(trainable, world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
             loss = all_reduce_sum(nll_total) / (normaliser * world_size)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
