@@ -31,15 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages
-from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
 from grpo.config import Config, GRPOArguments
-from grpo.distributed import (
-    all_gather_object,
-    all_reduce_sum,
-    broadcast_object,
-    cleanup,
-    init_distributed,
-)
+from grpo.distributed import all_gather_object, all_reduce_sum, cleanup
 from grpo.generation_batch import GenerationBatch
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
@@ -47,21 +40,8 @@ from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics
 from grpo.rollout import sample_rollouts
-from grpo.setup import (
-    IndexStream,
-    StopRequest,
-    adapter_state,
-    broadcast_parameters,
-    build_optimizer,
-    build_policy,
-    build_scheduler,
-    model_for_saving,
-    optimizer_for_checkpoint,
-    restore_adapters,
-    seed_everything,
-    shard_policy,
-    sync_gradients,
-)
+from grpo.run import NonFiniteGuard, start_run
+from grpo.setup import IndexStream, StopRequest, sync_gradients
 
 
 def accumulate_step_gradients(
@@ -161,31 +141,15 @@ def rollout_metrics(
 
 
 def train_grpo(config: Config) -> dict:
-    dist_info = init_distributed(config.train.device)
-    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
-    is_main = rank == 0
     targs, gargs = config.train, config.grpo
-    seed_everything(targs.seed)
     G = gargs.num_generations
 
-    # --- run directory: refuse to clobber another run, find the checkpoint to resume ---
-    # Rank 0 decides (and deletes, with --overwrite_output_dir); the others take its answer.
-    resume_from = None
-    if is_main:
-        resume_from = check_output_dir(targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage="grpo")
-    resume_from = broadcast_object(resume_from)
-
-    # --- policy, reference, optimizer ---
-    policy = build_policy(config, device, with_reference=gargs.beta > 0, resume_dir=resume_from)
+    # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/run.py) ---
+    run = start_run(config, "grpo", with_reference=gargs.beta > 0)
+    rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
+    policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
     model, processor, tokens = policy.model, policy.processor, policy.tokens
     merge_size = model.config.vision_config.spatial_merge_size
-    if targs.fsdp:  # shard the policy and reference over the ranks, not replicas (grpo/fsdp.py)
-        shard_policy(policy, device)
-    else:
-        broadcast_parameters(model, world_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, targs)
-    scheduler = build_scheduler(optimizer, targs)
 
     # --- data: each rank draws its own prompts ---
     from data.collators import GRPOCollator
@@ -199,42 +163,22 @@ def train_grpo(config: Config) -> dict:
     # The sampler's own generator: seeded per rank so ranks explore differently.
     generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
 
-    step = 0
-    if resume_from is not None:
-        state = load_trainer_state(
-            resume_from, optimizer=optimizer_for_checkpoint(policy, optimizer), scheduler=scheduler, rank=rank
-        )  # --fsdp: each rank keeps its slice of the saved full Adam moments
-        step = state["step"]
-        stream.load_state_dict(state["data_state"])
-        sampler_states = state["extra"]["sampler_generators"]
-        if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
-            generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
-        restore_adapters(policy, state["extra"].get("lora_adapters", {}))
-        if is_main:
-            print(f"[resume] {resume_from} at step {step}", flush=True)
+    state = run.resume(stream)
+    step = state["step"]
+    sampler_states = state["extra"].get("sampler_generators", [])
+    if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
+        generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
 
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
     progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
-    consecutive_nonfinite = 0
+    nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
     last_saved = step
 
     def save(at_step):
-        # Every rank contributes its RNG streams (so a resumed rank samples what it would have);
-        # rank 0 writes.
-        rng_states = all_gather_object(capture_rng_state())
-        generators = all_gather_object(generator.get_state())
-        # --fsdp: every rank takes part in gathering the full weights and Adam moments for rank 0.
-        model_to_save = model_for_saving(policy) if is_main or policy.fsdp else None
-        optimizer_to_save = optimizer_for_checkpoint(policy, optimizer, gather=True)
-        if is_main:
-            save_checkpoint(
-                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer_to_save,
-                scheduler=scheduler, data_state=stream.state_dict(), run_config={"stage": "grpo", **config.to_dict()},
-                extra={"sampler_generators": generators, "lora_adapters": adapter_state(policy)},
-                keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
-            )
+        # Each rank's sampler stream too, so a resumed rank samples what it would have.
+        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(generator.get_state())})
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
@@ -315,19 +259,8 @@ def train_grpo(config: Config) -> dict:
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
                     # Each rank's loss is its share divided by (global count / world_size); undo that.
                     loss_total = all_reduce_sum(sums["loss"]) / world_size
-                    if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_total))):
-                        # A non-finite loss or gradient would poison the weights and Adam's moments:
-                        # skip the step; several in a row mean the run is broken, so stop.
-                        optimizer.zero_grad(set_to_none=True)
-                        consecutive_nonfinite += 1
-                        print(f"[grpo] step {step + 1}: non-finite loss/gradient ({loss_total}, {grad_norm}); step skipped", flush=True)
-                        if consecutive_nonfinite >= targs.max_nonfinite_steps:
-                            raise RuntimeError(
-                                f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
-                                "lower --learning_rate, raise --max_grad_norm clipping, or check the data"
-                            )
-                        continue
-                    consecutive_nonfinite = 0
+                    if not nonfinite.step_is_finite(step + 1, loss_total, grad_norm, optimizer):
+                        continue  # skipped: a NaN step would poison the weights and Adam's moments
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -371,7 +304,7 @@ def train_grpo(config: Config) -> dict:
                 last_saved = step
 
     progress.close()
-    if step > last_saved or resume_from is None:
+    if step > last_saved or run.resume_from is None:
         save(step)
     metrics_logger.close()
     if stop.requested and is_main:

@@ -14,38 +14,17 @@ micro-batch with more answer tokens weighs more — the same as one big batch.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
 from grpo.config import Config
-from grpo.distributed import (
-    all_gather_object,
-    all_reduce_sum,
-    broadcast_object,
-    cleanup,
-    init_distributed,
-)
+from grpo.distributed import all_reduce_sum, cleanup
 from grpo.logprobs import token_logprobs
 from grpo.metrics import MetricsLogger
-from grpo.setup import (
-    IndexStream,
-    StopRequest,
-    adapter_state,
-    broadcast_parameters,
-    build_optimizer,
-    build_policy,
-    build_scheduler,
-    model_for_saving,
-    optimizer_for_checkpoint,
-    restore_adapters,
-    seed_everything,
-    shard_policy,
-    sync_gradients,
-)
+from grpo.run import NonFiniteGuard, start_run
+from grpo.setup import IndexStream, StopRequest, sync_gradients
 
 IGNORE_INDEX = -100
 
@@ -76,25 +55,13 @@ def validation_loss(model, dataset, collator, device, max_examples: int, batch_s
 
 
 def train_sft(config: Config) -> dict:
-    dist_info = init_distributed(config.train.device)
-    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
-    is_main = rank == 0
     targs, sargs = config.train, config.sft
-    seed_everything(targs.seed)
 
-    resume_from = None
-    if is_main:  # rank 0 decides (and deletes, with --overwrite_output_dir); the others follow
-        resume_from = check_output_dir(targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage="sft")
-    resume_from = broadcast_object(resume_from)
-    policy = build_policy(config, device, with_reference=False, resume_dir=resume_from)
+    # --- ranks, run directory, policy, AdamW (grpo/run.py) ---
+    run = start_run(config, "sft", with_reference=False)
+    rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
+    policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
     model, processor = policy.model, policy.processor
-    if targs.fsdp:  # shard the policy over the ranks instead of replicating it (grpo/fsdp.py)
-        shard_policy(policy, device)
-    else:
-        broadcast_parameters(model, world_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, targs)
-    scheduler = build_scheduler(optimizer, targs)
 
     from data.collators import SFTCollator
     from grpo.data_setup import load_sft_datasets
@@ -103,34 +70,11 @@ def train_sft(config: Config) -> dict:
     collator = SFTCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(train_set), seed=targs.seed, rank=rank, world_size=world_size)
 
-    step = 0
-    if resume_from is not None:
-        state = load_trainer_state(
-            resume_from, optimizer=optimizer_for_checkpoint(policy, optimizer), scheduler=scheduler, rank=rank
-        )  # --fsdp: each rank keeps its slice of the saved full Adam moments
-        step = state["step"]
-        stream.load_state_dict(state["data_state"])
-        restore_adapters(policy, state["extra"].get("lora_adapters", {}))
-        if is_main:
-            print(f"[resume] {resume_from} at step {step}", flush=True)
-
+    step = run.resume(stream)["step"]
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     progress = tqdm(total=targs.max_steps, initial=step, desc="sft", disable=not (is_main and targs.progress_bar))
-    consecutive_nonfinite, last_saved = 0, step
-
-    def save(at_step):
-        rng_states = all_gather_object(capture_rng_state())  # every rank's, so each resumes its own
-        # --fsdp: every rank takes part in gathering the full weights and Adam moments for rank 0.
-        model_to_save = model_for_saving(policy) if is_main or policy.fsdp else None
-        optimizer_to_save = optimizer_for_checkpoint(policy, optimizer, gather=True)
-        if is_main:
-            save_checkpoint(
-                targs.output_dir, at_step, model=model, processor=processor, optimizer=optimizer_to_save,
-                scheduler=scheduler, data_state=stream.state_dict(), run_config={"stage": "sft", **config.to_dict()},
-                extra={"lora_adapters": adapter_state(policy)}, keep_last=targs.save_total_limit,
-                model_to_save=model_to_save, rng_states=rng_states,
-            )
+    nonfinite, last_saved = NonFiniteGuard(targs.max_nonfinite_steps, "sft"), step
 
     model.train()
     with StopRequest() as stop:
@@ -154,17 +98,8 @@ def train_sft(config: Config) -> dict:
                 sync_gradients(trainable, world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
             loss = all_reduce_sum(nll_total) / (normaliser * world_size)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                consecutive_nonfinite += 1
-                print(f"[sft] step {step + 1}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped", flush=True)
-                if consecutive_nonfinite >= targs.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient; "
-                        "lower --learning_rate or check the data"
-                    )
-                continue
-            consecutive_nonfinite = 0
+            if not nonfinite.step_is_finite(step + 1, loss, grad_norm, optimizer):
+                continue  # skipped: a NaN step would poison the weights and Adam's moments
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -186,12 +121,12 @@ def train_sft(config: Config) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
-                save(step)
+                run.save(step, stream)
                 last_saved = step
 
     progress.close()
-    if step > last_saved or resume_from is None:
-        save(step)
+    if step > last_saved or run.resume_from is None:
+        run.save(step, stream)
     metrics_logger.close()
     if stop.requested and is_main:
         print(

@@ -304,6 +304,9 @@ class KillPolicy(torch.nn.Module):
 
 def save_forever(output_dir: str, ready=None) -> None:
     """Resume from the latest checkpoint, then save a checkpoint per step until killed."""
+    # A forked child must not enter the OpenMP thread pool it inherited from the parent: the pool's
+    # threads do not exist after fork(), and with more than one thread the first parallel op hangs.
+    torch.set_num_threads(1)
     policy = KillPolicy()
     optimizer = torch.optim.AdamW(policy.parameters())
     policy.linear(torch.ones(1, 256)).sum().backward()

@@ -1,0 +1,136 @@
+"""A training run's life around its loop: start, resume, save, and the non-finite-step guard.
+
+Both loops (grpo/grpo_loop.py, grpo/sft_loop.py) begin the same way and save the same way; this
+file holds that once, so each loop file shows only its own algorithm:
+
+    run = start_run(config, "grpo", with_reference=True)   # ranks, run dir, policy, AdamW, schedule
+    state = run.resume(stream)                              # step, data position, RNG, adapters
+    ...
+    run.save(step, stream, extra={...})                     # every rank calls it; rank 0 writes
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
+from grpo.config import Config
+from grpo.distributed import DistInfo, all_gather_object, broadcast_object, init_distributed
+from grpo.setup import (
+    IndexStream,
+    Policy,
+    adapter_state,
+    broadcast_parameters,
+    build_optimizer,
+    build_policy,
+    build_scheduler,
+    model_for_saving,
+    optimizer_for_checkpoint,
+    restore_adapters,
+    seed_everything,
+    shard_policy,
+)
+
+
+@dataclass
+class TrainingRun:
+    """What both loops start from: the ranks, the policy, its optimizer and schedule, the resume point."""
+
+    config: Config
+    stage: str
+    dist: DistInfo
+    policy: Policy
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    resume_from: Path | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    def resume(self, stream: IndexStream) -> dict:
+        """Restore AdamW, the schedule, the data position, every RNG and LoRA adapters.
+
+        Returns the trainer state ({"step": 0, "extra": {}} for a fresh run).
+        """
+        if self.resume_from is None:
+            return {"step": 0, "extra": {}}
+        state = load_trainer_state(
+            self.resume_from,
+            optimizer=optimizer_for_checkpoint(self.policy, self.optimizer),  # --fsdp: each rank its slice
+            scheduler=self.scheduler,
+            rank=self.dist.rank,
+        )
+        stream.load_state_dict(state["data_state"])
+        restore_adapters(self.policy, state["extra"].get("lora_adapters", {}))
+        if self.is_main:
+            print(f"[resume] {self.resume_from} at step {state['step']}", flush=True)
+        return state
+
+    def save(self, step: int, stream: IndexStream, extra: dict | None = None) -> None:
+        """A checkpoint of everything resume() restores. Every rank must call it: each contributes
+        its RNG states, and under --fsdp the full weights and Adam moments are gathered to rank 0."""
+        rng_states = all_gather_object(capture_rng_state())
+        model_to_save = model_for_saving(self.policy) if self.is_main or self.policy.fsdp else None
+        optimizer_to_save = optimizer_for_checkpoint(self.policy, self.optimizer, gather=True)
+        if self.is_main:
+            targs = self.config.train
+            save_checkpoint(
+                targs.output_dir, step, model=self.policy.model, processor=self.policy.processor,
+                optimizer=optimizer_to_save, scheduler=self.scheduler, data_state=stream.state_dict(),
+                run_config={"stage": self.stage, **self.config.to_dict()},
+                extra={"lora_adapters": adapter_state(self.policy), **(extra or {})},
+                keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
+            )
+
+
+def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRun:
+    """Join the ranks, check the run directory, load the policy (and reference), build AdamW."""
+    dist_info = init_distributed(config.train.device)
+    seed_everything(config.train.seed)
+    targs = config.train
+    # Rank 0 decides (and deletes, with --overwrite_output_dir); the others take its answer.
+    resume_from = None
+    if dist_info.rank == 0:
+        resume_from = check_output_dir(targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage=stage)
+    resume_from = broadcast_object(resume_from)
+
+    policy = build_policy(config, dist_info.device, with_reference=with_reference, resume_dir=resume_from)
+    if targs.fsdp:  # shard the policy (and reference) over the ranks instead of replicating it (grpo/fsdp.py)
+        shard_policy(policy, dist_info.device)
+    else:
+        broadcast_parameters(policy.model, dist_info.world_size)
+    trainable = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(policy.model, targs)  # after sharding: AdamW must see the shards
+    scheduler = build_scheduler(optimizer, targs)
+    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from)
+
+
+class NonFiniteGuard:
+    """Skip an optimizer step whose loss or gradient is not finite; stop after `limit` in a row.
+
+    A NaN or inf step would poison the weights and Adam's moments for good, so it is dropped
+    (gradients zeroed); several in a row mean the run itself is broken, and it stops with advice.
+    """
+
+    def __init__(self, limit: int, stage: str):
+        self.limit, self.stage, self.in_a_row = limit, stage, 0
+
+    def step_is_finite(self, step: int, loss: float, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        if math.isfinite(loss) and bool(torch.isfinite(grad_norm)):
+            self.in_a_row = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self.in_a_row += 1
+        print(f"[{self.stage}] step {step}: non-finite loss/gradient ({loss}, {float(grad_norm)}); step skipped", flush=True)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(
+                f"{self.in_a_row} consecutive steps had a non-finite loss or gradient; lower --learning_rate, "
+                "clip harder with --max_grad_norm, or check the data"
+            )
+        return False
