@@ -202,7 +202,7 @@ def train_grpo(config: Config) -> dict:
             completions = processor.batch_decode(completion_ids, skip_special_tokens=True)
             answers = [answer for answer in batch["answers"] for _ in range(G)]
             questions = [question for question in batch["questions"] for _ in range(G)]
-            rewards, per_function, reward_metrics = compute_rewards(
+            rewards, per_function, _ = compute_rewards(
                 reward_functions, reward_weights, completions, answers, questions=questions
             )  # [B*G], [B*G, F]
             advantages, _ = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
