@@ -256,7 +256,7 @@ def completion_logprobs(
     image_token_id: int | None = None,
     spatial_merge_size: int | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(o_t | q, o_<t) of each completion token under softmax(logits / tau): [R, T] float32.

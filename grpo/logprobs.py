@@ -103,28 +103,43 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_logits = logits.new_empty(logits.shape)  # [R, T, V] contiguous, the logits' dtype
         flat_grad_logits = grad_logits.view(-1, vocab_size)  # [R*T, V]
         for start, stop, chunk in _position_chunks(logits, ctx.chunk_size):
-            chunk = chunk.to(log_normalisers.dtype)  # [C, V]
-            # softmax from the saved logsumexp: the same normaliser the forward used.
-            probs = torch.exp(chunk - log_normalisers[start:stop].unsqueeze(-1))  # [C, V]
+            # One working buffer per chunk, updated in place: a second [C, V] temporary per step
+            # (exp, then the product) would double the chunk's share of the peak.
+            grad_chunk = chunk.to(log_normalisers.dtype, copy=True)  # [C, V]
             grad_out = grad_logprobs[start:stop].unsqueeze(-1)  # [C, 1]
-            grad_chunk = -probs * grad_out  # [C, V]   the -softmax(z)_v term
+            # softmax from the saved logsumexp (the forward's normaliser), times -grad: the -softmax(z)_v term
+            grad_chunk.sub_(log_normalisers[start:stop].unsqueeze(-1)).exp_().mul_(-grad_out)  # [C, V]
             grad_chunk.scatter_add_(-1, flat_ids[start:stop].unsqueeze(-1), grad_out)  # +1[v == y]
             flat_grad_logits[start:stop] = grad_chunk
         return grad_logits, None, None
 
 
-def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int = 4096) -> Tensor:
+# The float32 working set of one chunk. At Qwen's V = 151,936 this is 110 positions: small next to
+# the logits themselves, and measured (bench/logprob_memory.py) no slower than larger chunks. A
+# fixed 4,096 positions was 2.5 GB per chunk at that V, more than the naive version's peak.
+CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one float32 [chunk, V] buffer takes CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int | None = None) -> Tensor:
     """log pi(token_ids[r, t]) under softmax(logits[r, t]), chunked over positions.
 
     Args:
         logits: [R, T, V] float32 or bfloat16 logits of the positions that predict `token_ids`.
         token_ids: [R, T] the chosen tokens.
-        chunk_size: positions (rows of the flattened [R*T, V]) processed at a time.
+        chunk_size: positions (rows of the flattened [R*T, V]) processed at a time; default
+            `default_chunk_size(V)`, a 64 MiB float32 buffer.
 
     Returns:
         [R, T] float32 log-probabilities (float64 if the logits are float64), differentiable
         with respect to `logits`.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(logits.shape[-1])
     _check_logits(logits, chunk_size)
     num_rows, num_tokens, _ = logits.shape
     if tuple(token_ids.shape) != (num_rows, num_tokens):
@@ -143,7 +158,7 @@ def token_logprobs_naive(logits: Tensor, token_ids: Tensor) -> Tensor:
     return log_softmax.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)  # [R, T]
 
 
-def token_entropy(logits: Tensor, chunk_size: int = 4096) -> Tensor:
+def token_entropy(logits: Tensor, chunk_size: int | None = None) -> Tensor:
     """Entropy H = -sum_v p_v log p_v of softmax(logits) at every position, chunked.
 
     A diagnostic (collapsing entropy is what DAPO's clip-higher fights, arXiv 2503.14476 sec. 3.1),
@@ -152,11 +167,13 @@ def token_entropy(logits: Tensor, chunk_size: int = 4096) -> Tensor:
 
     Args:
         logits: [R, T, V].
-        chunk_size: positions processed at a time.
+        chunk_size: positions processed at a time (default: `default_chunk_size(V)`).
 
     Returns:
         [R, T] float32 entropies in nats.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(logits.shape[-1])
     _check_logits(logits, chunk_size)
     num_rows, num_tokens, _ = logits.shape
     entropy = logits.new_empty(num_rows * num_tokens, dtype=_compute_dtype(logits))  # [R*T]

@@ -147,3 +147,25 @@ def test_errors():
         token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="floating point"):
         token_entropy(torch.zeros(2, 3, 5, dtype=torch.long))
+
+
+def test_default_chunk_is_a_64_mib_float32_buffer():
+    from grpo.logprobs import default_chunk_size
+
+    # Qwen's vocabulary: 64 * 2^20 bytes / (4 bytes * 151,936) = 67,108,864 / 607,744 = 110.4 -> 110
+    assert default_chunk_size(151_936) == 110
+    # the tiny preset's 927 tokens: 67,108,864 / 3,708 = 18,098.4 -> 18,098 positions, i.e. all of them
+    assert default_chunk_size(927) == 18_098
+    assert default_chunk_size(10**9) == 1  # never zero
+
+
+def test_default_chunking_matches_naive_with_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 151_936, requires_grad=True)  # 15 positions: 110 per chunk -> one chunk
+    ids = torch.randint(0, 151_936, (3, 5))
+    chunked = token_logprobs(logits, ids)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    naive = token_logprobs_naive(logits, ids)
+    (grad_naive,) = torch.autograd.grad(naive.sum(), logits)
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_chunked, grad_naive, atol=1e-6, rtol=0)
