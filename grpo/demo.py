@@ -148,7 +148,10 @@ def main(argv=None) -> dict:
             "--reward_weights", "0.5,1.0", "--save_steps", "0", "--sample_log_steps", "10", "--max_grad_norm", "1.0",
             "--weight_decay", "0.0", *seed, *quiet, *common_data_flags(args),
         ],
-        "grpo", out, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))},
+        # One thread per rank: the sampler's token-by-token decode is many tiny ops, and with two
+        # OpenMP threads each op waits for both. With another job on the machine, measured here, a
+        # 2-thread GRPO step took 15-20 s; single-threaded runs beside the same load took ~1.5 s.
+        "grpo", out, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     results["grpo"] = evaluate(args, str(grpo_dir), "grpo", out, seconds)
 
