@@ -33,6 +33,9 @@ TINY_SFT = [*TINY_COMMON, "--per_device_batch_size", "2", "--learning_rate", "1e
 # Wall-clock measurements: the only metrics two identical runs may disagree on.
 TIMING_KEYS = frozenset({"rollout_seconds", "update_seconds", "rollout_tokens_per_second", "step_seconds"})
 
+# torchrun's launcher from this interpreter's own torch: always present, whatever the venv is called.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    TORCHRUN,
     latest_model_dir,
     load_saved_model,
     read_metrics,
@@ -238,13 +239,10 @@ def test_sft_non_finite_steps_stop_the_run(tmp_path, train_run, monkeypatch):
 def test_a_rank_that_raises_stops_the_whole_torchrun_job(tmp_path):
     """Rank 1's reward function raises; rank 0 waits in the next all-reduce. torchrun must stop
     both with rank 1's error, well before the 30-minute collective timeout."""
-    torchrun = REPO / ".venv/bin/torchrun"
-    if not torchrun.exists():
-        pytest.skip("no torchrun in .venv")
     argv = train_argv(tmp_path / "run", "--max_steps", "3", "--device", "cpu", "--reward_functions", "reward_fns:raise_on_rank_one")
     started = time.monotonic()
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--standalone", "train.py", *argv],
+        [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     output = result.stdout + result.stderr
@@ -257,12 +255,9 @@ def test_a_rank_that_raises_stops_the_whole_torchrun_job(tmp_path):
 def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, background):
     """A scheduler's SIGTERM can reach the ranks at different times; here only rank 1 gets one.
     Both must leave the loop at the same step, save and exit 0 (not wait in different collectives)."""
-    torchrun = REPO / ".venv/bin/torchrun"
-    if not torchrun.exists():
-        pytest.skip("no torchrun in .venv")
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
     argv = train_argv(out, "--max_steps", "200", "--save_steps", "1000", "--device", "cpu")
-    process = background([str(torchrun), "--nproc_per_node", "2", "--standalone", "train.py", *argv], log)
+    process = background([*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv], log)
     _wait_for(lambda: _metric_lines(out) >= 2, process, log, timeout=150)
     rank_one = _worker_with_rank(process.pid, 1)
     os.kill(rank_one, signal.SIGTERM)

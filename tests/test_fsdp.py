@@ -31,6 +31,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import (
     REPO,
+    TORCHRUN,
     latest_model_dir,
     load_saved_model,
     read_metrics,
@@ -217,12 +218,9 @@ def test_fsdp_rejects_lora():
 
 # --- the real command ---
 
-TORCHRUN = REPO / ".venv/bin/torchrun"
-
-
 def _torchrun(output_dir, *flags, stage):
     argv = train_argv(output_dir, *flags, "--device", "cpu", stage=stage)
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--standalone", "train.py", *argv]
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return output_dir
@@ -243,7 +241,6 @@ def _assert_close_runs(got_dir, expected_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="no torchrun in .venv")
 def test_torchrun_fsdp_grpo_saves_loads_resumes_and_matches_replicas(tmp_path):
     flags = ["--beta", "0.04", "--save_steps", "2"]
     sharded = _torchrun(tmp_path / "fsdp", "--max_steps", "2", "--fsdp", "true", *flags, stage="grpo")
@@ -256,7 +253,6 @@ def test_torchrun_fsdp_grpo_saves_loads_resumes_and_matches_replicas(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="no torchrun in .venv")
 def test_torchrun_fsdp_sft_matches_replicas(tmp_path):
     flags = ["--max_steps", "3", "--gradient_accumulation_steps", "2", "--eval_steps", "3", "--save_steps", "0"]
     sharded = _torchrun(tmp_path / "fsdp", *flags, "--fsdp", "true", stage="sft")

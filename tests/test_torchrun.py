@@ -24,7 +24,6 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_torchrun.py -q [-m 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 
@@ -33,6 +32,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import (
     REPO,
+    TORCHRUN,
     latest_model_dir,
     load_saved_model,
     read_metrics,
@@ -198,14 +198,12 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(), reason="no torchrun")
 def test_torchrun_two_ranks_runs_saves_and_keeps_ranks_in_step(tmp_path, train_run):
     """`torchrun --nproc_per_node 2 train.py --stage grpo` on CPU: two steps, a loadable checkpoint,
     and ranks that agree (each rank writes a fingerprint of its weights; they must be equal)."""
-    torchrun = str(REPO / ".venv/bin/torchrun") if (REPO / ".venv/bin/torchrun").exists() else "torchrun"
     out = tmp_path / "run"
     argv = train_argv(out, "--max_steps", "2", "--beta", "0.04", "--device", "cpu", "--save_steps", "0")
-    command = [torchrun, "--nproc_per_node", "2", "--standalone", "tests/torchrun_fingerprint.py", *argv]
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "tests/torchrun_fingerprint.py", *argv]
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     records = read_metrics(out)
