@@ -223,12 +223,11 @@ def test_torchrun_two_ranks_runs_saves_and_keeps_ranks_in_step(tmp_path, train_r
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / ".venv/bin/torchrun").exists(), reason="no torchrun in .venv")
 def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, train_run):
     """The job grows: rank 1 has no saved sampler or RNG state; it starts fresh, with a warning."""
     out = train_run(tmp_path / "run", "--max_steps", "1", "--device", "cpu")
     argv = train_argv(out, "--max_steps", "2", "--device", "cpu", "--resume")
-    command = [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--standalone", "train.py", *argv]
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "holds RNG states for 1 ranks; rank 1 keeps its fresh seeding" in result.stderr
