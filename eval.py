@@ -77,7 +77,7 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 def evaluate(args: EvalArguments, data_args) -> dict:
     from data.collators import GRPOCollator
     from grpo.data_setup import check_gold_answers, load_eval_dataset
-    from grpo.rewards import resolve_reward_functions
+    from grpo.rewards import extract_answer, resolve_reward_functions
     from grpo.rollout import sample_rollouts
     from grpo.setup import resolve_device, resolve_dtype, resolve_model_path, seed_everything
     from models.loading import load_policy, special_token_ids
@@ -121,8 +121,6 @@ def evaluate(args: EvalArguments, data_args) -> dict:
             questions = [q for q in batch["questions"] for _ in range(k)]
             correct = accuracy_fn(outputs, answers, questions=questions)
             formatted = format_fn[0][1](outputs, answers, questions=questions) if format_fn else [0.0] * len(outputs)
-            from grpo.rewards import extract_answer
-
             for i, example in enumerate(examples):
                 rows = range(i * k, (i + 1) * k)
                 is_correct = [bool(correct[r] > 0) for r in rows]

@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-AGGREGATIONS = ("sequence", "token", "constant")
-ADVANTAGE_SCALES = ("group", "batch", "none")
+from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
+from grpo.loss import AGGREGATIONS
+
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
 FREEZE_POLICIES = ("full", "language", "seed", "lora")

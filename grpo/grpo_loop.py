@@ -189,8 +189,7 @@ def train_grpo(config: Config) -> dict:
             examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
             batch = collator(examples)
             batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            model.eval()
-            rollout = sample_rollouts(
+            rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
                 model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
                 eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
                 temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
