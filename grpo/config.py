@@ -208,6 +208,12 @@ class GRPOArguments:
         "old-policy and reference forward of the step instead of re-encoding.",
         default=True,
     )
+    shared_prompt_forward: bool = _help(
+        "Run each prompt once per training, old-policy and reference forward and copy its KV cache to "
+        "its G completions, instead of running [prompt ; completion] G times (same logprobs and "
+        "gradients; off automatically under --gradient_checkpointing, which disables the KV cache).",
+        default=True,
+    )
 
     def __post_init__(self):
         if self.epsilon_high is None:

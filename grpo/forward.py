@@ -23,16 +23,22 @@ Where this departs from calling `model(**processor_outputs)` / `generate()`:
      sampler drew from. Top-p / top-k truncation is ignored in the loss (as TRL does): the
      logprobs are those of the full tempered distribution, and the sampler records the same.
      tau = 0 (greedy) is scored with tau = 1.
+  5. The G completions of a group share their prompt, so `completion_logprobs_shared_prompt`
+     runs each prompt once (with gradients), copies its KV cache to the group's rows and runs
+     only the completions on top: the same logprobs and gradients as `completion_logprobs`
+     (its naive twin, kept for tests and for gradient checkpointing) on a fraction of the tokens.
 
 The model is only touched through stable HF APIs: `get_input_embeddings()`, the vision tower
 `model.model.visual` (through `get_image_features`), and `model(inputs_embeds=, position_ids=,
-attention_mask=, logits_to_keep=)`.
+attention_mask=, logits_to_keep=)`, plus the KV cache (`use_cache=True`, `batch_select_indices`)
+for the sampler and the shared-prompt forward.
 
 Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_forward.py -q
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +60,28 @@ def image_token_id_of(model: torch.nn.Module) -> int:
 def spatial_merge_size_of(model: torch.nn.Module) -> int:
     """How many patches per side the vision merger folds into one token (2 for Qwen2.5-VL)."""
     return int(_config(model).vision_config.spatial_merge_size)
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache of a forward's output, under either name (None when the model made none)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def can_share_prompt(model: torch.nn.Module) -> bool:
+    """Whether `completion_logprobs_shared_prompt` can run: it needs the prompt's KV cache, which HF
+    refuses to build while gradient checkpointing is on in train mode (use_cache is forced off)."""
+    hf_model = getattr(model, "module", model)
+    checkpointing = getattr(hf_model, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(hf_model, "is_gradient_checkpointing", False)
+    return not (hf_model.training and checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +272,34 @@ def build_inputs_embeds(model: torch.nn.Module, input_ids: Tensor, image_embeds:
 # ---------------------------------------------------------------------------------------------
 
 
+def _trim_prompt_padding(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the columns that are padding in every row: [R, P] -> [R, P'].
+
+    A micro-batch that lacks the batch's longest prompt has such columns; positions and masks are
+    per real token, so nothing else changes."""
+    first_column = int(prompt_mask.any(dim=0).long().argmax())
+    return prompt_ids[:, first_column:], prompt_mask[:, first_column:]
+
+
+def _score(
+    logits: Tensor, completion_ids: Tensor, temperature: float, chunk_size: int | None, return_entropy: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """logits [R, T, V] predicting completion_ids [R, T] -> logprobs [R, T] (and entropy)."""
+    # tau = 0 means greedy sampling; its tokens are scored under the untempered policy.
+    tau = temperature if temperature > 0 else 1.0
+    # Divided in the logits' dtype, exactly as the sampler does, so both see the same numbers
+    # (x / 1.0 == x exactly, so tau = 1 skips the [R, T, V] copy).
+    if tau != 1.0:
+        logits = logits / tau  # [R, T, V]
+    logprobs = token_logprobs(logits, completion_ids, chunk_size=chunk_size)  # [R, T]
+    if return_entropy:
+        # A diagnostic, never differentiated: no_grad keeps its float32 chunks out of the graph.
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), chunk_size=chunk_size)  # [R, T]
+        return logprobs, entropy
+    return logprobs
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     prompt_ids: Tensor,
@@ -266,6 +322,9 @@ def completion_logprobs(
     for these R rows (see `image_inputs_for_rows`). Differentiable w.r.t. the model (and the image
     embeddings) unless called under torch.no_grad. With return_entropy, also the entropy [R, T] of
     the same tempered distribution (detached: a metric, not a loss term).
+
+    Every row runs as [prompt ; completion]: the plain way, and the naive twin of
+    `completion_logprobs_shared_prompt`.
     """
     if image_token_id is None:
         image_token_id = image_token_id_of(model)
@@ -274,10 +333,7 @@ def completion_logprobs(
     num_completion = completion_ids.shape[1]  # T
     if completion_mask is None:
         completion_mask = torch.ones_like(completion_ids)  # [R, T]
-    # A micro-batch that lacks the batch's longest prompt has columns of padding in every row;
-    # drop them (positions and masks are per real token, so nothing else changes).
-    first_column = int(prompt_mask.any(dim=0).long().argmax())
-    prompt_ids, prompt_mask = prompt_ids[:, first_column:], prompt_mask[:, first_column:]  # [R, P']
+    prompt_ids, prompt_mask = _trim_prompt_padding(prompt_ids, prompt_mask)  # [R, P']
 
     # Positions: the prompt's mRoPE positions, then one text position per completion token on all
     # three axes, continuing from the prompt's max + 1 (what the sampler's decode steps used).
@@ -308,14 +364,97 @@ def completion_logprobs(
     )
     # Logits at positions P-1 .. P+T-2 predict completion tokens 0 .. T-1; the last one is unused.
     logits = output.logits[:, :-1, :]  # [R, T, V]
-    # tau = 0 means greedy sampling; its tokens are scored under the untempered policy.
-    tau = temperature if temperature > 0 else 1.0
-    # Divided in the logits' dtype, exactly as the sampler does, so both see the same numbers.
-    logits = logits / tau  # [R, T, V]
-    logprobs = token_logprobs(logits, completion_ids, chunk_size=chunk_size)  # [R, T]
-    if return_entropy:
-        # A diagnostic, never differentiated: no_grad keeps its float32 chunks out of the graph.
-        with torch.no_grad():
-            entropy = token_entropy(logits.detach(), chunk_size=chunk_size)  # [R, T]
-        return logprobs, entropy
-    return logprobs
+    return _score(logits, completion_ids, temperature, chunk_size, return_entropy)
+
+
+def completion_logprobs_shared_prompt(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    row_prompt: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor | None,
+    image_embeds: Tensor | None,
+    image_grid_thw: Tensor | None,
+    *,
+    image_token_id: int | None = None,
+    spatial_merge_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`completion_logprobs` with each prompt computed once for all its rows: [R, T] float32.
+
+    prompt_ids / prompt_mask [U, P] are the U distinct prompts (left padded); row_prompt [R] says
+    which of them row r continues (e.g. [0]*G + [1]*G); completion_ids / completion_mask [R, T];
+    image_embeds [N_U, D] and image_grid_thw [I_U, 3] are the U prompts' images, once each.
+
+    The G completions of a GRPO group differ only after the prompt, and a causal model's prompt
+    activations do not depend on what follows. So:
+
+      1. forward the U prompts once (use_cache=True): every layer's K, V of the prompt tokens and
+         the last position's logits, which predict completion token 0;
+      2. copy each prompt's K, V to its rows (`batch_select_indices(row_prompt)`: an index_select,
+         whose backward sums the copies' gradients, exactly what R separate prompt copies get);
+      3. forward completion tokens 0 .. T-2 of the R rows on top of that cache, at positions
+         next_position + t; their logits predict tokens 1 .. T-1 (token T-1 is only a target);
+      4. score [step-1 logits ; step-3 logits] like `completion_logprobs`.
+
+    The language model then sees U*P + R*(T-1) tokens instead of R*(P+T): with P = 122, T = 32
+    and G = 8 that is 370 instead of 1,232 per group. Logprobs and parameter gradients equal the
+    naive twin's up to float rounding (tests/test_forward.py). Needs the KV cache, so not under
+    gradient checkpointing in train mode (see `can_share_prompt`).
+    """
+    if image_token_id is None:
+        image_token_id = image_token_id_of(model)
+    if spatial_merge_size is None:
+        spatial_merge_size = spatial_merge_size_of(model)
+    num_completion = completion_ids.shape[1]  # T
+    if completion_mask is None:
+        completion_mask = torch.ones_like(completion_ids)  # [R, T]
+    prompt_ids, prompt_mask = _trim_prompt_padding(prompt_ids, prompt_mask)  # [U, P']
+    row_prompt = row_prompt.to(prompt_ids.device)  # [R]
+
+    # 1. the prompts, once each
+    prompt_positions, next_position = mrope_position_ids(
+        prompt_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size
+    )  # [3, U, P], [U]
+    prompt_output = model(
+        inputs_embeds=build_inputs_embeds(model, prompt_ids, image_embeds),  # [U, P, D]
+        attention_mask=prompt_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = output_cache(prompt_output)
+    if cache is None:
+        raise RuntimeError(
+            "the model returned no KV cache for the prompt forward (gradient checkpointing in train "
+            "mode turns it off); use completion_logprobs there (see can_share_prompt)"
+        )
+    first_logits = prompt_output.logits[:, -1, :].index_select(0, row_prompt)  # [R, V] predict token 0
+    if num_completion == 1:
+        return _score(first_logits[:, None, :], completion_ids, temperature, chunk_size, return_entropy)
+
+    # 2. each prompt's K, V copied to its rows
+    cache.batch_select_indices(row_prompt)  # U rows -> R rows (differentiable index_select)
+
+    # 3. the completions on top; positions continue from the prompt's max + 1 on all three axes
+    inputs = completion_ids[:, :-1]  # [R, T-1] token T-1 is never an input
+    steps = torch.arange(num_completion - 1, device=prompt_ids.device)  # [T-1]
+    positions = (next_position.index_select(0, row_prompt)[:, None] + steps).expand(3, -1, -1)  # [3, R, T-1]
+    attention_mask = torch.cat(
+        [prompt_mask.index_select(0, row_prompt), completion_mask[:, :-1].to(prompt_mask.dtype)], dim=1
+    )  # [R, P+T-1]
+    completion_output = model(
+        inputs_embeds=build_inputs_embeds(model, inputs, None),  # [R, T-1, D]
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=num_completion - 1,
+        **{cache_kwarg_name(model): cache},
+    )
+
+    # 4. first-token logits from the prompt, the rest from the completion forward
+    logits = torch.cat([first_logits[:, None, :], completion_output.logits], dim=1)  # [R, T, V]
+    return _score(logits, completion_ids, temperature, chunk_size, return_entropy)

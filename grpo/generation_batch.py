@@ -7,7 +7,11 @@ B*G rows (row r belongs to prompt r // G), and keeps two costs down:
 
 - images are encoded once per prompt per forward, never once per completion; when the vision
   tower is frozen, the rollout's features are reused and the tower does not run at all;
-- completion padding is trimmed to the longest completion among the rows asked for.
+- completion padding is trimmed to the longest completion among the rows asked for;
+- with `shared_prompt` (the default; `--shared_prompt_forward`), each prompt among the rows asked
+  for runs through the model once and its KV cache is copied to its completions
+  (`completion_logprobs_shared_prompt`), instead of once per completion (`completion_logprobs`,
+  the naive twin, used under gradient checkpointing, which turns the KV cache off).
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.forward import completion_logprobs, encode_images, image_inputs_for_rows
+from grpo.forward import (
+    can_share_prompt,
+    completion_logprobs,
+    completion_logprobs_shared_prompt,
+    encode_images,
+    image_inputs_for_rows,
+)
 
 
 @dataclass
@@ -33,6 +43,7 @@ class GenerationBatch:
     group_size: int
     temperature: float  # the sampling temperature; the loss scores softmax(logits / temperature)
     spatial_merge_size: int
+    shared_prompt: bool = True  # each prompt computed once per forward, its KV cache copied to its rows
 
     def _encode_prompts(self, model, prompts: list[int]) -> Tensor:
         """The vision tower on just these prompts' images, once each: [N_prompts, D]."""
@@ -51,28 +62,43 @@ class GenerationBatch:
         G = self.group_size
         rows_list = rows.tolist()
         length = int(self.completion_mask[rows].sum(1).max().clamp(min=1))
+        prompts = sorted({r // G for r in rows_list})  # the distinct prompts these rows continue
         if reuse_rollout_images:
-            image_embeds, grid, per_prompt, local_rows = (
-                self.rollout_image_embeds, self.image_grid_thw, self.images_per_prompt, rows_list
-            )
+            image_embeds, grid, per_prompt = self.rollout_image_embeds, self.image_grid_thw, self.images_per_prompt
+            prompt_index = prompts  # index of each of `prompts` among those embeddings
         else:
-            prompts = sorted({r // G for r in rows_list})
             image_embeds = self._encode_prompts(model, prompts)  # [N_prompts, D]
             grid = torch.cat([self.image_grid_thw[self._image_slice(p)] for p in prompts])  # [images, 3]
             per_prompt = [self.images_per_prompt[p] for p in prompts]
-            # Renumber rows as if the batch held only these prompts.
-            local_rows = [prompts.index(r // G) * G + r % G for r in rows_list]
+            prompt_index = list(range(len(prompts)))
+        completion_ids = self.completion_ids[rows, :length]  # [R, T_rows]
+        completion_mask = self.completion_mask[rows, :length]  # [R, T_rows]
+        temperature = self.temperature or 1.0  # greedy rollouts are scored at tau = 1
+
+        if self.shared_prompt and can_share_prompt(model):
+            # Images per distinct prompt (group size 1: "row" i is prompt i), prompts once each.
+            embeds, grids = image_inputs_for_rows(image_embeds, grid, per_prompt, 1, prompt_index, self.spatial_merge_size)
+            row_prompt = torch.tensor([prompts.index(r // G) for r in rows_list])  # [R] into `prompts`
+            prompt_rows = torch.tensor(prompts)  # [U]
+            return completion_logprobs_shared_prompt(
+                model, self.prompt_ids[prompt_rows], self.prompt_mask[prompt_rows], row_prompt,
+                completion_ids, completion_mask, embeds, grids,
+                temperature=temperature, return_entropy=return_entropy,
+            )
+
+        # Naive twin: every row runs as [prompt ; completion], images copied to each row.
+        local_rows = [prompt_index[prompts.index(r // G)] * G + r % G for r in rows_list]
         embeds, grids = image_inputs_for_rows(image_embeds, grid, per_prompt, G, local_rows, self.spatial_merge_size)
         prompt_rows = rows // G
         return completion_logprobs(
             model,
             self.prompt_ids[prompt_rows],  # [R, P]
             self.prompt_mask[prompt_rows],  # [R, P]
-            self.completion_ids[rows, :length],  # [R, T_rows]
-            self.completion_mask[rows, :length],  # [R, T_rows]
+            completion_ids,
+            completion_mask,
             embeds,
             grids,
-            temperature=self.temperature or 1.0,  # greedy rollouts are scored at tau = 1
+            temperature=temperature,
             return_entropy=return_entropy,
         )
 

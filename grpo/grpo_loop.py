@@ -220,6 +220,7 @@ def train_grpo(config: Config) -> dict:
                 images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
                 completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
                 temperature=gargs.temperature, spatial_merge_size=merge_size,
+                shared_prompt=gargs.shared_prompt_forward,
             )
             # The rollout encoded each prompt's images once; whenever the vision tower cannot change
             # (frozen) every later forward reuses those features instead of re-encoding.

@@ -16,7 +16,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from grpo.forward import (
     build_inputs_embeds,
+    can_share_prompt,
     completion_logprobs,
+    completion_logprobs_shared_prompt,
     count_images_per_prompt,
     encode_images,
     expand_image_embeds,
@@ -24,6 +26,7 @@ from grpo.forward import (
     mrope_position_ids,
 )
 from grpo.masks import completion_mask
+from models.freeze import enable_gradient_checkpointing
 
 VOCAB = 300
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, EOS, PAD = 290, 291, 292, 293, 294, 295
@@ -279,3 +282,90 @@ def test_completion_logprobs_are_differentiable_and_temperature_scaled(model, ba
         cold = _our_logprobs(model, batch, completion_ids, temperature=1.0)  # [B, T]
     torch.testing.assert_close(hot, logprobs.detach())
     assert not torch.allclose(hot, cold)
+
+
+# --- the shared-prompt forward (each prompt once, its KV cache copied to its rows) ---
+
+
+def _shared_vs_naive(model, batch, rows, row_prompt_of, completion_ids, *, temperature=1.0):
+    """Both forwards on completion rows `rows`; row r continues prompt row_prompt_of[r]."""
+    image_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D] per prompt
+    mask = completion_mask_of(completion_ids)  # [R, T]
+    prompt_of_row = torch.tensor([row_prompt_of[r] for r in rows])  # [R]
+    embeds, grid = image_inputs_for_rows(image_embeds, batch["image_grid_thw"], [2, 1], 1, prompt_of_row, MERGE)
+    naive = completion_logprobs(
+        model, batch["input_ids"][prompt_of_row], batch["attention_mask"][prompt_of_row], completion_ids, mask,
+        embeds, grid, temperature=temperature, return_entropy=True,
+    )
+    image_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # its own graph
+    shared = completion_logprobs_shared_prompt(
+        model, batch["input_ids"], batch["attention_mask"], prompt_of_row, completion_ids, mask,
+        image_embeds, batch["image_grid_thw"], temperature=temperature, return_entropy=True,
+    )
+    return naive, shared
+
+
+def _gradients(model, logprobs, weights):
+    model.zero_grad()
+    (logprobs * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_the_naive_twin(model, batch):
+    # Rows out of order, two prompts of different lengths (one with 2 images), a partial group of
+    # each, and row 1 ends early (EOS at step 2, then padding).
+    rows = [4, 0, 1, 5, 3]
+    row_prompt_of = {0: 0, 1: 0, 3: 1, 4: 1, 5: 1}
+    completion_ids = torch.randint(0, 280, (len(rows), 6), generator=torch.Generator().manual_seed(5))  # [R, T]
+    completion_ids[1, 2], completion_ids[1, 3:] = EOS, PAD
+    (naive, naive_entropy), (shared, shared_entropy) = _shared_vs_naive(
+        model, batch, rows, row_prompt_of, completion_ids, temperature=0.7
+    )
+    torch.testing.assert_close(shared, naive, atol=2e-6, rtol=0)
+    torch.testing.assert_close(shared_entropy, naive_entropy, atol=2e-6, rtol=0)
+
+    weights = torch.randn(naive.shape, generator=torch.Generator().manual_seed(6))  # [R, T]
+    naive_grads, shared_grads = _gradients(model, naive, weights), _gradients(model, shared, weights)
+    assert naive_grads.keys() == shared_grads.keys()
+    assert any("visual" in name for name in shared_grads)  # through the image embeddings too
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_rows_must_follow_their_own_prompt(model, batch):
+    """The agreement above can fail: pointing rows at the wrong prompt changes every logprob."""
+    completion_ids = torch.randint(0, 280, (2, 4), generator=torch.Generator().manual_seed(7))  # [2, T]
+    (naive, _), _ = _shared_vs_naive(model, batch, [0, 3], {0: 0, 3: 1}, completion_ids)
+    with torch.no_grad():
+        swapped = completion_logprobs_shared_prompt(
+            model, batch["input_ids"], batch["attention_mask"], torch.tensor([1, 0]), completion_ids, None,
+            encode_images(model, batch["pixel_values"], batch["image_grid_thw"]), batch["image_grid_thw"],
+        )
+    assert (swapped - naive.detach()).abs().max() > 1e-3
+
+
+def test_shared_prompt_single_token_completions(model, batch):
+    """T = 1: the prompt's last logits are the whole answer, no completion forward runs."""
+    completion_ids = torch.tensor([[7], [9], [11]])  # [R, 1]
+    (naive, _), (shared, _) = _shared_vs_naive(model, batch, [0, 1, 2], {0: 0, 1: 0, 2: 1}, completion_ids)
+    torch.testing.assert_close(shared, naive, atol=2e-6, rtol=0)
+
+
+def test_shared_prompt_refuses_without_a_kv_cache():
+    """Gradient checkpointing in train mode turns HF's KV cache off: a clear error, and
+    can_share_prompt tells GenerationBatch to use the naive twin instead."""
+    checkpointed = build_model(seed=1)
+    enable_gradient_checkpointing(checkpointed)
+    checkpointed.train()
+    assert not can_share_prompt(checkpointed)
+    batch = make_batch(TWO_PROMPTS)
+    image_embeds = encode_images(checkpointed, batch["pixel_values"], batch["image_grid_thw"])
+    with pytest.raises(RuntimeError, match="can_share_prompt"):
+        completion_logprobs_shared_prompt(
+            checkpointed, batch["input_ids"], batch["attention_mask"], torch.tensor([0, 1]),
+            torch.tensor([[1, 2, 3], [4, 5, 6]]), None, image_embeds, batch["image_grid_thw"],
+        )
+    checkpointed.eval()
+    assert can_share_prompt(checkpointed)  # no-grad reference-style forwards still share
