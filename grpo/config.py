@@ -208,6 +208,13 @@ class GRPOArguments:
         "old-policy and reference forward of the step instead of re-encoding.",
         default=True,
     )
+    old_logprobs_from_sampler: bool = _help(
+        "With --num_iterations > 1, take the old-policy logprobs from the sampler (it records log "
+        "pi_old of every token it draws) instead of a separate no-grad forward. The same numbers in "
+        "exact arithmetic; in bfloat16 the decode and training kernels round differently, so the "
+        "first epoch's ratio is then only close to 1.",
+        default=False,
+    )
     shared_prompt_forward: bool = _help(
         "Run each prompt once per training, old-policy and reference forward and copy its KV cache to "
         "its G completions, instead of running [prompt ; completion] G times (same logprobs and "

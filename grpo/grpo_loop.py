@@ -7,7 +7,8 @@ One generation batch, per rank (B prompts, G completions each):
     1. rollout: sample G completions per prompt with the hand-written sampler (grpo/rollout.py)
     2. rewards: decode, score with each reward function, weighted sum       r        [B*G]
     3. advantages: z-score within each group of G                           A        [B*G]
-    4. old logprobs (only when num_iterations > 1) and reference logprobs (only when beta > 0)
+    4. old logprobs (only when num_iterations > 1; from the sampler with --old_logprobs_from_sampler)
+       and reference logprobs (only when beta > 0)
     5. for each of num_iterations inner epochs, for each of steps_per_generation mini-batches:
          accumulate the GRPO loss over micro-batches, average gradients over ranks,
          clip the gradient norm, take one AdamW step
@@ -232,7 +233,10 @@ def train_grpo(config: Config) -> dict:
             t_update = time.perf_counter()
             old_logprobs = ref_logprobs = None
             with torch.no_grad():
-                if gargs.num_iterations > 1:
+                if gargs.num_iterations > 1 and gargs.old_logprobs_from_sampler:
+                    # log pi_old of each drawn token, recorded by the sampler (0 after EOS, masked anyway).
+                    old_logprobs = rollout.sampler_logprobs.to(device)  # [B*G, T]
+                elif gargs.num_iterations > 1:
                     # The policy has not moved since the rollout, so its image features are exact here.
                     old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
                     for rows in torch.arange(num_rows).split(micro):

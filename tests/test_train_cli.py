@@ -215,3 +215,17 @@ def test_shared_prompt_forward_trains_like_the_naive_forward(train_run, tmp_path
     difference = torch.cat([(weights_shared[n] - weights_naive[n]).flatten() for n in weights_naive])
     assert update.norm() > 0.1  # both runs moved
     assert difference.norm() < 1e-3 * update.norm(), float(difference.norm() / update.norm())
+
+
+def test_old_logprobs_from_the_sampler_train_like_the_old_policy_forward(train_run, tmp_path):
+    """--old_logprobs_from_sampler skips the old-policy forward: the sampler recorded the same
+    log pi_old while drawing (float32: equal up to rounding), so the two runs log the same steps."""
+    flags = ["--max_steps", "2", "--num_iterations", "2", "--learning_rate", "1e-2", "--save_steps", "0"]
+    sampler = train_run(tmp_path / "sampler", *flags, "--old_logprobs_from_sampler", "true")
+    forward = train_run(tmp_path / "forward", *flags, "--old_logprobs_from_sampler", "false")
+    got, expected = [without_timings(r) for r in read_metrics(sampler)], [without_timings(r) for r in read_metrics(forward)]
+    assert got[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # pi / pi_old at the rollout's weights
+    assert abs(expected[1]["ratio_mean"] - 1.0) > 1e-3  # the second epoch has moved off the rollout
+    for a, b in zip(got, expected, strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
