@@ -20,8 +20,11 @@ ratios mean anything). One torch thread by default (--threads). Each round also 
 rollouts, which splits the time into "prefill" (vision + prefill + one sampling step) and "decode
 step" ((t(T) - t(1)) / (T - 1)); --no_breakdown skips them.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/rollout_throughput.py          # ~2-3 min on 2 cores
-    OMP_NUM_THREADS=2 .venv/bin/python bench/rollout_throughput.py --presets tiny --repeats 3
+Ours draws tokens by inverse CDF on CPU (grpo/rollout.py); `--sampling_method multinomial` times
+it with `torch.multinomial`, as `generate` draws them (and as ours did before the sampler change).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rollout_throughput.py          # ~1-1.5 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rollout_throughput.py --presets tiny --sampling_method multinomial
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.rollout import generate_rollouts_naive, sample_rollouts
+from grpo.rollout import (
+    SAMPLING_METHODS,
+    default_sampling_method,
+    generate_rollouts_naive,
+    sample_rollouts,
+)
 from models.loading import load_policy, special_token_ids
 
 
@@ -44,7 +52,7 @@ def time_call(fn) -> tuple[float, object]:
 
 
 def bench_preset(preset: str, num_prompts: int, group_size: int, max_new_tokens: int, repeats: int,
-                 breakdown: bool) -> dict:
+                 breakdown: bool, sampling_method: str | None = None) -> dict:
     model, processor = load_policy(preset)
     model.eval()
     tokens = special_token_ids(model, processor)
@@ -55,7 +63,8 @@ def bench_preset(preset: str, num_prompts: int, group_size: int, max_new_tokens:
     generator = torch.Generator().manual_seed(0)
 
     def ours(num_tokens):
-        return sample_rollouts(model, batch, generator=generator, **{**common, "max_new_tokens": num_tokens}).completion_ids
+        return sample_rollouts(model, batch, generator=generator, sampling_method=sampling_method,
+                               **{**common, "max_new_tokens": num_tokens}).completion_ids
 
     def naive(num_tokens):
         return generate_rollouts_naive(model, batch, **{**common, "max_new_tokens": num_tokens})
@@ -82,6 +91,7 @@ def bench_preset(preset: str, num_prompts: int, group_size: int, max_new_tokens:
         "vocab": model.config.get_text_config().vocab_size,
         "prompt_tokens": int(batch["input_ids"].shape[1]),
         "B": num_prompts, "G": group_size, "T": max_new_tokens,
+        "sampling_method": sampling_method or default_sampling_method(batch["input_ids"].device),
         "seconds": {f"{name} T={n}": ts for (name, n), ts in times.items()},
         "ours_tokens_per_s": num_tokens / median(times[("ours", max_new_tokens)]),
         "naive_tokens_per_s": num_tokens / median(times[("naive", max_new_tokens)]),
@@ -105,12 +115,14 @@ def main() -> None:
     parser.add_argument("--num_prompts", type=int, default=4, help="B")
     parser.add_argument("--group_size", type=int, default=8, help="G")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="T (every completion has exactly T)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a short warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a short warm-up")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, multi-threaded kernels wait on "
                              "each other's preempted threads and the noise swamps the ratio)")
     parser.add_argument("--no_breakdown", action="store_true",
                         help="skip the 1-token rollouts that split time into prefill and decode steps")
+    parser.add_argument("--sampling_method", default=None, choices=SAMPLING_METHODS,
+                        help="how ours draws tokens (default: by device, inverse_cdf on CPU)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -119,7 +131,7 @@ def main() -> None:
     results = []
     for preset in args.presets.split(","):
         result = bench_preset(preset, args.num_prompts, args.group_size, args.max_new_tokens, args.repeats,
-                              breakdown=not args.no_breakdown)
+                              breakdown=not args.no_breakdown, sampling_method=args.sampling_method)
         results.append(result)
         print(json.dumps(result), flush=True)
     print()

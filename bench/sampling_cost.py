@@ -1,21 +1,21 @@
-"""PROPOSAL, measured: the cost of drawing one token per row on CPU, torch.multinomial vs inverse CDF.
+"""The cost of drawing one token per row on CPU: torch.multinomial vs inverse CDF (adopted).
 
-Our sampler (grpo/rollout.py `sample_next_token`) and `model.generate` both draw each decode
-step's tokens with `torch.multinomial(probs, 1)` on [R, V] probabilities. On CPU that kernel
-draws an exponential random number for EVERY vocabulary entry (it samples by
-argmax(p / Exp(1)) internally), so its cost grows with V: at Qwen's V = 151,936 and R = 32 rows it
-is by far the most expensive op of a decode step for small models. Inverse-CDF sampling draws ONE
-uniform number per row:
+`model.generate` draws each decode step's tokens with `torch.multinomial(probs, 1)` on [R, V]
+probabilities, and so did our sampler until inverse CDF replaced it on CPU (grpo/rollout.py
+`sample_next_token`, `default_sampling_method`). On CPU that kernel draws an exponential random
+number for EVERY vocabulary entry (it samples by argmax(p / Exp(1)) internally), so its cost grows
+with V: at Qwen's V = 151,936 and R = 32 rows it is by far the most expensive op of a decode step
+for small models. Inverse CDF (`grpo.rollout.inverse_cdf_draw`) draws ONE uniform per row:
 
-    cdf = probs.cumsum(-1)                        # [R, V]
-    u = torch.rand(R, 1) * cdf[:, -1:]            # [R, 1] scaled by the total (rounding-safe)
-    token = torch.searchsorted(cdf, u)            # [R]   first index with cdf >= u
+    cdf = probs.cumsum(-1)                                  # [R, V]
+    target = torch.rand(R, 1) * cdf[:, -1:]                 # [R, 1] u times the row's total
+    token = torch.searchsorted(cdf, target, right=True)     # [R] first index with cdf > target
 
-which is an exact sampler of the same distribution (up to float32 rounding of the cumulative
-sum; use float64 cumsum if that matters). This script times, per decode step on [R, V]: the
-multinomial draw, the inverse-CDF draw, and for scale the log_softmax the sampler already
-computes (its `sampler_logprobs`). It also checks that both samplers give the same token
-frequencies on a small vocabulary (total-variation distance over many draws).
+an exact sampler of the same distribution up to float32 rounding of the partial sums (a token of
+probability 0 is never drawn: tests/test_sampling.py). This script times, per decode step on
+[R, V]: the multinomial draw, the inverse-CDF draw (uniforms included), and for scale the
+log_softmax the sampler already computes (its `sampler_logprobs`). It also checks that both give
+the same token frequencies on a small vocabulary (total-variation distance over many draws).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/sampling_cost.py        # ~20 s
 """
@@ -29,12 +29,13 @@ import time
 import torch
 from common import machine_info, median
 
+from grpo.rollout import inverse_cdf_draw
+
 
 def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of probs [R, V] (rows need not be normalised): [R]."""
-    cdf = probs.cumsum(dim=-1)  # [R, V]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]  # [R, 1]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)  # [R]
+    """One token per row of probs [R, V], as `sample_next_token` draws it: [R]."""
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # [R, 1]
+    return inverse_cdf_draw(probs, uniform)  # [R]
 
 
 def time_it(fn, repeats: int) -> float:

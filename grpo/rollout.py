@@ -7,12 +7,17 @@ sampler exploits that (the nanochat engine does the same for text):
   1. encode all images of the batch once                       image_embeds [N, D]
   2. prefill each prompt once, with explicit 3-D positions       KV cache of B rows, logits [B, V]
   3. copy the KV cache and the last logits to the G rows          KV cache of B*G rows
-  4. decode token by token at positions next_position + step, with a growing attention mask;
-     temperature, top-k, top-p; greedy when temperature == 0; a row stops at its first EOS (later
-     tokens forced to pad); the loop stops when every row stopped or after max_new_tokens.
+  4. decode token by token at positions next_position + step, the attention mask allocated once
+     for all P + max_new_tokens columns (each step passes a longer slice of it); temperature,
+     top-k, top-p; greedy when temperature == 0; a row stops at its first EOS (later tokens forced
+     to pad); the loop stops when every row stopped or after max_new_tokens.
 
 Where it departs from `model.generate()` on G repeated prompts:
   - images are encoded B times instead of B*G and the prompt is prefilled B times, not B*G;
+  - tokens are drawn by inverse CDF (one uniform per row: the first token whose cumulative
+    probability exceeds u) instead of `torch.multinomial`, which on CPU draws a random number per
+    vocabulary entry; on CUDA, where its kernel is fast, multinomial stays (`sampling_method`).
+    Same distribution; a given seed draws other tokens than multinomial would;
   - positions are explicit (`grpo.forward.mrope_position_ids`) instead of the model's cached
     `rope_deltas`, so nothing depends on hidden state of the model object;
   - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
@@ -78,6 +83,37 @@ def _output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+SAMPLING_METHODS = ("inverse_cdf", "multinomial")
+
+
+def default_sampling_method(device: torch.device) -> str:
+    """`multinomial` on CUDA (one fast kernel there), `inverse_cdf` elsewhere.
+
+    On CPU `torch.multinomial(probs, 1)` draws an exponential random number for EVERY vocabulary
+    entry; inverse CDF draws one uniform per row. At the tiny preset's V = 927 and R = 32 rows that
+    is 0.6 ms vs 0.05 ms a step, at Qwen's V = 151,936 about 100 ms vs 5 ms (bench/sampling_cost.py).
+    """
+    return "multinomial" if torch.device(device).type == "cuda" else "inverse_cdf"
+
+
+def inverse_cdf_draw(probs: Tensor, uniform: Tensor) -> Tensor:
+    """Token per row of probs [R, V] (need not sum to 1) for uniforms [R, 1] in [0, 1): [R].
+
+    Row i of probs covers [0, total) with one interval per token, [cdf[j-1], cdf[j]); the token is
+    the one whose interval holds u * total, i.e. the FIRST j with cdf[j] > u * total
+    (searchsorted with right=True). A token of probability 0 has an empty interval
+    (cdf[j] == cdf[j-1] exactly: adding 0.0 is exact), so it is never chosen, even when u * total
+    lands exactly on a boundary: with right=False, u = 0 would pick token 0 when p_0 = 0.
+    The partial sums are float32, so each boundary carries float32 rounding; a zero stays a zero.
+    """
+    cdf = probs.cumsum(dim=-1)  # [R, V] non-decreasing: every term is >= 0
+    total = cdf[:, -1:]  # [R, 1] > 0: softmax keeps at least the best token
+    # u < 1, so u * total < total in exact arithmetic; keep it strictly below after rounding too,
+    # so some cdf[j] > target always exists and the result can never be V (no clamp needed).
+    target = torch.minimum(uniform.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))  # [R, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [R]
+
+
 def sample_next_token(
     logits: Tensor,
     *,
@@ -85,11 +121,18 @@ def sample_next_token(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    method: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One sampling step from last-position logits [R, V] -> (token [R], logprob [R] float32).
 
     The logprob is of the full tempered distribution, before top-k / top-p (see module docstring).
+    `method` draws from the truncated distribution: "inverse_cdf" (one uniform per row) or
+    "multinomial" (`torch.multinomial`, the naive twin; tests check they agree); None picks by
+    device (`default_sampling_method`). Both use `generator`, which must live on the logits' device.
     """
+    method = method or default_sampling_method(logits.device)
+    if method not in SAMPLING_METHODS:  # checked before the greedy branch too, so a typo never hides
+        raise ValueError(f"sampling method {method!r}: expected one of {SAMPLING_METHODS}")
     if temperature == 0:  # greedy; scored at tau = 1
         token = logits.argmax(dim=-1)  # [R]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
@@ -110,8 +153,12 @@ def sample_next_token(
         drop_sorted = mass_before >= top_p  # [R, V]
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # [R, V] back in vocabulary order
         filtered = filtered.masked_fill(drop, float("-inf"))  # [R, V]
-    probs = torch.softmax(filtered, dim=-1)  # [R, V]
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [R]
+    probs = torch.softmax(filtered, dim=-1)  # [R, V] exactly 0 where truncated (exp(-inf))
+    if method == "inverse_cdf":
+        uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # [R, 1] in [0, 1)
+        token = inverse_cdf_draw(probs, uniform)  # [R]
+    else:  # multinomial
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [R]
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)  # [R], [R]
 
 
@@ -128,10 +175,12 @@ def sample_rollouts(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    sampling_method: str | None = None,
 ) -> Rollout:
     """Sample G completions for each of the B prompts of a collated batch (see module docstring).
 
-    `generator` must live on the model's device (torch.multinomial draws on the logits' device).
+    `generator` must live on the model's device (tokens are drawn on the logits' device).
+    `sampling_method`: "inverse_cdf" | "multinomial" | None (by device), see `sample_next_token`.
     """
     # Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns
     # the KV cache off when gradient checkpointing is on in train mode. The mode is restored after.
@@ -141,6 +190,7 @@ def sample_rollouts(
         return _sample_rollouts(
             model, batch, group_size=group_size, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+            sampling_method=sampling_method,
         )
     finally:
         model.train(was_training)
@@ -158,6 +208,7 @@ def _sample_rollouts(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    sampling_method: str | None,
 ) -> Rollout:
     input_ids = batch["input_ids"]  # [B, P] left padded
     prompt_mask = batch["attention_mask"]  # [B, P]
@@ -194,16 +245,20 @@ def _sample_rollouts(
     cache = _output_cache(output)
     cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
     logits = output.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # [B*G, V]
-    attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [B*G, P]
     next_position = next_position.repeat_interleave(group_size)  # [B*G]
-    num_rows = logits.shape[0]  # R = B*G
+    num_rows, prompt_length = logits.shape[0], input_ids.shape[1]  # R = B*G, P
+    # The whole decode mask at once: the prompt's mask, then ones for every generated column.
+    # Step s passes the first P+s+1 columns (a view), instead of concatenating a column per step.
+    # Finished rows keep 1s: they still run (emitting pad) and are masked out of the loss later.
+    attention_mask = prompt_mask.new_ones(num_rows, prompt_length + max_new_tokens)  # [R, P+T]
+    attention_mask[:, :prompt_length] = prompt_mask.repeat_interleave(group_size, dim=0)  # [R, P]
 
     # --- decode ---
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [R]
     tokens, logprobs = [], []  # each step: [R]
     for step in range(max_new_tokens):
         token, logprob = sample_next_token(
-            logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, method=sampling_method
         )  # [R], [R]
         # A finished row keeps emitting pad (its logprob 0); it still runs through the model so
         # the batch stays rectangular, and its later tokens are masked out of the loss.
@@ -215,11 +270,10 @@ def _sample_rollouts(
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         # The new token is a text token: same position on the three axes, one past the last.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(num_rows, 1)], dim=1)  # [R, P+step+1]
         position_ids = (next_position + step).view(1, num_rows, 1).expand(3, -1, -1)  # [3, R, 1]
         output = model(
             inputs_embeds=build_inputs_embeds(model, token[:, None], None),  # [R, 1, D]
-            attention_mask=attention_mask,
+            attention_mask=attention_mask[:, : prompt_length + step + 1],  # [R, P+step+1]
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,

@@ -151,10 +151,11 @@ def test_loop_stops_when_every_row_ended(model, batch):
     assert rollout.completion_ids.shape[1] == 5 and not rollout.is_eos_terminated.all()
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy(model, batch):
+@pytest.mark.parametrize("sampling_method", ["inverse_cdf", "multinomial"])
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, batch, sampling_method):
     greedy = _sample(model, batch, temperature=0.0)
-    top_k_1 = _sample(model, batch, temperature=0.7, top_k=1, seed=3)
-    top_p_0 = _sample(model, batch, temperature=1.0, top_p=1e-6, seed=4)
+    top_k_1 = _sample(model, batch, temperature=0.7, top_k=1, seed=3, sampling_method=sampling_method)
+    top_p_0 = _sample(model, batch, temperature=1.0, top_p=1e-6, seed=4, sampling_method=sampling_method)
     assert torch.equal(top_k_1.completion_ids, greedy.completion_ids)
     assert torch.equal(top_p_0.completion_ids, greedy.completion_ids)
 
