@@ -25,6 +25,22 @@ imports and loading.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_step_vs_trl.py                     # ~15-20 min, 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_step_vs_trl.py --configs 1:0.04   # one setting, ~4 min
+
+On a GPU (--device cuda --dtype bfloat16; bench/gpu_suite.sh runs this):
+
+    python bench/grpo_step_vs_trl.py --device cuda --dtype bfloat16 --config qwen2.5-vl-3b \
+        --configs 1:0.04 --max_completion_length 64
+
+--config qwen2.5-vl-3b is the published Qwen2.5-VL-3B architecture (3.75 B parameters, vocabulary
+151,936) with RANDOM weights, built on the device in --dtype and saved with the tiny processor;
+its config's special-token ids are the tiny tokenizer's (bench/common.py save_model), so both
+trainers load one self-consistent folder. --config_overrides shrinks it (e.g.
+"num_hidden_layers=1,vocab_size=1024,vision.depth=1,vision.fullatt_block_indexes=[0]") to test
+that path on a CPU. On CUDA the trainers run one after the other by default (--schedule
+sequential): each holds policy + reference + gradients + AdamW moments (4x the weights in bf16,
+~37.5 GB at 3B) and two such processes do not fit one 80 GB GPU side by side; a GPU nobody else
+uses needs no interleaving for fairness. GPU memory is reported as torch.cuda.max_memory_allocated
+(tensors' peak) and max_memory_reserved (the caching allocator's peak) of each trainer process.
 """
 
 from __future__ import annotations
@@ -32,12 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import machine_info, median, save_preset
+from common import MODEL_CONFIGS, machine_info, median, save_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,7 +65,8 @@ def trainer_command(trainer: str, model_dir: str, args, num_iterations: int, bet
            "--out", str(out), "--num_prompts", str(args.num_prompts), "--group_size", str(args.group_size),
            "--micro_batch_size", str(args.micro_batch_size), "--max_completion_length", str(args.max_completion_length),
            "--num_iterations", str(num_iterations), "--beta", str(beta), "--num_batches", str(args.num_batches),
-           "--threads", str(args.threads), "--freeze_policy", args.freeze_policy]
+           "--threads", str(args.threads), "--freeze_policy", args.freeze_policy,
+           "--device", args.device, "--dtype", args.dtype, "--learning_rate", str(args.learning_rate)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl_gradient_checkpointing")
     if gate_fds:
@@ -57,9 +75,11 @@ def trainer_command(trainer: str, model_dir: str, args, num_iterations: int, bet
 
 
 def run_pair(model_dir: str, args, num_iterations: int, beta: float, workdir: str) -> dict:
-    """Both trainers in their own processes, one generation batch at a time, alternating who goes first."""
+    """Both trainers in their own processes, one generation batch at a time, alternating who goes first
+    (--schedule interleaved), or ours to the end and then TRL (sequential: one process alive at a time)."""
     processes, gates, logs, outs = {}, {}, {}, {}
-    for trainer in ("ours", "trl"):
+
+    def start(trainer):
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
         outs[trainer] = Path(workdir) / f"{trainer}_{num_iterations}_{beta}.json"
@@ -81,22 +101,44 @@ def run_pair(model_dir: str, args, num_iterations: int, beta: float, workdir: st
         raise RuntimeError(f"{trainer} (num_iterations={num_iterations}, beta={beta}) failed:\n"
                            f"{logs[trainer].read_text()[-3000:]}")
 
-    for batch in range(args.num_batches):
-        order = ("ours", "trl") if batch % 2 == 0 else ("trl", "ours")
-        for trainer in order:
-            write_fd, read_fd = gates[trainer]
-            os.write(write_fd, b"g")
-            if os.read(read_fd, 1) != b"d":  # EOF: the trainer died
-                fail(trainer)
+    def run_batch(trainer):
+        write_fd, read_fd = gates[trainer]
+        os.write(write_fd, b"g")
+        if os.read(read_fd, 1) != b"d":  # EOF: the trainer died
+            fail(trainer)
+
     records = {}
-    for trainer, process in processes.items():
-        _, status, usage = os.wait4(process.pid, 0)
+
+    def finish(trainer):
+        _, status, usage = os.wait4(processes[trainer].pid, 0)
         for fd in gates[trainer]:
             os.close(fd)
         if status != 0:
             fail(trainer)
         records[trainer] = json.loads(outs[trainer].read_text())
         records[trainer]["wait4_maxrss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+
+    try:
+        if args.schedule == "interleaved":
+            for trainer in ("ours", "trl"):
+                start(trainer)
+            for batch in range(args.num_batches):
+                for trainer in ("ours", "trl") if batch % 2 == 0 else ("trl", "ours"):
+                    run_batch(trainer)
+            for trainer in ("ours", "trl"):
+                finish(trainer)
+        else:  # sequential: the second trainer starts only after the first has exited
+            for trainer in ("ours", "trl"):
+                start(trainer)
+                for _ in range(args.num_batches):
+                    run_batch(trainer)
+                finish(trainer)
+    finally:
+        if args.trainer_logs:  # every trainer's own log, also when one failed
+            with open(args.trainer_logs, "a") as combined:
+                for trainer, log in logs.items():
+                    combined.write(f"===== {trainer} num_iterations={num_iterations} beta={beta} =====\n")
+                    combined.write(log.read_text() if log.exists() else "(no log)\n")
     return records
 
 
@@ -124,19 +166,37 @@ def summarise(record: dict, num_iterations: int, max_completion_length: int) -> 
         "peak_rss_mb": record["peak_rss_mb"],
         "wait4_maxrss_mb": record["wait4_maxrss_mb"],
         "rss_train_start_mb": record["rss_train_start_mb"],
+        "gpu_peak_allocated_mb": record.get("gpu_peak_allocated_mb"),
+        "gpu_peak_reserved_mb": record.get("gpu_peak_reserved_mb"),
+        "gpu_train_start_mb": record.get("gpu_train_start_mb"),
         "vision_calls_images_per_batch": images,
+        "model_dtype": record.get("model_dtype"),
+        "model_device": record.get("model_device"),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny-small", help="tiny | tiny-small")
-    parser.add_argument("--model_dir", default=None, help="use this save_pretrained folder instead of a preset")
+    parser.add_argument("--config", "--preset", dest="config", default="tiny-small", choices=MODEL_CONFIGS,
+                        help="model to save and train: a tiny preset or the 3B architecture with random weights")
+    parser.add_argument("--config_overrides", default=None,
+                        help="qwen2.5-vl-3b only: KEY=VALUE,... (vision.KEY for the vision config), e.g. to shrink it")
+    parser.add_argument("--model_dir", default=None, help="use this save_pretrained folder instead of --config")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="both trainers' weights (and the saved 3B model's)")
+    parser.add_argument("--schedule", choices=("auto", "interleaved", "sequential"), default="auto",
+                        help="auto: interleaved on CPU, sequential on CUDA (see the module docstring)")
+    parser.add_argument("--trainer_logs", default=None, help="append every trainer process's log to this file")
     parser.add_argument("--configs", default="1:0,1:0.04,2:0,2:0.04", help="num_iterations:beta, comma-separated")
     parser.add_argument("--num_prompts", type=int, default=4, help="B")
     parser.add_argument("--group_size", type=int, default=8, help="G")
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--max_completion_length", type=int, default=32, help="T (every completion exactly T)")
+    parser.add_argument("--learning_rate", type=float, default=1e-5,
+                        help="both trainers' AdamW lr. The random-weight 3B config diverges in bf16 at a real lr "
+                             "(TRL's grad norm was NaN at its second step with 1e-5): use 1e-12 there, which keeps "
+                             "every computation of the step (AdamW still runs) but leaves bf16 weights in place")
     parser.add_argument("--num_batches", type=int, default=4, help="generation batches per run; first = warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each trainer")
     parser.add_argument("--freeze_policy", default="full",
@@ -145,11 +205,16 @@ def main() -> None:
                         help="leave TRL's default gradient checkpointing on (ours has none)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    # A timeout's SIGTERM exits through the finally blocks: --trainer_logs still gets the logs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.schedule == "auto":
+        args.schedule = "interleaved" if args.device == "cpu" else "sequential"
 
     print(machine_info(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        model_dir = args.model_dir or save_preset(args.preset, Path(workdir) / args.preset)
+        model_dir = args.model_dir or save_model(args.config, Path(workdir) / args.config, device=args.device,
+                                                 dtype=args.dtype, overrides=args.config_overrides)
         for spec in args.configs.split(","):
             num_iterations, beta = int(spec.split(":")[0]), float(spec.split(":")[1])
             records = run_pair(model_dir, args, num_iterations, beta, workdir)
@@ -167,10 +232,13 @@ def main() -> None:
                          "paired_time_ratios": [t / o for o, t in zip(results["ours"]["batch_seconds"],
                                                                       results["trl"]["batch_seconds"], strict=True)],
                          "peak_ratio_ours_over_trl": results["ours"]["peak_rss_mb"] / results["trl"]["peak_rss_mb"]})
+            if args.out:  # after every setting, so a later failure or timeout keeps the finished ones
+                Path(args.out).write_text(json.dumps(rows, indent=1))
 
     B, G, T = args.num_prompts, args.group_size, args.max_completion_length
-    print(f"\nB={B} prompts x G={G}, T={T} tokens per completion, micro-batch {args.micro_batch_size}, "
-          f"{args.num_batches - 1} measured generation batches per run\n")
+    print(f"\n{args.config if not args.model_dir else args.model_dir}, {args.device} {args.dtype}, "
+          f"B={B} prompts x G={G}, T={T} tokens per completion, micro-batch {args.micro_batch_size}, "
+          f"{args.num_batches - 1} measured generation batches per run, {args.schedule}\n")
     print("| num_iterations | beta | ours s/batch | TRL s/batch | TRL / ours (wall) | paired ratios "
           "| ours CPU s/batch | TRL CPU s/batch | TRL / ours (CPU) | ours rollout s | TRL rollout s "
           "| ours peak RSS MB | TRL peak RSS MB | ours / TRL peak | RSS at first rollout ours / TRL |")
@@ -184,6 +252,16 @@ def main() -> None:
               f"| {o['median_rollout_seconds']:.1f} | {t['median_rollout_seconds']:.1f} "
               f"| {o['peak_rss_mb']:,.0f} | {t['peak_rss_mb']:,.0f} | {r['peak_ratio_ours_over_trl']:.2f} "
               f"| {o['rss_train_start_mb']:,.0f} / {t['rss_train_start_mb']:,.0f} |")
+    if args.device == "cuda":
+        print("\n| num_iterations | beta | GPU peak allocated MB ours / TRL | ours / TRL | GPU peak reserved MB ours / TRL "
+              "| GPU allocated at first rollout MB ours / TRL |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            o, t = r["ours"], r["trl"]
+            print(f"| {r['num_iterations']} | {r['beta']} | {o['gpu_peak_allocated_mb']:,.0f} / "
+                  f"{t['gpu_peak_allocated_mb']:,.0f} | {o['gpu_peak_allocated_mb'] / t['gpu_peak_allocated_mb']:.2f} "
+                  f"| {o['gpu_peak_reserved_mb']:,.0f} / {t['gpu_peak_reserved_mb']:,.0f} "
+                  f"| {o['gpu_train_start_mb']:,.0f} / {t['gpu_train_start_mb']:,.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -7,9 +7,11 @@ Used by bench/grpo_step_vs_trl.py and bench/vision_calls.py, each trainer in its
 Both trainers get the same setting: the same saved Qwen2.5-VL (a save_pretrained folder), the same
 prompts in the same order (our data pipeline draws them; TRL gets them as a dataset in that order
 with shuffle_dataset=False), the same G, B, micro-batch, completion length, num_iterations, beta,
-loss aggregation (ours "sequence" = TRL loss_type "grpo"), optimiser settings, float32, no gradient
-checkpointing, one torch thread by default, and the same reward functions (TRL calls ours,
-grpo.rewards.format_reward and count_accuracy_reward, through thin wrappers).
+loss aggregation (ours "sequence" = TRL loss_type "grpo"), optimiser settings, device and dtype
+(default CPU float32; --device cuda --dtype bfloat16: ours `--device cuda --dtype bfloat16`, TRL
+use_cpu=False, bf16=True, weights loaded in bfloat16), no gradient checkpointing, one torch thread
+by default, and the same reward functions (TRL calls ours, grpo.rewards.format_reward and
+count_accuracy_reward, through thin wrappers).
 
 Equal completion lengths (every completion exactly T = max_completion_length tokens):
   - ours: the loop's EOS ids are replaced by one id past the vocabulary (never sampled), by
@@ -38,6 +40,10 @@ What is recorded (written as JSON to --out):
     i.e. model.generate on the B*G repeated prompts), one entry per generation batch.
   - rss_train_start_mb: VmRSS when the first rollout starts (model, reference, data loaded);
     peak_rss_mb: VmHWM at the end (the whole process's peak resident set).
+  - on CUDA also gpu_train_start_mb (torch.cuda.memory_allocated when the first rollout starts),
+    gpu_peak_allocated_mb / gpu_peak_reserved_mb (torch.cuda.max_memory_allocated / _reserved at
+    the end: tensors' peak, and what the caching allocator held at most). Every timestamp above is
+    taken after torch.cuda.synchronize(), so it includes the GPU work queued before it.
 """
 
 from __future__ import annotations
@@ -55,6 +61,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, never_sampled_eos  # noqa: E402
+
+SYNC_CUDA = False  # set in main() for --device cuda: timestamps wait for queued GPU work
+
+
+def _now() -> float:
+    """time.perf_counter(), after the GPU has finished what was queued (on CUDA)."""
+    if SYNC_CUDA:
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _gpu_mb(stat: str) -> float | None:
+    """torch.cuda.<stat>() in MB on CUDA runs (memory_allocated, max_memory_allocated, ...), else None."""
+    if not SYNC_CUDA:
+        return None
+    import torch
+
+    return getattr(torch.cuda, stat)() / 2**20
 
 
 def _proc_mb(field: str) -> float:
@@ -124,7 +150,7 @@ class Gate:
 
 
 def _end_batch(record: dict, gate: Gate) -> None:
-    record["batch_end"].append(time.perf_counter())
+    record["batch_end"].append(_now())
     record["batch_end_cpu"].append(time.process_time())  # CPU seconds of the whole process, all threads
     record["waited"].append(gate.waited)
     gate.done()
@@ -134,12 +160,12 @@ def our_argv(args, output_dir: str) -> list[str]:
     """Our train.py flags for the shared setting."""
     return [
         "--stage", "grpo", "--model", args.model_dir, "--dataset", "synthetic",
-        "--num_examples", str(args.num_examples), "--seed", "0", "--device", "cpu", "--dtype", "float32",
+        "--num_examples", str(args.num_examples), "--seed", "0", "--device", args.device, "--dtype", args.dtype,
         "--per_device_prompts", str(args.num_prompts), "--num_generations", str(args.group_size),
         "--micro_batch_size", str(args.micro_batch_size), "--max_completion_length", str(args.max_completion_length),
         "--num_iterations", str(args.num_iterations), "--beta", str(args.beta),
         "--loss_aggregation", "sequence", "--advantage_scale", "group", "--temperature", "1.0",
-        "--learning_rate", "1e-5", "--weight_decay", "0.1", "--adam_beta2", "0.99", "--max_grad_norm", "1.0",
+        "--learning_rate", str(args.learning_rate), "--weight_decay", "0.1", "--adam_beta2", "0.99", "--max_grad_norm", "1.0",
         "--reward_functions", "format,count_accuracy", "--freeze_policy", args.freeze_policy,
         "--max_steps", str(args.num_batches * args.num_iterations), "--output_dir", output_dir,
         "--overwrite_output_dir", "--progress_bar", "false", "--save_steps", "0",
@@ -177,11 +203,12 @@ def run_ours(args, output_dir: str, gate: Gate) -> dict:
     config = parse_config(our_argv(args, output_dir))
     counter = VisionCounter()
     record = {"step_end": [], "completion_length_mean": [], "rss_train_start_mb": None, "rollout_seconds": [],
-              "batch_end": [], "batch_end_cpu": [], "waited": []}
+              "batch_end": [], "batch_end_cpu": [], "waited": [], "gpu_train_start_mb": None}
 
     def build_policy_wrapper(original):
         def build_policy(*a, **kw):
             policy = original(*a, **kw)
+            record.update(model_dtype=str(policy.model.dtype), model_device=str(policy.model.device))
             # Force every completion to T tokens: an EOS id no sampler can emit (bench/common.py).
             policy.tokens = dataclasses.replace(policy.tokens, eos_token_ids=(never_sampled_eos(policy.model),))
             counter.attach(policy.model.model.visual, "policy")
@@ -195,20 +222,21 @@ def run_ours(args, output_dir: str, gate: Gate) -> dict:
         def sample_rollouts(*a, **kw):
             if record["rss_train_start_mb"] is None:
                 record["rss_train_start_mb"] = _proc_mb("VmRSS")
+                record["gpu_train_start_mb"] = _gpu_mb("memory_allocated")
             counter.phase_override = "rollout"
-            start = time.perf_counter()
+            start = _now()
             try:
                 return original(*a, **kw)
             finally:
                 counter.phase_override = None
-                record["rollout_seconds"].append(time.perf_counter() - start)
+                record["rollout_seconds"].append(_now() - start)
 
         return sample_rollouts
 
     def metrics_logger_wrapper(original):
         class TimedMetricsLogger(original):
             def log(self, step, metrics):
-                record["step_end"].append(time.perf_counter())
+                record["step_end"].append(_now())
                 record["completion_length_mean"].append(float(metrics["completion_length_mean"]))
                 counter.step = step
                 out = super().log(step, metrics)
@@ -248,7 +276,15 @@ def trl_dataset(args):
     from models.loading import load_policy
 
     config = parse_config(our_argv(args, tempfile.mkdtemp()))
-    _, processor = load_policy(args.model_dir)
+    if args.device == "cpu":
+        _, processor = load_policy(args.model_dir)  # as measured for docs/benchmarks.md
+    else:
+        # The same processor without loading the weights (load_policy would put 3.75 B float32
+        # parameters in host memory just to read the tokenizer): what load_policy does to it.
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model_dir)
+        processor.tokenizer.padding_side = "left"
     dataset, _ = load_prompt_dataset(config, processor)
     order = IndexStream(len(dataset), seed=config.train.seed).take(args.num_prompts * args.num_batches)
     rows = []
@@ -288,18 +324,18 @@ def run_trl(args, output_dir: str, gate: Gate) -> dict:
     T = args.max_completion_length
     rows = args.num_prompts * args.group_size
     trl_args = GRPOConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, seed=0,
+        output_dir=output_dir, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16", fp16=False, seed=0,
         gradient_checkpointing=args.trl_gradient_checkpointing, report_to="none",
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, log_completions=False,
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=rows // args.micro_batch_size,
         num_generations=args.group_size, max_completion_length=T, shuffle_dataset=False,
         num_iterations=args.num_iterations, beta=args.beta, loss_type="grpo", scale_rewards="group",
-        epsilon=0.2, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, lr_scheduler_type="constant",
+        epsilon=0.2, temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.learning_rate, lr_scheduler_type="constant",
         weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0,
         max_steps=args.num_batches * args.num_iterations, remove_unused_columns=False,
         generation_kwargs={"min_new_tokens": T},  # EOS logits -> -inf: exactly T tokens
-        model_init_kwargs={"dtype": "float32"},
+        model_init_kwargs={"dtype": args.dtype},
     )
     trainer = GRPOTrainer(model=args.model_dir, reward_funcs=[format_for_trl, count_accuracy_for_trl], args=trl_args,
                           train_dataset=dataset)
@@ -308,20 +344,23 @@ def run_trl(args, output_dir: str, gate: Gate) -> dict:
     if getattr(trainer, "ref_model", None) is not None:
         counter.attach(trainer.ref_model.model.visual, "reference")
     record = {"step_end": [], "completion_length_mean": [], "rss_train_start_mb": None, "rollout_seconds": [],
-              "batch_end": [], "batch_end_cpu": [], "waited": [], "trl_version": __import__("trl").__version__, "model_dtype": str(trainer.model.dtype)}
+              "batch_end": [], "batch_end_cpu": [], "waited": [], "gpu_train_start_mb": None,
+              "trl_version": __import__("trl").__version__, "model_dtype": str(trainer.model.dtype),
+              "model_device": str(trainer.model.device)}
 
     original_generate = trainer._generate_single_turn
 
     def generate_single_turn(*a, **kw):
         if record["rss_train_start_mb"] is None:
             record["rss_train_start_mb"] = _proc_mb("VmRSS")
+            record["gpu_train_start_mb"] = _gpu_mb("memory_allocated")
         counter.phase_override = "rollout"
-        start = time.perf_counter()
+        start = _now()
         try:
             return original_generate(*a, **kw)
         finally:
             counter.phase_override = None
-            record["rollout_seconds"].append(time.perf_counter() - start)
+            record["rollout_seconds"].append(_now() - start)
 
     trainer._generate_single_turn = generate_single_turn
 
@@ -336,7 +375,7 @@ def run_trl(args, output_dir: str, gate: Gate) -> dict:
 
     class Timer(transformers.TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
-            record["step_end"].append(time.perf_counter())
+            record["step_end"].append(_now())
             counter.step = state.global_step
             if state.global_step % args.num_iterations == 0:
                 _end_batch(record, gate)
@@ -361,24 +400,35 @@ def main() -> None:
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--max_completion_length", type=int, default=32, help="T")
     parser.add_argument("--num_iterations", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-5,
+                        help="AdamW lr of both trainers (0 still runs the whole update; see grpo_step_vs_trl.py)")
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--num_batches", type=int, default=3, help="generation batches (the first is a warm-up)")
     parser.add_argument("--num_examples", type=int, default=64)
     parser.add_argument("--freeze_policy", default="full", help="ours only: full | language (vision frozen)")
     parser.add_argument("--trl_gradient_checkpointing", action="store_true",
                         help="TRL only: its default (True); off by default here to match ours")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gate_fds", default=None, help="READ_FD,WRITE_FD inherited from the parent (see Gate)")
     args = parser.parse_args()
 
     import torch
 
+    global SYNC_CUDA
+    SYNC_CUDA = args.device == "cuda"
+    if SYNC_CUDA and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as output_dir:
         gate = Gate(args.gate_fds)
         record = (run_ours if args.trainer == "ours" else run_trl)(args, output_dir, gate)
     record.update(trainer=args.trainer, peak_rss_mb=_proc_mb("VmHWM"), machine=machine_info(),
-                  setting=vars(args), pid=os.getpid())
+                  setting=vars(args), pid=os.getpid(), gpu_peak_allocated_mb=_gpu_mb("max_memory_allocated"),
+                  gpu_peak_reserved_mb=_gpu_mb("max_memory_reserved"))
+    if SYNC_CUDA:
+        record["gpu"] = torch.cuda.get_device_name()
     Path(args.out).write_text(json.dumps(record, indent=1))
 
 
