@@ -107,7 +107,9 @@ if [[ $DEVICE == cuda ]]; then
        --num_examples 64)
   EVAL=(--num_examples 64 --max_completion_length 64)
   DECODE=(--config qwen2.5-vl-3b --num_prompts 4 --group_size 8 --max_new_tokens 128 --image_size 448 --repeats 3)
-  STEP=(--config qwen2.5-vl-3b --num_prompts 4 --group_size 8 --micro_batch_size 8 --max_completion_length 64
+  # B=1: with B=4 prompts of different lengths TRL's second step had a NaN gradient norm in bf16
+  # (docs/benchmarks.md section 5); lr 1e-12: random weights, every computation kept.
+  STEP=(--config qwen2.5-vl-3b --num_prompts 1 --group_size 8 --micro_batch_size 8 --max_completion_length 64
         --num_batches 4 --learning_rate 1e-12)
 else
   DTYPE=float32
@@ -134,7 +136,7 @@ stage gpu_decode 150 "$PY" bench/gpu_decode.py --device "$DEVICE" --dtype "$DTYP
   --out "$OUT/gpu_decode.json"
 
 # --- 3. a full GRPO step, ours vs TRL, 3B architecture ---
-stage grpo_step_vs_trl 300 "$PY" bench/grpo_step_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" --configs 1:0.04 \
+stage grpo_step_vs_trl 300 "$PY" bench/grpo_step_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" --configs 1:0.04,2:0.04 \
   "${STEP[@]}" --out "$OUT/grpo_step_vs_trl.json" --trainer_logs "$OUT/grpo_step_trainer_logs.txt"
 
 echo "===== done after $(($(date +%s) - START))s; files in \$OUT:"
