@@ -9,8 +9,9 @@ and decode throughput cannot exceed R / bound_step_s tokens/s. This script build
 Qwen2.5-VL-3B architecture (tests/fixtures/qwen2_5_vl_3b_config.json: text 2048 x 36 layers,
 vocab 151,936; vision 1280 x 32 blocks) with RANDOM weights in bfloat16 on the GPU (no download),
 takes B synthetic counting prompts (the tiny tokenizer's ids, with the special tokens mapped to
-Qwen's ids; images at --image_size px), and times, for our sampler and for `model.generate` on G
-copies of each prompt:
+Qwen's ids; images at --image_size px), and times, for our sampler with the device's default
+decode ("ours": one CUDA graph per rollout on a GPU), our sampler's eager loop ("ours_eager",
+decode="dynamic") and `model.generate` on G copies of each prompt:
 
     t(T) for T = --max_new_tokens, and t(1)  ->  prefill ~ t(1), decode step = (t(T) - t(1)) / (T - 1)
 
@@ -105,8 +106,10 @@ def main() -> None:
     pad_id = int(map_ids(torch.tensor(processor.tokenizer.pad_token_id, device=device)))
     common = dict(group_size=args.group_size, eos_token_ids=[never_sampled_eos(model)], pad_token_id=pad_id)
     generator = torch.Generator(device=device).manual_seed(0)
-    samplers = {
+    samplers = {  # ours = the default decode for the device (a CUDA graph per rollout on a GPU)
         "ours": lambda n: sample_rollouts(model, batch, max_new_tokens=n, generator=generator, **common).completion_ids,
+        "ours_eager": lambda n: sample_rollouts(model, batch, max_new_tokens=n, generator=generator, decode="dynamic",
+                                                **common).completion_ids,
         "generate": lambda n: generate_rollouts_naive(model, batch, max_new_tokens=n, **common),
     }
 
@@ -164,6 +167,8 @@ def main() -> None:
         if "bound_step_ms_measured_bw" in result:
             result[f"{name}_fraction_of_bound"] = result["bound_step_ms_measured_bw"] / (step * 1e3)
     result["speedup_overall"] = result["generate_total_s"] / result["ours_total_s"]
+    result["speedup_overall_eager"] = result["generate_total_s"] / result["ours_eager_total_s"]
+    result["decode_step_speedup_graph_vs_eager"] = result["ours_eager_decode_step_ms"] / result["ours_decode_step_ms"]
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

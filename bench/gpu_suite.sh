@@ -9,6 +9,7 @@
 #   0. installs the carried wheels (.whl/: transformers 5.24, trl 1.16, datasets 5.2, peft 0.21 and
 #      their missing needs; torch and numpy are the machine's own) into /tmp/site, first on PYTHONPATH;
 #      prints the versions it ends up with and nvidia-smi;
+#   0b. on CUDA, tests/test_rollout.py and tests/test_forward.py (their GPU-only test included);
 #   1. end to end: train.py --stage grpo on the tiny preset for a few steps, then eval.py on it;
 #   2. bench/gpu_decode.py: Qwen2.5-VL-3B-size (random bf16 weights) rollout decode, ours vs
 #      generate, against the HBM-bandwidth bound;
@@ -120,6 +121,11 @@ else
   STEP=(--config qwen2.5-vl-3b --schedule sequential --num_prompts 2 --group_size 2 --micro_batch_size 2
         --max_completion_length 4 --num_batches 2
         --config_overrides "num_hidden_layers=1,intermediate_size=512,vocab_size=1024,vision.depth=1,vision.intermediate_size=256,vision.fullatt_block_indexes=[0]")
+fi
+
+# --- 0b. the GPU-only tests (CUDA-graph decoding against the eager loop) ---
+if [[ $DEVICE == cuda ]]; then
+  stage gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout.py tests/test_forward.py
 fi
 
 # --- 1. end to end: train a few GRPO steps, evaluate the result ---

@@ -42,7 +42,9 @@ from grpo.forward import (
     spatial_merge_size_of,
 )
 from grpo.logprobs import token_logprobs
-from grpo.rollout import _cache_kwarg, _output_cache, sample_rollouts
+from grpo.forward import cache_kwarg_name as _cache_kwarg
+from grpo.forward import output_cache as _output_cache
+from grpo.rollout import sample_rollouts
 from models.loading import load_policy, special_token_ids
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.loss import AGGREGATIONS
+from grpo.rollout import DECODE_MODES
 
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
@@ -215,6 +216,12 @@ class GRPOArguments:
         "first epoch's ratio is then only close to 1.",
         default=False,
     )
+    decode: str = _help(
+        "How the sampler runs its decode steps: auto (cuda_graph on CUDA, dynamic elsewhere) | dynamic "
+        "(HF's growing KV cache, plain PyTorch) | static (preallocated buffers) | cuda_graph (static, "
+        "each step replayed from one CUDA graph; needs CUDA).",
+        default="auto",
+    )
     shared_prompt_forward: bool = _help(
         "Run each prompt once per training, old-policy and reference forward and copy its KV cache to "
         "its G completions, instead of running [prompt ; completion] G times (same logprobs and "
@@ -239,6 +246,8 @@ class GRPOArguments:
             raise ConfigError(f"--epsilon {self.epsilon}: must be in [0, 1) so that 1 - epsilon > 0")
         if self.epsilon_high < 0:
             raise ConfigError(f"--epsilon_high {self.epsilon_high}: must be >= 0")
+        if self.decode not in ("auto", *DECODE_MODES):
+            raise ConfigError(f"--decode {self.decode!r} is not one of {('auto', *DECODE_MODES)}")
         if self.loss_aggregation not in AGGREGATIONS:
             raise ConfigError(f"--loss_aggregation {self.loss_aggregation!r} is not one of {AGGREGATIONS}")
         if self.advantage_scale not in ADVANTAGE_SCALES:

@@ -194,6 +194,7 @@ def train_grpo(config: Config) -> dict:
                 model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
                 eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
                 temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
+                decode=None if gargs.decode == "auto" else gargs.decode,
             )
             completion_ids = rollout.completion_ids  # [B*G, T]
             rollout_seconds = time.perf_counter() - t_rollout

@@ -33,7 +33,6 @@ Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_rollout.p
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,10 +42,12 @@ from transformers import GenerationConfig
 
 from grpo.forward import (
     build_inputs_embeds,
+    cache_kwarg_name,
     count_images_per_prompt,
     encode_images,
     image_token_id_of,
     mrope_position_ids,
+    output_cache,
     spatial_merge_size_of,
 )
 from grpo.masks import completion_mask
@@ -69,18 +70,6 @@ class Rollout:
     """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
     num_generated_tokens: int
     """Tokens generated over all rows, each row counted through its first EOS."""
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    params = inspect.signature(getattr(model, "module", model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _output_cache(output):
-    """The KV cache of a forward's output, under either name."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 SAMPLING_METHODS = ("inverse_cdf", "multinomial")
@@ -162,6 +151,140 @@ def sample_next_token(
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)  # [R], [R]
 
 
+DECODE_MODES = ("dynamic", "static", "cuda_graph")
+
+
+def default_decode(device: torch.device) -> str:
+    """`cuda_graph` on CUDA, `dynamic` elsewhere.
+
+    A decode step runs R rows x 1 token through every layer: on a GPU that is hundreds of small
+    kernels, and launching them from Python costs more than running them (Qwen2.5-VL-3B, 32 rows,
+    H100: 36 ms a step in eager PyTorch against a 2.3 ms memory-bandwidth bound, docs/benchmarks.md
+    section 5). Replaying the step from a CUDA graph removes the launches. On CPU the kernels
+    themselves dominate, and the plain loop stays (it is also the naive twin the tests use).
+    """
+    return "cuda_graph" if torch.device(device).type == "cuda" else "dynamic"
+
+
+class DynamicDecoder:
+    """The plain decode step: HF's growing KV cache, the attention mask sliced to P + step + 1."""
+
+    def __init__(self, model, cache, row_mask: Tensor, next_position: Tensor, max_new_tokens: int):
+        self.model, self.cache, self.next_position = model, cache, next_position  # next_position [R]
+        self.cache_kwarg = cache_kwarg_name(model)
+        num_rows, self.prompt_length = row_mask.shape  # R, P
+        # The whole decode mask at once: the prompt's mask, then ones for every generated column.
+        # Step s passes the first P+s+1 columns (a view), instead of concatenating a column per step.
+        # Finished rows keep 1s: they still run (emitting pad) and are masked out of the loss later.
+        self.attention_mask = row_mask.new_ones(num_rows, self.prompt_length + max_new_tokens)  # [R, P+T]
+        self.attention_mask[:, : self.prompt_length] = row_mask  # [R, P]
+
+    def step(self, token: Tensor, step: int) -> Tensor:
+        """Run `token` [R] (generated token number `step`) through the model: next logits [R, V]."""
+        num_rows = token.shape[0]
+        # The new token is a text token: same position on the three axes, one past the last.
+        position_ids = (self.next_position + step).view(1, num_rows, 1).expand(3, -1, -1)  # [3, R, 1]
+        output = self.model(
+            inputs_embeds=build_inputs_embeds(self.model, token[:, None], None),  # [R, 1, D]
+            attention_mask=self.attention_mask[:, : self.prompt_length + step + 1],  # [R, P+step+1]
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
+        )
+        self.cache = output_cache(output)
+        return output.logits[:, -1, :]  # [R, V]
+
+
+class StaticKVCache:
+    """Every layer's K and V in one preallocated buffer [R, H_kv, P+T, d]; the slot the next token
+    is written to is a device tensor (`position`), so a step has fixed shapes and no host values:
+    what a CUDA graph needs. Only `update` is called by the model (the attention mask is passed
+    ready-made, so HF's mask builder, which would query the cache, never runs)."""
+
+    def __init__(self, prefill_cache, max_length: int):
+        self.keys, self.values = [], []  # per layer [R, H_kv, P+T, d]
+        for layer in prefill_cache.layers:  # transformers 5.x DynamicLayer: .keys / .values [R, H_kv, P, d]
+            prompt_length = layer.keys.shape[2]
+            for store, prefill in ((self.keys, layer.keys), (self.values, layer.values)):
+                buffer = prefill.new_zeros(*prefill.shape[:2], max_length, prefill.shape[3])
+                buffer[:, :, :prompt_length] = prefill
+                store.append(buffer)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)  # [1] next slot
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        """Write this step's K, V [R, H_kv, 1, d] at `position`; return the whole buffers."""
+        self.keys[layer_idx].index_copy_(2, self.position, key_states)
+        self.values[layer_idx].index_copy_(2, self.position, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class StaticDecoder:
+    """The decode step on fixed-shape buffers, optionally replayed from one CUDA graph.
+
+    Buffers: the token [R], the 3-D positions [3, R, 1], a boolean attention mask [R, 1, 1, P+T]
+    (True = attend: the prompt's real tokens, then one more column per step) and the
+    `StaticKVCache`. A step writes its inputs into them, then runs (or replays) the same forward;
+    every slot after the current one is masked, so the zeros or stale values there are never read.
+    With cuda_graph, the forward is captured once per rollout after two warm-up runs (which write
+    into slots P and P+1: the real steps overwrite those before any query may attend to them).
+    """
+
+    def __init__(self, model, prefill_cache, row_mask: Tensor, next_position: Tensor, max_new_tokens: int,
+                 *, cuda_graph: bool):
+        text_config = getattr(model, "module", model).config.get_text_config()
+        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ["full_attention"]):
+            raise ValueError("static decoding supports full-attention layers only; use decode='dynamic'")
+        num_rows, self.prompt_length = row_mask.shape  # R, P
+        max_length = self.prompt_length + max_new_tokens
+        self.model, self.next_position = model, next_position  # [R]
+        self.cache = StaticKVCache(prefill_cache, max_length)
+        self.cache_kwarg = cache_kwarg_name(model)
+        self.token = torch.zeros(num_rows, dtype=torch.long, device=row_mask.device)  # [R]
+        self.position_ids = torch.zeros(3, num_rows, 1, dtype=torch.long, device=row_mask.device)  # [3, R, 1]
+        self.mask = torch.zeros(num_rows, 1, 1, max_length, dtype=torch.bool, device=row_mask.device)  # [R, 1, 1, P+T]
+        self.mask[:, 0, 0, : self.prompt_length] = row_mask.bool()
+        self.graph = None
+        if cuda_graph:
+            if row_mask.device.type != "cuda":
+                raise ValueError("decode='cuda_graph' needs the model on a CUDA device; use 'static' or 'dynamic'")
+            self._set_inputs(self.token, 0)
+            side = torch.cuda.Stream(device=row_mask.device)
+            side.wait_stream(torch.cuda.current_stream(row_mask.device))
+            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream(row_mask.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()  # [R, V] lives in the graph's memory pool
+
+    def _set_inputs(self, token: Tensor, step: int) -> None:
+        self.token.copy_(token)
+        self.position_ids.copy_((self.next_position + step).view(1, -1, 1).expand(3, -1, -1))
+        self.cache.position.fill_(self.prompt_length + step)
+        self.mask[:, 0, 0, self.prompt_length + step] = True
+
+    def _forward(self) -> Tensor:
+        output = self.model(
+            inputs_embeds=build_inputs_embeds(self.model, self.token[:, None], None),  # [R, 1, D]
+            attention_mask={"full_attention": self.mask},  # ready-made: HF builds no mask
+            position_ids=self.position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
+        )
+        return output.logits[:, -1, :]  # [R, V]
+
+    def step(self, token: Tensor, step: int) -> Tensor:
+        """Run `token` [R] (generated token number `step`) through the model: next logits [R, V]."""
+        self._set_inputs(token, step)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the graph's output buffer
+
+
 @torch.no_grad()
 def sample_rollouts(
     model: torch.nn.Module,
@@ -176,11 +299,13 @@ def sample_rollouts(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     sampling_method: str | None = None,
+    decode: str | None = None,
 ) -> Rollout:
     """Sample G completions for each of the B prompts of a collated batch (see module docstring).
 
     `generator` must live on the model's device (tokens are drawn on the logits' device).
     `sampling_method`: "inverse_cdf" | "multinomial" | None (by device), see `sample_next_token`.
+    `decode`: "dynamic" | "static" | "cuda_graph" | None (by device), see `default_decode`.
     """
     # Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns
     # the KV cache off when gradient checkpointing is on in train mode. The mode is restored after.
@@ -190,7 +315,7 @@ def sample_rollouts(
         return _sample_rollouts(
             model, batch, group_size=group_size, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-            sampling_method=sampling_method,
+            sampling_method=sampling_method, decode=decode,
         )
     finally:
         model.train(was_training)
@@ -209,6 +334,7 @@ def _sample_rollouts(
     top_k: int,
     generator: torch.Generator | None,
     sampling_method: str | None,
+    decode: str | None,
 ) -> Rollout:
     input_ids = batch["input_ids"]  # [B, P] left padded
     prompt_mask = batch["attention_mask"]  # [B, P]
@@ -218,7 +344,6 @@ def _sample_rollouts(
     merge = spatial_merge_size_of(model)
     device = input_ids.device
     eos = torch.tensor(list(eos_token_ids), device=device)  # [E]
-    cache_kwarg = _cache_kwarg(model)
 
     # --- images: the vision tower runs once for the whole batch ---
     image_embeds = None
@@ -242,16 +367,19 @@ def _sample_rollouts(
     )
 
     # --- copy to the G rows of each group: rows are [p0 x G, p1 x G, ...] ---
-    cache = _output_cache(output)
+    cache = output_cache(output)
     cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
     logits = output.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # [B*G, V]
     next_position = next_position.repeat_interleave(group_size)  # [B*G]
-    num_rows, prompt_length = logits.shape[0], input_ids.shape[1]  # R = B*G, P
-    # The whole decode mask at once: the prompt's mask, then ones for every generated column.
-    # Step s passes the first P+s+1 columns (a view), instead of concatenating a column per step.
-    # Finished rows keep 1s: they still run (emitting pad) and are masked out of the loss later.
-    attention_mask = prompt_mask.new_ones(num_rows, prompt_length + max_new_tokens)  # [R, P+T]
-    attention_mask[:, :prompt_length] = prompt_mask.repeat_interleave(group_size, dim=0)  # [R, P]
+    row_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [R, P]
+    num_rows = logits.shape[0]  # R = B*G
+    decode = decode or default_decode(device)
+    if decode == "dynamic":
+        decoder = DynamicDecoder(model, cache, row_mask, next_position, max_new_tokens)
+    elif decode in ("static", "cuda_graph"):
+        decoder = StaticDecoder(model, cache, row_mask, next_position, max_new_tokens, cuda_graph=decode == "cuda_graph")
+    else:
+        raise ValueError(f"decode {decode!r}: expected one of {DECODE_MODES}")
 
     # --- decode ---
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [R]
@@ -269,18 +397,7 @@ def _sample_rollouts(
         finished = finished | torch.isin(token, eos)  # [R]
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        # The new token is a text token: same position on the three axes, one past the last.
-        position_ids = (next_position + step).view(1, num_rows, 1).expand(3, -1, -1)  # [3, R, 1]
-        output = model(
-            inputs_embeds=build_inputs_embeds(model, token[:, None], None),  # [R, 1, D]
-            attention_mask=attention_mask[:, : prompt_length + step + 1],  # [R, P+step+1]
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kwarg: cache},
-        )
-        cache = _output_cache(output)
-        logits = output.logits[:, -1, :]  # [R, V]
+        logits = decoder.step(token, step)  # [R, V] predicts the token after `token`
 
     completion_ids = torch.stack(tokens, dim=1)  # [R, T]; T = longest row (loop stops when all end)
     sampler_logprobs = torch.stack(logprobs, dim=1)  # [R, T]

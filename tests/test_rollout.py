@@ -25,6 +25,8 @@ from test_forward import (
 from grpo.forward import completion_logprobs, image_inputs_for_rows
 from grpo.masks import completion_mask as grpo_completion_mask
 from grpo.rollout import (
+    StaticKVCache,
+    default_decode,
     generate_rollouts_naive,
     repeat_batch_per_group,
     sample_next_token,
@@ -198,3 +200,69 @@ def test_sampling_runs_in_eval_mode_and_restores_the_mode(model, batch):
         assert model.training
     finally:
         model.eval()
+
+
+# --- static decoding (fixed-shape buffers; replayed from a CUDA graph on a GPU) ---
+
+
+def test_static_kv_cache_writes_each_step_at_its_slot():
+    """Hand-worked: a prompt of 2 slots, room for 2 more; writes go to `position`, nowhere else."""
+
+    class Layer:  # what StaticKVCache reads from a prefill cache
+        keys = torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)  # [R=1, H=1, P=2, d=1]
+        values = torch.tensor([10.0, 20.0]).view(1, 1, 2, 1)
+
+    class Prefill:
+        layers = [Layer()]
+
+    cache = StaticKVCache(Prefill(), max_length=4)
+    assert cache.keys[0].flatten().tolist() == [1.0, 2.0, 0.0, 0.0]
+    cache.position.fill_(2)
+    keys, values = cache.update(torch.full((1, 1, 1, 1), 3.0), torch.full((1, 1, 1, 1), 30.0), 0)
+    assert keys.flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
+    assert values.flatten().tolist() == [10.0, 20.0, 30.0, 0.0]
+    cache.position.fill_(3)
+    keys, _ = cache.update(torch.full((1, 1, 1, 1), 4.0), torch.full((1, 1, 1, 1), 40.0), 0)
+    assert keys.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_k=20)])
+def test_static_decoding_equals_the_dynamic_loop(model, batch, options):
+    """Same prompts (left padded, 1-2 images), same seed: same tokens, EOS stops and logprobs.
+    Free-running rows plus an EOS that the sampler does hit, so finished rows are exercised."""
+    free = _sample(model, batch, decode="dynamic", eos_token_ids=[299], **options)
+    eos = int(free.completion_ids[1, 3])
+    dynamic = _sample(model, batch, decode="dynamic", eos_token_ids=[eos], **options)
+    static = _sample(model, batch, decode="static", eos_token_ids=[eos], **options)
+    assert dynamic.is_eos_terminated.any()
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    assert torch.equal(static.is_eos_terminated, dynamic.is_eos_terminated)
+    torch.testing.assert_close(static.sampler_logprobs, dynamic.sampler_logprobs, atol=1e-5, rtol=0)
+
+
+def test_decode_mode_by_device_and_its_errors(model, batch):
+    assert default_decode(torch.device("cpu")) == "dynamic"
+    assert default_decode(torch.device("cuda")) == "cuda_graph"
+    with pytest.raises(ValueError, match="decode 'fast'"):
+        _sample(model, batch, decode="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            _sample(model, batch, decode="cuda_graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the lent GPU machine)")
+def test_cuda_graph_decoding_equals_the_dynamic_loop_on_a_gpu(batch):
+    gpu_model = build_model().cuda()
+    gpu_batch = {k: v.cuda() for k, v in batch.items()}
+    for options in (dict(temperature=0.0), dict(temperature=1.0)):
+        runs = {
+            decode: sample_rollouts(
+                gpu_model, gpu_batch, group_size=3, max_new_tokens=12, eos_token_ids=[EOS], pad_token_id=PAD,
+                generator=torch.Generator(device="cuda").manual_seed(0), decode=decode, **options,
+            )
+            for decode in ("dynamic", "cuda_graph")
+        }
+        assert torch.equal(runs["cuda_graph"].completion_ids, runs["dynamic"].completion_ids)
+        torch.testing.assert_close(
+            runs["cuda_graph"].sampler_logprobs, runs["dynamic"].sampler_logprobs, atol=1e-4, rtol=0
+        )
