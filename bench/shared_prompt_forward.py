@@ -41,9 +41,9 @@ from grpo.forward import (
     mrope_position_ids,
     spatial_merge_size_of,
 )
-from grpo.logprobs import token_logprobs
 from grpo.forward import cache_kwarg_name as _cache_kwarg
 from grpo.forward import output_cache as _output_cache
+from grpo.logprobs import token_logprobs
 from grpo.rollout import sample_rollouts
 from models.loading import load_policy, special_token_ids
 
