@@ -18,6 +18,9 @@ Where it departs from `model.generate()` on G repeated prompts:
     probability exceeds u) instead of `torch.multinomial`, which on CPU draws a random number per
     vocabulary entry; on CUDA, where its kernel is fast, multinomial stays (`sampling_method`).
     Same distribution; a given seed draws other tokens than multinomial would;
+  - on CUDA each decode step is replayed from one CUDA graph captured per rollout, on fixed-shape
+    buffers (`StaticDecoder`, `StaticKVCache`); the plain loop (`DynamicDecoder`) runs elsewhere
+    and is the twin the tests compare it with (`decode`, `default_decode`);
   - positions are explicit (`grpo.forward.mrope_position_ids`) instead of the model's cached
     `rope_deltas`, so nothing depends on hidden state of the model object;
   - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
