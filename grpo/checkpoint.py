@@ -287,6 +287,25 @@ def save_checkpoint(
 # --- loading ---
 
 
+KERNEL_KEYS = ("fused", "foreach")  # how AdamW runs, not what it computes
+
+
+def _with_this_runs_kernels(saved: dict | None, optimizer) -> dict | None:
+    """The saved optimizer state with this run's AdamW kernel choice in its param_groups.
+
+    torch's load_state_dict takes every group setting from the checkpoint, so without this a
+    checkpoint from an FSDP run (default kernel, DTensor shards) would turn a plain run's fused
+    kernel off, and a plain run's checkpoint would ask FSDP's shards for the fused kernel."""
+    if saved is None:
+        return None
+    current = getattr(optimizer, "optimizer", optimizer).param_groups  # FullStateOptimizer wraps one
+    groups = [
+        {**group, **{key: mine[key] for key in KERNEL_KEYS if key in mine}}
+        for group, mine in zip(saved["param_groups"], current, strict=False)
+    ]
+    return {**saved, "param_groups": groups}
+
+
 def _load_into(name: str, target, state, checkpoint_dir: Path) -> None:
     if state is None:
         raise ValueError(f"checkpoint {checkpoint_dir} holds no {name} state; it was saved without one")
@@ -321,7 +340,7 @@ def load_trainer_state(
         )
     state = torch.load(checkpoint_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
     if optimizer is not None:
-        _load_into("optimizer", optimizer, state["optimizer"], checkpoint_dir)
+        _load_into("optimizer", optimizer, _with_this_runs_kernels(state["optimizer"], optimizer), checkpoint_dir)
     if scheduler is not None:
         _load_into("scheduler", scheduler, state["scheduler"], checkpoint_dir)
     if restore_rng:

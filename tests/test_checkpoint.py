@@ -375,3 +375,24 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 def test_kill_9_of_a_fresh_interpreter_during_saves(tmp_path):
     _kill_during_saves(tmp_path / "run", _start_subprocess, rounds=3)
+
+
+def test_loading_an_optimizer_state_keeps_this_runs_adamw_kernel():
+    """A checkpoint records fused/foreach in its param_groups, and torch's load_state_dict would
+    take them; the loading run keeps its own kernel (FSDP shards cannot run the fused one)."""
+    from grpo.checkpoint import _with_this_runs_kernels
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    fused = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    plain = torch.optim.AdamW([weight], lr=0.2)
+    weight.grad = torch.ones(3)
+    fused.step()
+    saved = fused.state_dict()
+    plain.load_state_dict(_with_this_runs_kernels(saved, plain))
+    assert plain.param_groups[0]["fused"] is None  # this run's choice
+    assert plain.param_groups[0]["lr"] == 0.1  # the checkpoint's settings otherwise
+    torch.testing.assert_close(plain.state[weight]["exp_avg"], fused.state[weight]["exp_avg"])
+    fused.load_state_dict(_with_this_runs_kernels(plain.state_dict(), fused))
+    assert fused.param_groups[0]["fused"] is True
+    plain.load_state_dict(saved)  # what torch alone would do: the checkpoint's kernel
+    assert plain.param_groups[0]["fused"] is True
