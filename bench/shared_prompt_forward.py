@@ -1,24 +1,16 @@
-"""PROPOSAL, measured: the training forward with the prompt computed once per group, not G times.
+"""The training forward with the prompt computed once per group, against G times (the naive twin).
 
-Our training forward (grpo/forward.py `completion_logprobs`, through grpo/generation_batch.py)
-runs every completion row as [prompt ; completion], so each prompt's P tokens go through the
-language model G times per forward and G times more in the backward. With the synthetic demo's
-prompts (P = 122: R1 system prompt + 16 image tokens + question) and T = 32, 79% of the tokens
-in a training forward are prompt copies. The sampler already avoids this (prefill once, KV cache
-copied G ways); the same trick works WITH gradients:
-
-  1. forward the group's prompt once: [1, P] -> KV cache (every layer's K, V) and the logits of
-     its last position (they predict completion token 0);
-  2. copy the cache G ways (`repeat_interleave`, differentiable: the backward sums the G copies'
-     gradients, exactly what G separate prompt copies would receive);
-  3. forward the G completions [G, T] on top of that cache (positions continue from the prompt's
-     mRoPE max + 1, as in completion_logprobs), logits for the T positions;
-  4. token_logprobs on [first-token logits ; completion logits[:, :-1]].
-
-The loss only scores completion tokens, so the logprobs AND the gradients are the same as the
-full forward's (checked here: max abs differences printed). This script measures one group's
-forward + backward (and the no-grad forward used for old/ref logprobs) both ways, interleaved,
-on the tiny-small preset, and prints the ratio.
+Every completion row run as [prompt ; completion] (grpo/forward.py `completion_logprobs`, the
+naive twin) puts each prompt's P tokens through the language model G times per forward and G
+times more in the backward: with the synthetic demo's prompts (P = 122: R1 system prompt + 16
+image tokens + question) and T = 32, 79% of the tokens are prompt copies.
+`completion_logprobs_shared_prompt` (the default training, old-policy and reference forward,
+`--shared_prompt_forward`) runs the prompt once, copies its KV cache to the G rows (the backward
+sums the copies' gradients) and runs only the completions on top; its docstring has the steps.
+This script checks that logprobs and every parameter's gradient agree (max abs differences
+printed) and times one group's forward + backward (and the no-grad forward used for old/ref
+logprobs) both ways, interleaved, on the tiny-small preset. It was first written as the
+proposal's prototype (docs/benchmarks.md, proposal A); it now measures the project's function.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/shared_prompt_forward.py            # ~1-2 min
     OMP_NUM_THREADS=1 .venv/bin/python bench/shared_prompt_forward.py --max_new_tokens 64
@@ -33,48 +25,9 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.forward import (
-    build_inputs_embeds,
-    completion_logprobs,
-    encode_images,
-    image_token_id_of,
-    mrope_position_ids,
-    spatial_merge_size_of,
-)
-from grpo.forward import cache_kwarg_name as _cache_kwarg
-from grpo.forward import output_cache as _output_cache
-from grpo.logprobs import token_logprobs
+from grpo.forward import completion_logprobs, completion_logprobs_shared_prompt, encode_images
 from grpo.rollout import sample_rollouts
 from models.loading import load_policy, special_token_ids
-
-
-def shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, image_embeds, image_grid_thw,
-                           temperature: float = 1.0):
-    """log pi of completion_ids [G, T] after ONE prompt [1, P]; prompt computed once (see docstring)."""
-    group_size, num_tokens = completion_ids.shape  # G, T
-    merge = spatial_merge_size_of(model)
-    prompt_positions, next_position = mrope_position_ids(
-        prompt_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id_of(model), spatial_merge_size=merge
-    )  # [3, 1, P], [1]
-    prompt_out = model(
-        inputs_embeds=build_inputs_embeds(model, prompt_ids, image_embeds),  # [1, P, D]
-        attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True, logits_to_keep=1,
-    )
-    cache = _output_cache(prompt_out)
-    cache.batch_repeat_interleave(group_size)  # K, V of 1 row -> G rows (differentiable)
-    first_logits = prompt_out.logits[:, -1:, :].expand(group_size, 1, -1)  # [G, 1, V]
-    steps = torch.arange(num_tokens, device=completion_ids.device)  # [T]
-    positions = (next_position[:, None] + steps).expand(3, group_size, -1)  # [3, G, T]
-    attention_mask = torch.cat(
-        [prompt_mask.expand(group_size, -1), torch.ones_like(completion_ids)], dim=1
-    )  # [G, P+T]
-    completion_out = model(
-        inputs_embeds=build_inputs_embeds(model, completion_ids, None),  # [G, T, D]
-        attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=num_tokens,
-        **{_cache_kwarg(model): cache},
-    )
-    logits = torch.cat([first_logits, completion_out.logits[:, :-1, :]], dim=1) / temperature  # [G, T, V]
-    return token_logprobs(logits, completion_ids)  # [G, T]
 
 
 def main() -> None:
@@ -113,8 +66,10 @@ def main() -> None:
     def shared(grad: bool):
         with torch.set_grad_enabled(grad):
             image_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
-            logprobs = shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, image_embeds,
-                                              batch["image_grid_thw"])  # [G, T]
+            logprobs = completion_logprobs_shared_prompt(
+                model, prompt_ids, prompt_mask, torch.zeros(G, dtype=torch.long), completion_ids, None,
+                image_embeds, batch["image_grid_thw"],
+            )  # [G, T]
             if grad:
                 logprobs.sum().backward()
         return logprobs.detach()
@@ -143,7 +98,7 @@ def main() -> None:
     result = {
         "preset": args.preset, "P": P, "G": G, "T": T,
         "prompt_share_of_tokens": G * P / (G * (P + T)),
-        "tokens_full": G * (P + T), "tokens_shared": P + G * T,
+        "tokens_full": G * (P + T), "tokens_shared": P + G * (T - 1),  # token T-1 is only a target
         "max_abs_logprob_diff": max_logprob_diff, "max_abs_grad_diff": max_grad_diff, "max_abs_grad": max_grad,
         **{f"{name}_{'fwd_bwd' if grad else 'no_grad_fwd'}_s": median(ts) for (name, grad), ts in times.items()},
     }

@@ -217,7 +217,7 @@ class GRPOArguments:
         default=False,
     )
     decode: str = _help(
-        "How the sampler runs its decode steps: auto (cuda_graph on CUDA, dynamic elsewhere) | dynamic "
+        "How the sampler runs its decode steps: auto (cuda_graph on CUDA without --fsdp, dynamic elsewhere) | dynamic "
         "(HF's growing KV cache, plain PyTorch) | static (preallocated buffers) | cuda_graph (static, "
         "each step replayed from one CUDA graph; needs CUDA).",
         default="auto",
@@ -379,4 +379,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "--fsdp with --freeze_policy lora is not supported (saving would have to merge adapters "
             "into sharded weights); use --fsdp with --freeze_policy full, language or seed, or LoRA without --fsdp"
+        )
+    if config.train.fsdp and config.grpo.decode == "cuda_graph":
+        raise ConfigError(
+            "--fsdp with --decode cuda_graph is not supported (FSDP gathers the sharded weights with "
+            "collectives inside every forward, which the graph capture does not handle); use --decode "
+            "auto, dynamic or static with --fsdp"
         )

@@ -161,6 +161,9 @@ def train_grpo(config: Config) -> dict:
     stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
     reward_functions = resolve_reward_functions(gargs.reward_function_names)
     reward_weights = gargs.reward_weight_values
+    # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
+    # weights with collectives on every call (not captured into a graph here: not tested).
+    decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
     # The sampler's own generator: seeded per rank so ranks explore differently.
     generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
 
@@ -194,7 +197,7 @@ def train_grpo(config: Config) -> dict:
                 model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
                 eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
                 temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
-                decode=None if gargs.decode == "auto" else gargs.decode,
+                decode=decode_mode,
             )
             completion_ids = rollout.completion_ids  # [B*G, T]
             rollout_seconds = time.perf_counter() - t_rollout

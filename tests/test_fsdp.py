@@ -216,6 +216,14 @@ def test_fsdp_rejects_lora():
         parse_config(["--fsdp", "true", "--freeze_policy", "lora"])
 
 
+def test_fsdp_rejects_cuda_graph_decoding():
+    from grpo.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="--fsdp with --decode cuda_graph"):
+        parse_config(["--fsdp", "true", "--decode", "cuda_graph"])
+    assert parse_config(["--fsdp", "true", "--decode", "static"]).grpo.decode == "static"
+
+
 # --- the real command ---
 
 def _torchrun(output_dir, *flags, stage):
