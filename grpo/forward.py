@@ -272,6 +272,38 @@ def build_inputs_embeds(model: torch.nn.Module, input_ids: Tensor, image_embeds:
 # ---------------------------------------------------------------------------------------------
 
 
+def prefill_prompts(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    image_embeds: Tensor | None,
+    image_grid_thw: Tensor | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+):
+    """Forward left-padded prompts [U, P] once with the KV cache on.
+
+    Returns (last-position logits [U, V], the KV cache of the U rows (None if the model made
+    none), next_position [U]: where each row's first generated token sits). Left padding puts every
+    prompt's last token in column P-1, so `logits_to_keep=1` gives each row's next-token logits.
+    Positions are explicit: a padded row starts at 0 at its first real token, and the HF forward
+    would otherwise rebuild them from mm_token_type_ids and a cached rope_deltas. The sampler's
+    prefill and the shared-prompt training forward are both this call.
+    """
+    prompt_positions, next_position = mrope_position_ids(
+        prompt_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size
+    )  # [3, U, P], [U]
+    output = model(
+        inputs_embeds=build_inputs_embeds(model, prompt_ids, image_embeds),  # [U, P, D]
+        attention_mask=prompt_mask,
+        position_ids=prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1, :], output_cache(output), next_position  # [U, V], cache, [U]
+
+
 def _trim_prompt_padding(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the columns that are padding in every row: [R, P] -> [R, P'].
 
@@ -416,23 +448,16 @@ def completion_logprobs_shared_prompt(
     row_prompt = row_prompt.to(prompt_ids.device)  # [R]
 
     # 1. the prompts, once each
-    prompt_positions, next_position = mrope_position_ids(
-        prompt_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size
-    )  # [3, U, P], [U]
-    prompt_output = model(
-        inputs_embeds=build_inputs_embeds(model, prompt_ids, image_embeds),  # [U, P, D]
-        attention_mask=prompt_mask,
-        position_ids=prompt_positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = output_cache(prompt_output)
+    last_logits, cache, next_position = prefill_prompts(
+        model, prompt_ids, prompt_mask, image_embeds, image_grid_thw,
+        image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
+    )  # [U, V], KV of U rows, [U]
     if cache is None:
         raise RuntimeError(
             "the model returned no KV cache for the prompt forward (gradient checkpointing in train "
             "mode turns it off); use completion_logprobs there (see can_share_prompt)"
         )
-    first_logits = prompt_output.logits[:, -1, :].index_select(0, row_prompt)  # [R, V] predict token 0
+    first_logits = last_logits.index_select(0, row_prompt)  # [R, V] predict token 0
     if num_completion == 1:
         return _score(first_logits[:, None, :], completion_ids, temperature, chunk_size, return_entropy)
 

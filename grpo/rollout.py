@@ -49,8 +49,8 @@ from grpo.forward import (
     count_images_per_prompt,
     encode_images,
     image_token_id_of,
-    mrope_position_ids,
     output_cache,
+    prefill_prompts,
     spatial_merge_size_of,
 )
 from grpo.masks import completion_mask
@@ -353,26 +353,14 @@ def _sample_rollouts(
     if pixel_values is not None and pixel_values.numel() > 0:  # a text-only batch has no images
         image_embeds = encode_images(model, pixel_values, image_grid_thw)  # [N, D]
 
-    # --- prefill: once per prompt ---
-    # Left padding puts every prompt's last token in column P-1, so one `logits_to_keep=1` gives
-    # each row's next-token logits and the decode steps append in the same column for all rows.
-    # Positions are explicit: a padded row starts at 0 at its first real token, and the HF
-    # forward would otherwise rebuild them from mm_token_type_ids and a cached rope_deltas.
-    prompt_positions, next_position = mrope_position_ids(
-        input_ids, prompt_mask, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
-    )  # [3, B, P], [B]
-    output = model(
-        inputs_embeds=build_inputs_embeds(model, input_ids, image_embeds),  # [B, P, D]
-        attention_mask=prompt_mask,
-        position_ids=prompt_positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    # --- prefill: once per prompt (explicit positions; see grpo.forward.prefill_prompts) ---
+    last_logits, cache, next_position = prefill_prompts(
+        model, input_ids, prompt_mask, image_embeds, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
+    )  # [B, V], KV of B rows, [B]
 
     # --- copy to the G rows of each group: rows are [p0 x G, p1 x G, ...] ---
-    cache = output_cache(output)
     cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
-    logits = output.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # [B*G, V]
+    logits = last_logits.repeat_interleave(group_size, dim=0)  # [B*G, V]
     next_position = next_position.repeat_interleave(group_size)  # [B*G]
     row_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [R, P]
     num_rows = logits.shape[0]  # R = B*G
