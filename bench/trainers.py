@@ -195,6 +195,25 @@ def patch_everywhere(name: str, make_wrapper, module_names: tuple[str, ...]) -> 
         raise RuntimeError(f"none of {module_names} has {name!r}: the loop moved it; update bench/trainers.py")
 
 
+def _timed_rollout(original, record: dict, counter):
+    """Wrap a trainer's rollout function (ours: sample_rollouts; TRL: _generate_single_turn): time
+    it, attribute vision calls inside it to "rollout", and note RSS / GPU memory at the first one."""
+
+    def rollout(*a, **kw):
+        if record["rss_train_start_mb"] is None:
+            record["rss_train_start_mb"] = _proc_mb("VmRSS")
+            record["gpu_train_start_mb"] = _gpu_mb("memory_allocated")
+        counter.phase_override = "rollout"
+        start = _now()
+        try:
+            return original(*a, **kw)
+        finally:
+            counter.phase_override = None
+            record["rollout_seconds"].append(_now() - start)
+
+    return rollout
+
+
 def run_ours(args, output_dir: str, gate: Gate) -> dict:
     import data.collators
     import grpo.grpo_loop as loop
@@ -219,19 +238,7 @@ def run_ours(args, output_dir: str, gate: Gate) -> dict:
         return build_policy
 
     def sample_rollouts_wrapper(original):
-        def sample_rollouts(*a, **kw):
-            if record["rss_train_start_mb"] is None:
-                record["rss_train_start_mb"] = _proc_mb("VmRSS")
-                record["gpu_train_start_mb"] = _gpu_mb("memory_allocated")
-            counter.phase_override = "rollout"
-            start = _now()
-            try:
-                return original(*a, **kw)
-            finally:
-                counter.phase_override = None
-                record["rollout_seconds"].append(_now() - start)
-
-        return sample_rollouts
+        return _timed_rollout(original, record, counter)
 
     def metrics_logger_wrapper(original):
         class TimedMetricsLogger(original):
@@ -348,21 +355,7 @@ def run_trl(args, output_dir: str, gate: Gate) -> dict:
               "trl_version": __import__("trl").__version__, "model_dtype": str(trainer.model.dtype),
               "model_device": str(trainer.model.device)}
 
-    original_generate = trainer._generate_single_turn
-
-    def generate_single_turn(*a, **kw):
-        if record["rss_train_start_mb"] is None:
-            record["rss_train_start_mb"] = _proc_mb("VmRSS")
-            record["gpu_train_start_mb"] = _gpu_mb("memory_allocated")
-        counter.phase_override = "rollout"
-        start = _now()
-        try:
-            return original_generate(*a, **kw)
-        finally:
-            counter.phase_override = None
-            record["rollout_seconds"].append(_now() - start)
-
-    trainer._generate_single_turn = generate_single_turn
+    trainer._generate_single_turn = _timed_rollout(trainer._generate_single_turn, record, counter)
 
     # TRL prepares a new generation batch in _generate_and_score_completions: the gate goes there.
     original_generate_and_score = trainer._generate_and_score_completions
