@@ -40,7 +40,7 @@ from conftest import (
     train_argv,
     without_timings,
 )
-from test_torchrun import _build_problem, _free_port, _grpo_args
+from test_torchrun import _build_problem, _free_port, _grpo_args, _join_as_rank
 
 AGGREGATION = "token"
 LEARNING_RATE = 1e-2
@@ -97,15 +97,9 @@ def _full(tensor):
 
 
 def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problems: dict) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )  # fmt: skip
-    from grpo import distributed
     from grpo.fsdp import FullModel, FullStateOptimizer, shard_model
 
-    torch.set_num_threads(1)
-    distributed.init_distributed("cpu", timeout_minutes=2)
+    distributed = _join_as_rank(rank, world_size, port)
     try:
         results = {}
         for name, problem in problems.items():

@@ -144,7 +144,8 @@ def _gradients(problem, generation, rows, aggregation, micro, world_size):
     return [p.grad.clone() for p in trainable], local, sums
 
 
-def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: dict) -> None:
+def _join_as_rank(rank: int, world_size: int, port: int):
+    """In a spawned worker: set torchrun's variables for this rank, one thread, join the gloo group."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -153,6 +154,11 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: d
 
     torch.set_num_threads(1)
     distributed.init_distributed("cpu", timeout_minutes=2)
+    return distributed
+
+
+def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: dict) -> None:
+    distributed = _join_as_rank(rank, world_size, port)
     try:
         rows = list(range(4 * rank, 4 * rank + 4))  # rank 0: prompts 0, 1 (rows 0-3); rank 1: prompts 2, 3
         results = {}
