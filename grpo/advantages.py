@@ -18,8 +18,10 @@ Every token of completion i gets the same A_i. Choices where papers and code dif
    arXiv 2503.14476 sec. 3.2, exists because this fraction grows as training goes on).
 4. `scale` chooses the denominator:
    - "group": the group's std (GRPO, the default);
-   - "batch": the std of all rewards passed in, one number for the batch (the rewards on this
-     rank; this module never communicates). Prompts that are easy or hard for everyone then
+   - "batch": the std of every reward of the generation batch, one number for the batch (TRL's
+     `scale_rewards="batch"`). Under torchrun that is every rank's rewards: this module never
+     communicates, so the loop gathers them and passes their std in as `batch_std` (without
+     it, the std of the rewards passed in). Prompts that are easy or hard for everyone then
      weigh less than in "group";
    - "none": no division, only the group mean is subtracted (Dr. GRPO, arXiv 2503.20783
      sec. 3.1, which argues that the std division over-weights groups with little spread).
@@ -29,6 +31,8 @@ Run the tests: `python -m pytest tests/test_advantages.py -q`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,7 +40,11 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    batch_std: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Advantages of B*G completions stored group by group (the G completions of a prompt adjacent).
 
@@ -45,6 +53,8 @@ def group_advantages(
         group_size: G, the completions per prompt (`num_generations`).
         scale: "group", "batch" or "none" (see the module docstring).
         eps: added to the std before dividing.
+        batch_std: for scale="batch", the unbiased std of the whole generation batch's rewards
+            (every rank's); None means the std of `rewards`, right in a single process.
 
     Returns:
         advantages: [B*G] float32.
@@ -68,6 +78,8 @@ def group_advantages(
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(ADVANTAGE_SCALES)}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if batch_std is not None and not (math.isfinite(batch_std) and batch_std >= 0):
+        raise ValueError(f"batch_std must be a finite std >= 0, got {batch_std}")
     rewards = rewards.detach().float()  # [B*G]
     num_non_finite = int((~torch.isfinite(rewards)).sum())
     if num_non_finite:
@@ -83,7 +95,8 @@ def group_advantages(
     if scale == "group":
         denominator = grouped.std(dim=1, keepdim=True) + eps  # [B, 1] unbiased std
     elif scale == "batch":
-        denominator = rewards.std().expand(grouped.shape[0], 1) + eps  # [B, 1] unbiased std
+        std = rewards.std() if batch_std is None else torch.tensor(float(batch_std))  # [] unbiased
+        denominator = std.expand(grouped.shape[0], 1) + eps  # [B, 1]
     else:  # "none"
         denominator = torch.ones_like(group_mean)  # [B, 1]
 

@@ -20,8 +20,9 @@ Where this departs from the paper, and why:
        the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
     3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
        from; top-p / top-k truncation is ignored in the loss (as in TRL).
-    4. All G completions of a prompt live on one rank, so advantages need no communication; only
-       the loss normaliser (token or completion count) and the gradients are all-reduced.
+    4. All G completions of a prompt live on one rank, so group advantages need no communication
+       (--advantage_scale batch gathers every rank's rewards for its one std); the loss normaliser
+       (token or completion count) and the gradients are all-reduced.
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def accumulate_step_gradients(
         sums["ratio"] += info["ratio_mean"] * n
         sums["entropy"] += float((entropy.detach() * mask_rows.to(entropy.device)).sum())
     return sums
+
+
+def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, world_size: int):
+    """Advantages [B*G] of this rank's rewards [B*G], and group_advantages' metrics.
+
+    A group's completions all live on this rank, so its mean and std are local; only scale="batch"
+    divides by the std of every rank's rewards of the generation batch (as TRL gathers them), so
+    the advantages do not depend on the number of ranks. Kept out of the loop for a 2-rank test.
+    """
+    batch_std = None
+    if scale == "batch" and world_size > 1:
+        every_rank = torch.cat(all_gather_object(rewards.detach().float().cpu()))  # [world*B*G]
+        batch_std = every_rank.std().item()
+    return group_advantages(rewards, group_size, scale=scale, batch_std=batch_std)
 
 
 def rollout_metrics(
@@ -209,7 +224,7 @@ def train_grpo(config: Config) -> dict:
             rewards, per_function, _ = compute_rewards(
                 reward_functions, reward_weights, completions, answers, questions=questions
             )  # [B*G], [B*G, F]
-            advantages, _ = group_advantages(rewards, G, scale=gargs.advantage_scale)  # [B*G]
+            advantages, _ = generation_advantages(rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
             completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask

@@ -59,6 +59,21 @@ def test_batch_scale():
     assert metrics["frac_zero_std_groups"] == 0.5
 
 
+def test_batch_scale_divides_by_the_std_passed_in():
+    # Under torchrun the loop passes the std of every rank's rewards (tests/test_torchrun.py).
+    # Rewards of the whole batch [0,1,0,1, 5,7,5,7]: mean 26/8 = 3.25, squared deviations
+    #   2 * (3.25^2 + 2.25^2 + 1.75^2 + 3.75^2) = 2 * 32.75 = 65.5; / 7 = 9.3571429; std = 3.0589447
+    # This rank holds only [0,1,0,1]: A = +-0.5 / (3.0589447 + 0.0001) = +-0.1634497
+    # (its own std, 0.5773503, would give +-0.8658757).
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    advantages, _ = group_advantages(rewards, group_size=4, scale="batch", batch_std=3.0589447)
+    a = 0.1634497
+    # float32 z-score of O(1) numbers: a few ulps, ~4 * 2^-24 ~ 2.4e-7; 1e-6 leaves room.
+    torch.testing.assert_close(advantages, torch.tensor([-a, a, -a, a]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="batch_std"):
+        group_advantages(rewards, group_size=4, scale="batch", batch_std=float("nan"))
+
+
 def test_none_scale_only_subtracts_the_group_mean():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0])  # groups of 2: [1,0] [0,1] [3,1]
     # means 0.5, 0.5, 2.0 -> A = [0.5, -0.5, -0.5, 0.5, 1.0, -1.0]   (Dr. GRPO: no std division)

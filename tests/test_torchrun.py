@@ -200,6 +200,42 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch):
         assert any("visual" in name and g.abs().max() > 0 for name, g in zip(names, single, strict=True))
 
 
+def _advantage_worker(rank: int, world_size: int, port: int, out_dir: str, rewards: list[float]) -> None:
+    distributed = _join_as_rank(rank, world_size, port)
+    try:
+        from grpo.grpo_loop import generation_advantages
+
+        share = torch.tensor(rewards).view(world_size, -1)[rank]  # rank 0: prompt 0; rank 1: prompt 1
+        advantages, _ = generation_advantages(share, 4, "batch", world_size)
+        torch.save(advantages, os.path.join(out_dir, f"advantages{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    from grpo.grpo_loop import generation_advantages
+
+    # G = 4, two prompts: [0,1,0,1] and [5,7,5,7]. The batch std is 3.0589447 (worked out in
+    # test_advantages.py::test_batch_scale_divides_by_the_std_passed_in), so A = +-0.5 / 3.0590447
+    # = +-0.1634497 and +-1 / 3.0590447 = +-0.3268994. A rank dividing by its own rewards' std would
+    # give +-0.8658757 on rank 0.
+    rewards = [0.0, 1.0, 0.0, 1.0, 5.0, 7.0, 5.0, 7.0]
+    single, _ = generation_advantages(torch.tensor(rewards), 4, "batch", world_size=1)
+    a, b = 0.1634497, 0.3268994
+    expected = torch.tensor([-a, a, -a, a, -b, b, -b, b])
+    # float32 mean/std of 8 numbers <= 7 then one division: a few ulps of 7, ~1e-6 absolute at most.
+    torch.testing.assert_close(single, expected, atol=2e-6, rtol=0)
+    mp.start_processes(
+        _advantage_worker, args=(2, _free_port(), str(tmp_path), rewards), nprocs=2, join=True, start_method="fork"
+    )
+    ranks = torch.cat([torch.load(tmp_path / f"advantages{r}.pt", weights_only=True) for r in range(2)])
+    # Same float32 std, of the same 8 numbers in the same order (gathered in rank order): the
+    # same kernel on the same values, so equal to the last bit on any CPU.
+    assert torch.equal(ranks, single)
+
+
 # --- the real command ---
 
 
