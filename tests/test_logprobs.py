@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from tolerances import U32, logsumexp_error, sum_error
+
 from grpo.logprobs import token_entropy, token_logprobs, token_logprobs_naive
 
 QWEN_VOCAB = 151_936
@@ -20,11 +22,14 @@ def test_hand_worked_1x2x3():
     # Position 1: logsumexp(1, 2, 3) = 3 + log(1 + e^-1 + e^-2) = 3 + log(1.5032147)
     #             = 3 + 0.4076059 = 3.4076059; chosen logit 3, so 3 - 3.4076059 = -0.4076059.
     expected = torch.tensor([[-1.0986123, -0.4076059]])
+    # float32 logsumexp of 3 terms ~ 1e-6 (logsumexp_error(3, 3.4) = 1.0e-6) + 5e-8 from the
+    # 7-digit hand values.
+    atol = logsumexp_error(3, 3.4) + 5e-8
     for chunk_size in (1, 2, 4096):
         got = token_logprobs(logits, token_ids, chunk_size=chunk_size)
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(token_logprobs_naive(logits, token_ids), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(token_logprobs_naive(logits, token_ids), expected, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -36,8 +41,11 @@ def test_chunked_matches_naive_qwen_vocab(dtype, chunk_size):
     chunked = token_logprobs(logits, token_ids, chunk_size=chunk_size)
     naive = token_logprobs_naive(logits, token_ids)
     assert chunked.dtype == torch.float32 and chunked.shape == (2, 3)
-    # Both upcast the same bf16 numbers to float32 before the logsumexp: they agree in float32.
-    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+    # Both upcast the same bf16 numbers to float32 before the logsumexp, then sum V terms in their
+    # own orders: each is within logsumexp_error(V, |logp|) = 1.9e-4 of the exact value (the
+    # sqrt(V) * u term dominates); the naive one's blocked vector sum is the looser of the two.
+    bound = logsumexp_error(QWEN_VOCAB, naive.abs().max().item())
+    torch.testing.assert_close(chunked, naive, atol=2 * bound, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,9 +63,11 @@ def test_gradient_chunked_matches_naive(dtype):
         (fn(logits) * upstream).sum().backward()
         assert logits.grad.dtype == dtype
         grads.append(logits.grad.float())
-    # d logp / d z_v = 1[v == y] - softmax(z)_v; bf16 rounding of the grad allows ~1e-2 relative.
-    atol = 1e-6 if dtype == torch.float32 else 1e-3
-    torch.testing.assert_close(grads[0], grads[1], atol=atol, rtol=1e-2)
+    # d logp / d z_v = 1[v == y] - softmax(z)_v: softmax_v = exp(z_v - lse) carries the lse's
+    # error as a relative error (logsumexp_error(V) per side), and 1 - p at the chosen token rounds
+    # at 1 (a few u absolute). bf16 grads are then rounded to 8 bits: one ulp, 2^-8 relative, each.
+    rtol = 2 * logsumexp_error(QWEN_VOCAB) + (2 * 2.0**-8 if dtype == torch.bfloat16 else 0.0)
+    torch.testing.assert_close(grads[0], grads[1], atol=4 * U32, rtol=rtol)
 
 
 def test_gradcheck_float64():
@@ -72,12 +82,14 @@ def test_non_viewable_slice_matches_naive():
     logits = full[:, :-1]  # [R, T, V] non-viewable slice
     token_ids = torch.randint(0, 11, (3, 4))  # [R, T]
     chunked = token_logprobs(logits, token_ids, chunk_size=3)
-    torch.testing.assert_close(chunked, token_logprobs_naive(logits, token_ids), atol=1e-6, rtol=0)
+    # Two float32 logsumexps over V = 11 randn logits (|logp| < 10): 2 * 2.6e-6 apart at most.
+    torch.testing.assert_close(chunked, token_logprobs_naive(logits, token_ids), atol=2 * logsumexp_error(11, 10.0), rtol=0)
     chunked.sum().backward()
     grad_chunked = full.grad.clone()
     full.grad = None
     token_logprobs_naive(full[:, :-1], token_ids).sum().backward()
-    torch.testing.assert_close(grad_chunked, full.grad, atol=1e-6, rtol=0)
+    # grad = 1[v == y] - softmax_v, |grad| <= 1: the lse's relative error, plus a few u.
+    torch.testing.assert_close(grad_chunked, full.grad, atol=2 * logsumexp_error(11) + 4 * U32, rtol=0)
 
 
 def test_backward_saves_no_float32_copy_of_the_logits():
@@ -118,7 +130,9 @@ def test_entropy_hand_values():
         ]
     )  # [1, 3, 4]
     expected = torch.tensor([[math.log(4), 0.0, math.log(2)]])
-    torch.testing.assert_close(token_entropy(logits, chunk_size=2), expected, atol=1e-6, rtol=0)
+    # 4 terms p log p of size <= 0.35, sum H <= log 4; the log-softmax's own error ~ 1e-6 per term.
+    atol = sum_error(4, math.log(4)) + logsumexp_error(4, 2.0)
+    torch.testing.assert_close(token_entropy(logits, chunk_size=2), expected, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,7 +142,11 @@ def test_entropy_matches_naive(dtype):
     naive = -(log_p.exp() * log_p).sum(-1)  # [R, T]
     chunked = token_entropy(logits, chunk_size=4)
     assert chunked.dtype == torch.float32
-    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+    # H = -sum_v p_v log p_v over V = 500: a sum of 500 terms with |terms| adding up to H <= log V,
+    # each term's log p off by logsumexp_error(V, |log p| <= 20) (relative to sum p = 1), per side.
+    V = logits.shape[-1]
+    bound = sum_error(V, math.log(V)) + logsumexp_error(V, 20.0)
+    torch.testing.assert_close(chunked, naive, atol=2 * bound, rtol=0)
 
 
 def test_entropy_works_with_grad_enabled():
@@ -167,5 +185,9 @@ def test_default_chunking_matches_naive_with_gradients():
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     naive = token_logprobs_naive(logits, ids)
     (grad_naive,) = torch.autograd.grad(naive.sum(), logits)
-    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
-    torch.testing.assert_close(grad_chunked, grad_naive, atol=1e-6, rtol=0)
+    # Each side within logsumexp_error(V, |logp|) of the exact value (1.9e-4: the sqrt(V) u term).
+    torch.testing.assert_close(chunked, naive, atol=2 * logsumexp_error(151_936, naive.abs().max().item()), rtol=0)
+    # grad = 1[v == y] - softmax_v: relative error of softmax_v is the lse's, so the error is that
+    # times the largest softmax entry (randn logits: < 1e-3), plus a few u at the chosen token (1 - p).
+    largest_p = grad_naive.clamp(min=0).max().item()
+    torch.testing.assert_close(grad_chunked, grad_naive, atol=2 * logsumexp_error(151_936) * largest_p + 4 * U32, rtol=0)

@@ -1,0 +1,38 @@
+"""Rounding-error bounds that the tests' tolerances are derived from (not tuned to one machine).
+
+u is the unit roundoff: 2^-24 for float32, 2^-8 for bfloat16 (half an ulp at 1). Summing n terms
+rounds n - 1 times; in the worst case the error is (n - 1) * u * sum|x_i| (Higham, "Accuracy and
+Stability of Numerical Algorithms", 2nd ed., sec. 4.2), whatever the order. Treating the rounding
+errors as independent and mean-zero, it is at most LAMBDA * sqrt(n) * u * sum|x_i| except with
+probability 2n * exp(-LAMBDA^2 / 2) (Higham & Mary, "A new approach to probabilistic rounding
+error analysis", SIAM J. Sci. Comput. 2019): with LAMBDA = 8 that is < 1e-8 for n below 10^5.5,
+on any summation order a kernel picks (sequential, blocked into vector lanes, or pairwise, which
+is tighter still). The tests use that bound: tight enough to catch a wrong term (errors of
+O(1e-2) and more), loose enough for every CPU kernel path (AVX-512, AVX2, the portable
+ATEN_CPU_CAPABILITY=default one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LAMBDA = 8.0
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+U32 = UNIT_ROUNDOFF[torch.float32]
+
+
+def sum_error(n: int, abs_sum: float, dtype: torch.dtype = torch.float32) -> float:
+    """Bound on the rounding error of a sum of n terms whose absolute values add up to abs_sum."""
+    return LAMBDA * math.sqrt(n) * UNIT_ROUNDOFF[dtype] * abs_sum
+
+
+def logsumexp_error(n: int, result_magnitude: float = 0.0) -> float:
+    """Absolute error of a float32 log-softmax entry z_y - logsumexp(z) over n logits.
+
+    logsumexp = m + log(S), S = sum_v exp(z_v - m) with m = max z: S has n terms in (0, 1], each
+    with one rounding from exp(), and S >= 1, so log(S) is off by S's relative error,
+    sum_error(n, 1) + u. The final additions round at the result's magnitude: a few ulps of it.
+    """
+    return sum_error(n, 1.0) + U32 + 4 * U32 * result_magnitude
