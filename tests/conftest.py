@@ -8,11 +8,13 @@ to have a reward spread and a gradient.
     train_run(out, "--max_steps", "2")                 # train.main([...]) in-process -> Path(out)
     train_run(out, "--max_steps", "2", stage="sft")
     run_script(["train.py", ...], timeout=60)          # python train.py ... in a subprocess
+    run_command([*TORCHRUN, ...], timeout=900)         # any command; on a timeout its whole tree stops
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +73,59 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run_script(args: list[str], *, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """`python ARGS...` from the repository root, output captured; fails the test on a timeout."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout
-    )
+    return run_command([sys.executable, *args], timeout=timeout, env=subprocess_env(**env))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def run_command(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root, output captured, as `subprocess.run` would.
+
+    On a timeout, `subprocess.run` kills only the child and drops its output. Under torchrun that
+    child is the launcher: its ranks (each in its own session) would live on, waiting up to the
+    process group's 30-minute timeout and loading the machine for the tests after, and the failure
+    would say nothing. Here the launcher gets SIGTERM (it then stops its ranks), anything left
+    below it SIGKILL, and the test fails with the output the command had written.
+    """
+    process = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env() if env is None else env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        below = _descendants(process.pid)
+        process.terminate()
+        try:
+            process.wait(timeout=30)  # torchrun stops its ranks, then exits
+        except subprocess.TimeoutExpired:
+            pass
+        process.kill()
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already stopped by the launcher
+        stdout, stderr = process.communicate()  # every writer is gone: the pipes reach EOF
+        pytest.fail(
+            f"ran past its {timeout:.0f} s timeout: {' '.join(command[:8])} ...\n"
+            f"--- stdout (end) ---\n{stdout[-3000:]}\n--- stderr (end) ---\n{stderr[-5000:]}"
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def read_metrics(output_dir) -> list[dict]:

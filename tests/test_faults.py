@@ -29,6 +29,7 @@ from conftest import (
     latest_model_dir,
     load_saved_model,
     read_metrics,
+    run_command,
     run_script,
     subprocess_env,
     train_argv,
@@ -241,14 +242,12 @@ def test_a_rank_that_raises_stops_the_whole_torchrun_job(tmp_path):
     both with rank 1's error, well before the 30-minute collective timeout."""
     argv = train_argv(tmp_path / "run", "--max_steps", "3", "--device", "cpu", "--reward_functions", "reward_fns:raise_on_rank_one")
     started = time.monotonic()
-    result = subprocess.run(
-        [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    # Bound: half the collective timeout, so a job that waited for it fails; alone it takes ~20 s.
+    result = run_command([*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv], timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "reward function 'raise_on_rank_one' raised RuntimeError: reward_fns.raise_on_rank_one: rank 1 refuses" in output
-    assert time.monotonic() - started < 180
+    assert time.monotonic() - started < 900  # < 30 min: torchrun stopped it, not the collective timeout
 
 
 @pytest.mark.slow
@@ -482,3 +481,28 @@ def test_metrics_file_and_checkpoint_left_by_a_crash_mid_line_are_repaired(tmp_p
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert not (out / ".tmp-checkpoint-4-12345").exists()
     shutil.rmtree(out)
+
+
+def test_a_command_past_its_timeout_is_stopped_with_everything_it_started():
+    """run_command's guard (tests/conftest.py): the child and a grandchild in its own session (as
+    torchrun starts its ranks) both stop, and the failure shows what the command printed."""
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+        "print('grandchild', p.pid, flush=True); time.sleep(600)"
+    )
+    with pytest.raises(pytest.fail.Exception, match="ran past its 5 s timeout") as failure:
+        run_command([sys.executable, "-c", code], timeout=5)
+    assert "grandchild" in str(failure.value)
+    grandchild = int(str(failure.value).split("grandchild ")[1].split()[0])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{grandchild}").exists() and "Z" not in _process_state(grandchild):
+        assert time.monotonic() < deadline, "the grandchild outlived the timeout"
+        time.sleep(0.1)
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -24,19 +24,17 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_fsdp.py -q [-m slow
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import (
-    REPO,
     TORCHRUN,
     latest_model_dir,
     load_saved_model,
     read_metrics,
+    run_command,
     saved_weights,
-    subprocess_env,
     train_argv,
     without_timings,
 )
@@ -223,7 +221,8 @@ def test_fsdp_rejects_cuda_graph_decoding():
 def _torchrun(output_dir, *flags, stage):
     argv = train_argv(output_dir, *flags, "--device", "cpu", stage=stage)
     command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # 900 s: a guard against a hang, not a speed check (alone this takes ~20 s; on a machine shared by many jobs, minutes)
+    result = run_command(command, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return output_dir
 

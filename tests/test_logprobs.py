@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from tolerances import U32, logsumexp_error, sum_error
 
 from grpo.logprobs import token_entropy, token_logprobs, token_logprobs_naive

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import (
-    REPO,
     TORCHRUN,
     latest_model_dir,
     load_saved_model,
     read_metrics,
-    subprocess_env,
+    run_command,
     train_argv,
 )
 
@@ -246,7 +244,8 @@ def test_torchrun_two_ranks_runs_saves_and_keeps_ranks_in_step(tmp_path, train_r
     out = tmp_path / "run"
     argv = train_argv(out, "--max_steps", "2", "--beta", "0.04", "--device", "cpu", "--save_steps", "0")
     command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "tests/torchrun_fingerprint.py", *argv]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # 900 s: a guard against a hang, not a speed check (alone this takes ~20 s; on a machine shared by many jobs, minutes)
+    result = run_command(command, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
@@ -270,7 +269,8 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, train_run):
     out = train_run(tmp_path / "run", "--max_steps", "1", "--device", "cpu")
     argv = train_argv(out, "--max_steps", "2", "--device", "cpu", "--resume")
     command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # 900 s: a guard against a hang, not a speed check (alone this takes ~20 s; on a machine shared by many jobs, minutes)
+    result = run_command(command, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "holds RNG states for 1 ranks; rank 1 keeps its fresh seeding" in result.stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
