@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
-from grpo.distributed import all_gather_object, all_reduce_sum, cleanup
+from grpo.distributed import all_gather_object, all_reduce_sum
 from grpo.generation_batch import GenerationBatch
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
@@ -191,6 +191,8 @@ def train_grpo(config: Config) -> dict:
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
+    if sample_logger is not None:
+        sample_logger.truncate_after(step)  # the same for samples (all of them for a fresh run)
     progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
     nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
     last_saved = step
@@ -326,15 +328,6 @@ def train_grpo(config: Config) -> dict:
                 save(step)
                 last_saved = step
 
-    progress.close()
-    if step > last_saved or run.resume_from is None:
-        save(step)
-    metrics_logger.close()
-    if stop.requested and is_main:
-        print(
-            f"[grpo] {stop.signal_name} received: saved a checkpoint at step {step} in {targs.output_dir}. "
-            f"Resume with the same command plus --resume.",
-            flush=True,
-        )
-    cleanup()
-    return {"step": step, "output_dir": targs.output_dir, "stopped_early": stop.requested}
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
+        progress.close()
+        return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger])

@@ -10,7 +10,8 @@
   the file holds each step once. A fresh run calls `truncate_after(0)` (steps count from 1).
 - `SampleLogger` writes, every N steps, one sample as a readable block (question, gold answer,
   one completion, the extracted answer, its reward per function), like the seed's log file.
-  Reading completions is the fastest way to see reward hacking.
+  Reading completions is the fastest way to see reward hacking. Its `truncate_after(S)` drops the
+  blocks of steps after S, as for metrics (a fresh or overwritten run calls it with 0).
 - Only rank 0 should write: build both with `enabled=is_main(info)`.
 """
 
@@ -20,6 +21,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -124,6 +126,10 @@ class MetricsLogger:
         self.close()
 
 
+_BLOCK_RULE = "-" * 20 + " step {step} " + "-" * 20  # the first line of each sample block
+_BLOCK_HEADER = re.compile(re.escape("-" * 20) + r" step (\d+) " + re.escape("-" * 20))
+
+
 class SampleLogger:
     """Every `every` steps, appends one sample as a readable block to a text file.
 
@@ -141,6 +147,30 @@ class SampleLogger:
     def should_log(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the blocks of steps after `step` (rewritten atomically); returns how many were dropped.
+
+        Runs whether or not this logger writes (`every` 0 still cleans up an earlier run's file).
+        """
+        if not self.path.exists():
+            return 0
+        kept, dropped, keeping = [], 0, True
+        with open(self.path, encoding="utf-8") as file:
+            for line in file:
+                if header := _BLOCK_HEADER.fullmatch(line.rstrip("\n")):
+                    keeping = int(header.group(1)) <= step
+                    dropped += not keeping
+                if keeping:
+                    kept.append(line)
+        if dropped:
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            with open(temporary, "w", encoding="utf-8") as file:
+                file.writelines(kept)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        return dropped
+
     def maybe_log(
         self,
         step: int,
@@ -156,7 +186,7 @@ class SampleLogger:
             return None
         reward_text = "  ".join(f"{name}={_to_float(name, value):.3f}" for name, value in rewards.items())
         lines = [
-            f"{'-' * 20} step {step} {'-' * 20}",
+            _BLOCK_RULE.format(step=step),
             "Question:",
             str(question),
             "Gold answer:",

@@ -7,11 +7,20 @@ file holds that once, so each loop file shows only its own algorithm:
     state = run.resume(stream)                              # step, data position, RNG, adapters
     ...
     run.save(step, stream, extra={...})                     # every rank calls it; rank 0 writes
+    ...
+    return run.finish(step, ...)  # inside the loop's `with StopRequest()`: the final save, the end
+
+Rank 0 holds a lock on output_dir for the whole run (grpo/run_lock.py): a second run into the
+folder of a live one exits 2 naming it, before anything there is read or deleted.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +28,18 @@ import torch
 
 from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
 from grpo.config import Config
-from grpo.distributed import DistInfo, all_gather_object, broadcast_object, init_distributed
+from grpo.distributed import (
+    DistInfo,
+    all_gather_object,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
+from grpo.run_lock import OutputDirInUse, OutputDirLock, acquire_output_dir_lock
 from grpo.setup import (
     IndexStream,
     Policy,
+    StopRequest,
     adapter_state,
     broadcast_parameters,
     build_optimizer,
@@ -48,6 +65,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_from: Path | None
+    lock: OutputDirLock | None = None  # rank 0's lock on output_dir (grpo/run_lock.py)
 
     @property
     def is_main(self) -> bool:
@@ -83,22 +101,78 @@ class TrainingRun:
             save_checkpoint(
                 targs.output_dir, step, model=self.policy.model, processor=self.policy.processor,
                 optimizer=optimizer_to_save, scheduler=self.scheduler, data_state=stream.state_dict(),
-                run_config={"stage": self.stage, **self.config.to_dict()},
+                run_config={"stage": self.stage, **self.config.to_dict(), "starting_point": self.policy.starting_point},
                 extra={"lora_adapters": adapter_state(self.policy), **(extra or {})},
                 keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 
+    def finish(
+        self, step: int, *, last_saved: int, stop: StopRequest, save: Callable[[int], None], loggers: list = ()
+    ) -> dict:
+        """The end of both loops: the final save, the stop message, the lock, leaving the ranks.
+
+        Call it inside the loop's `with StopRequest()`: a SIGTERM or Ctrl-C that lands during the
+        final save then only sets the flag, as during the loop, instead of killing the process
+        while it writes the checkpoint that holds the whole run (a second Ctrl-C still stops at once).
+        """
+        if step > last_saved or self.resume_from is None:
+            save(step)
+        for logger in loggers:
+            logger.close()
+        output_dir = self.config.train.output_dir
+        if stop.requested and self.is_main:
+            print(
+                f"[{self.stage}] {stop.signal_name} received: saved a checkpoint at step {step} in {output_dir}. "
+                "Resume with the same command plus --resume.",
+                flush=True,
+            )
+        if self.lock is not None:
+            self.lock.release()
+        cleanup()
+        if stop.requested:
+            report_clean_stop(step)
+        return {"step": step, "output_dir": output_dir, "stopped_early": stop.requested}
+
+
+STOP_REPORT_DIR = "GRPO_STOP_REPORT_DIR"  # set by grpo/launch.py for its workers
+
+
+def report_clean_stop(step: int) -> None:
+    """Tell grpo/launch.py that this worker stopped on a signal, saved, and is about to exit 0."""
+    folder = os.environ.get(STOP_REPORT_DIR)
+    if not folder:
+        return
+    report = {"step": step, "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}
+    Path(folder, f"local-rank-{os.environ.get('LOCAL_RANK', 0)}.json").write_text(json.dumps(report))
+
 
 def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRun:
-    """Join the ranks, check the run directory, load the policy (and reference), build AdamW."""
+    """Join the ranks, lock and check the run directory, load the policy (and reference), build AdamW."""
     dist_info = init_distributed(config.train.device)
     seed_everything(config.train.seed)
     targs = config.train
-    # Rank 0 decides (and deletes, with --overwrite_output_dir); the others take its answer.
-    resume_from = None
+    # Rank 0 locks the folder, then decides (and deletes, with --overwrite_output_dir); the others
+    # take its answer, a refusal included, so that every rank exits 2 together.
+    resume_from, refusal, lock = None, None, None
     if dist_info.rank == 0:
-        resume_from = check_output_dir(targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage=stage)
-    resume_from = broadcast_object(resume_from)
+        try:
+            lock = acquire_output_dir_lock(targs.output_dir)
+        except OutputDirInUse as error:
+            refusal = str(error)
+        else:
+            try:
+                resume_from = check_output_dir(
+                    targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage=stage
+                )
+            except BaseException:
+                lock.release()
+                raise
+    resume_from, refusal = broadcast_object((resume_from, refusal))
+    if refusal is not None:
+        if dist_info.rank == 0:
+            print(f"train.py: error: {refusal}", file=sys.stderr, flush=True)
+        cleanup()
+        raise SystemExit(2)
 
     policy = build_policy(config, dist_info.device, with_reference=with_reference, resume_dir=resume_from)
     if targs.fsdp:  # shard the policy (and reference) over the ranks instead of replicating it (grpo/fsdp.py)
@@ -108,7 +182,7 @@ def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRu
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(policy.model, targs)  # after sharding: AdamW must see the shards
     scheduler = build_scheduler(optimizer, targs)
-    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from)
+    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from, lock)
 
 
 class NonFiniteGuard:

@@ -71,6 +71,7 @@ class Policy:
     vision_trainable: bool
     uses_lora: bool
     fsdp: bool = False  # set by shard_policy: weights are DTensor shards (grpo/fsdp.py)
+    starting_point: dict | None = None  # which model the run started from (grpo/starting_point.py)
 
 
 def build_policy(
@@ -79,15 +80,25 @@ def build_policy(
     """Load the policy, make the frozen reference (before any adapter is added), apply freezing.
 
     resume_dir: a checkpoint to continue. Its model/ weights become the policy's; the reference
-    stays the stage's starting point (--init_from or --model). With LoRA the checkpoint's model/
-    holds merged weights, so the base comes from the starting point and the caller restores the
-    adapters from the trainer state.
+    stays the stage's starting point, the one the checkpoint recorded (grpo/starting_point.py),
+    whatever --init_from says now. With LoRA the checkpoint's model/ holds merged weights, so the
+    base comes from the starting point and the caller restores the adapters from the trainer state.
     """
+    from grpo.starting_point import (
+        check_fingerprint,
+        describe_starting_point,
+        recorded_starting_point,
+        starting_point_for_resume,
+    )
     from models.freeze import apply_freeze_policy, describe_trainable, enable_gradient_checkpointing
     from models.loading import load_policy, make_reference, special_token_ids
 
     args: ModelArguments = config.model
-    source = resolve_model_path(args.init_from) if args.init_from else args.model
+    if resume_dir is None:
+        starting_point = describe_starting_point(args.init_from, args.model)
+    else:
+        starting_point = starting_point_for_resume(recorded_starting_point(resume_dir), args.init_from, args.model)
+    source = starting_point["path"]
 
     def load(path):
         return load_policy(
@@ -104,10 +115,16 @@ def build_policy(
     resume_weights = resume_dir is not None and args.freeze_policy != "lora"
     model, processor = load(str(Path(resume_dir) / "model") if resume_weights else source)
     tokens = special_token_ids(model, processor)
+    if not resume_weights:  # the model holds the starting point's weights: fingerprint (or check) them
+        starting_point = check_fingerprint(starting_point, model)
     # The reference is the starting point of this stage, copied before LoRA adapters exist.
     reference = None
     if with_reference:
-        reference = make_reference(load(source)[0] if resume_weights else model)
+        start_model = model
+        if resume_weights:
+            start_model = load(source)[0]
+            starting_point = check_fingerprint(starting_point, start_model)
+        reference = make_reference(start_model)
     apply_freeze_policy(
         model,
         args.freeze_policy,
@@ -121,7 +138,9 @@ def build_policy(
         enable_gradient_checkpointing(model)
     vision_trainable = any(p.requires_grad for p in model.model.visual.parameters())
     print(f"[model] {source if not resume_weights else resume_dir}: {describe_trainable(model)}", flush=True)
-    return Policy(model, processor, tokens, reference, vision_trainable, args.freeze_policy == "lora")
+    return Policy(
+        model, processor, tokens, reference, vision_trainable, args.freeze_policy == "lora", starting_point=starting_point
+    )
 
 
 def adapter_state(policy: Policy) -> dict:
@@ -286,7 +305,10 @@ def broadcast_parameters(model: torch.nn.Module, world_size: int) -> None:
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at its next safe point and exits 0.
 
-    A second signal restores the default handler, so pressing Ctrl-C twice still stops at once.
+    A second Ctrl-C (SIGINT) restores the default handler, so pressing it twice still stops at once.
+    A repeated SIGTERM does not: under a scheduler one often arrives twice (SLURM signals every
+    process of the job, and torchrun forwards its own copy to the workers), and the second must not
+    kill the save the first one asked for; the scheduler's SIGKILL is the hard stop.
     """
 
     def __init__(self):
@@ -303,9 +325,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGTERM:
+            return  # the stop is under way already
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def requested_on_any_rank(self) -> bool:
         """Whether any rank got a signal (one scalar all-reduce; the flag itself in one process).

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.config import Config
-from grpo.distributed import all_reduce_sum, cleanup
+from grpo.distributed import all_reduce_sum
 from grpo.logprobs import token_logprobs
 from grpo.metrics import MetricsLogger
 from grpo.run import NonFiniteGuard, start_run
@@ -124,15 +124,6 @@ def train_sft(config: Config) -> dict:
                 run.save(step, stream)
                 last_saved = step
 
-    progress.close()
-    if step > last_saved or run.resume_from is None:
-        run.save(step, stream)
-    metrics_logger.close()
-    if stop.requested and is_main:
-        print(
-            f"[sft] {stop.signal_name} received: saved a checkpoint at step {step} in {targs.output_dir}. "
-            "Resume with the same command plus --resume.",
-            flush=True,
-        )
-    cleanup()
-    return {"step": step, "output_dir": targs.output_dir, "stopped_early": stop.requested}
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
+        progress.close()
+        return run.finish(step, last_saved=last_saved, stop=stop, save=lambda at: run.save(at, stream), loggers=[metrics_logger])

@@ -98,7 +98,8 @@ def apply_lora(
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every `LoRALinear` by a plain `nn.Linear` holding W + (alpha / r) B A (in place).
 
-    The merged layers keep the base layer's requires_grad flag (frozen). Returns `model`.
+    The merged layers keep the base layer's requires_grad flag (frozen), and building them draws
+    no random numbers. Returns `model`.
     """
     names = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     for name in names:
@@ -106,8 +107,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         lora: LoRALinear = getattr(parent, child_name)
         base = lora.base
-        merged = nn.Linear(
-            base.in_features, base.out_features, bias=base.bias is not None,
+        # skip_init: nn.Linear's default init would draw from torch's global generator, which
+        # LoRA dropout also draws from, so a save would change the training after it (and a
+        # resumed run would differ from the straight one). Every value is overwritten below.
+        merged = torch.nn.utils.skip_init(
+            nn.Linear, base.in_features, base.out_features, bias=base.bias is not None,
             device=base.weight.device, dtype=base.weight.dtype,
         )
         merged.weight.copy_(lora.merged_weight())

@@ -45,3 +45,21 @@ def wrong_length(completions, answers, **columns):
 
 def nan_reward(completions, answers, **columns):
     return [math.nan] * len(completions)
+
+
+_calls = {"slow_from_second_call": 0}
+
+
+def slow_from_second_call(completions, answers, **columns):
+    """length_reward, but from its second call on it sleeps SLOW_REWARD_SECONDS (default 6) first:
+    a step longer than a launcher's grace period. Rank 0 touches SLOW_REWARD_MARKER (a path) as it
+    starts sleeping, so a test can signal the job in the middle of that long step."""
+    import time
+
+    _calls["slow_from_second_call"] += 1
+    if _calls["slow_from_second_call"] >= 2:
+        marker = os.environ.get("SLOW_REWARD_MARKER")
+        if marker and os.environ.get("RANK", "0") == "0":
+            open(marker, "w").close()
+        time.sleep(float(os.environ.get("SLOW_REWARD_SECONDS", "6")))
+    return length_reward(completions, answers)

@@ -110,3 +110,18 @@ def test_summarize():
     assert stats == {"mean": 3.0, "std": pytest.approx(math.sqrt(3.5)), "min": 1.0, "max": 6.0}
     assert summarize(torch.tensor([[2.0, 2.0]])) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0}
     assert all(math.isnan(value) for value in summarize([]).values())
+
+
+def test_sample_logger_truncate_after_keeps_blocks_up_to_the_step(tmp_path):
+    """A resumed run rewrites the blocks after its checkpoint; a fresh run (step 0) empties the file."""
+    path = tmp_path / "samples.log"
+    samples = SampleLogger(path, every=1)
+    kwargs = dict(question="q", answer="3", completion="c", rewards={"format": 0.0})
+    blocks = [samples.log(step, **kwargs) for step in (1, 2, 3, 4)]
+    assert samples.truncate_after(2) == 2  # blocks 3 and 4 dropped
+    assert path.read_text() == blocks[0] + blocks[1]
+    samples.log(3, **kwargs)
+    assert path.read_text() == blocks[0] + blocks[1] + blocks[2]  # step 3 once, after step 2
+    assert samples.truncate_after(0) == 3
+    assert path.read_text() == ""
+    assert SampleLogger(tmp_path / "none.log", every=1).truncate_after(5) == 0  # no file: nothing to do

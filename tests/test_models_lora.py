@@ -81,3 +81,14 @@ def test_train_merge_save_roundtrip(tmp_path):
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lora_draws_nothing_from_the_global_rng():
+    """A save merges LoRA into a copy; building the merged layers must not advance torch's global
+    generator (LoRA dropout draws from it), or a save would change the training that follows."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    apply_lora(model, targets=("0", "2"), r=2, dropout=0.1)
+    state = torch.get_rng_state()
+    merge_lora(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not any(isinstance(module, LoRALinear) for module in model.modules())

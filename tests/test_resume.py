@@ -10,6 +10,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_resume.py -q
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import latest_model_dir, read_metrics, saved_weights, without_timings
@@ -20,6 +22,8 @@ CASES = {
     # LoRA: adapters come back from the trainer state; two inner epochs: old-policy logprobs.
     "grpo-lora-two-epochs": ("grpo", ["--freeze_policy", "lora", "--num_iterations", "2", "--learning_rate", "1e-2"]),
     "sft": ("sft", ["--gradient_accumulation_steps", "2", "--eval_steps", "2"]),
+    # LoRA dropout draws from torch's global generator: a save (merging LoRA) must not move it.
+    "grpo-lora-dropout": ("grpo", ["--freeze_policy", "lora", "--lora_dropout", "0.1", "--learning_rate", "1e-2"]),
 }
 
 
@@ -60,3 +64,65 @@ def test_resume_of_a_finished_run_does_nothing_more(train_run, tmp_path):
     assert read_metrics(out) == before
     after = saved_weights(latest_model_dir(out))
     assert all(torch.equal(weights[name], after[name]) for name in weights)
+
+
+def test_save_steps_do_not_change_a_lora_dropout_run(train_run, tmp_path):
+    """Saving merges LoRA into a copy of the model; with dropout on, the training must not notice."""
+    flags = ["--max_steps", "3", "--freeze_policy", "lora", "--lora_dropout", "0.1", "--learning_rate", "1e-2"]
+    saving = train_run(tmp_path / "saving", *flags, "--save_steps", "1")
+    quiet = train_run(tmp_path / "quiet", *flags, "--save_steps", "0")
+    expected = [without_timings(r) for r in read_metrics(quiet)]
+    assert [without_timings(r) for r in read_metrics(saving)] == expected
+    assert expected[1]["loss"] != expected[2]["loss"]
+
+
+def _sample_steps(output_dir) -> list[int]:
+    text = (output_dir / "samples.log").read_text()
+    return [int(line.split()[2]) for line in text.splitlines() if line.startswith("-" * 20 + " step ")]
+
+
+def test_samples_log_is_cut_back_on_resume_and_emptied_on_overwrite(train_run, tmp_path):
+    flags = ["--save_steps", "2", "--sample_log_steps", "1"]
+    out = train_run(tmp_path / "run", "--max_steps", "4", *flags)
+    assert _sample_steps(out) == [1, 2, 3, 4]
+    # A kill -9 just before the final save: steps 3 and 4 were logged, the last checkpoint is step 2.
+    shutil.rmtree(out / "checkpoint-00000004")
+    train_run(out, "--max_steps", "4", *flags, "--resume")
+    assert _sample_steps(out) == [1, 2, 3, 4]  # each step once
+    train_run(out, "--max_steps", "1", *flags, "--overwrite_output_dir")
+    assert _sample_steps(out) == [1]
+
+
+# --- the KL reference of a resumed run is the one it started with ---
+
+
+def test_resume_keeps_the_reference_the_run_started_with(train_run, tmp_path):
+    """The reference is the stage's starting point (--init_from). Resuming must use that exact
+    model, whatever --init_from says now: omitted, or a folder that gained a newer checkpoint."""
+    sft = train_run(tmp_path / "sft", "--max_steps", "2", stage="sft")
+    grpo = ["--beta", "0.04", "--save_steps", "1", "--learning_rate", "1e-2"]
+    straight = train_run(tmp_path / "straight", "--max_steps", "4", "--init_from", str(sft), *grpo)
+    resumed = train_run(tmp_path / "resumed", "--max_steps", "2", "--init_from", str(sft), *grpo)
+    train_run(sft, "--max_steps", "4", "--resume", stage="sft")  # the SFT folder gains checkpoint 4
+    train_run(resumed, "--max_steps", "3", "--resume", *grpo)  # no --init_from
+    train_run(resumed, "--max_steps", "4", "--resume", "--init_from", str(sft), *grpo)  # sft now means step 4
+
+    expected = [without_timings(r) for r in read_metrics(straight)]
+    assert [without_timings(r) for r in read_metrics(resumed)] == expected
+    assert expected[3]["kl"] > 0  # the KL term is live, so the match means something
+
+    # Another starting point on the command line: refused, naming both.
+    newer = sft / "checkpoint-00000004"
+    with pytest.raises(ValueError, match=r"--init_from .*checkpoint-00000004.* but the run started from .*checkpoint-00000002"):
+        train_run(resumed, "--max_steps", "5", "--resume", "--init_from", str(newer), *grpo)
+    # The recorded reference changed on disk (another run saved over it): refused.
+    recorded = sft / "checkpoint-00000002" / "model"
+    for weights in recorded.glob("*.safetensors"):
+        shutil.copy(newer / "model" / weights.name, weights)
+    with pytest.raises(ValueError, match=r"the starting point .*checkpoint-00000002.* has changed since the run started"):
+        train_run(resumed, "--max_steps", "5", "--resume", *grpo)
+    # ... or is gone: refused.
+    shutil.rmtree(sft / "checkpoint-00000002")
+    with pytest.raises(ValueError, match=r"the starting point .*checkpoint-00000002.* is gone"):
+        train_run(resumed, "--max_steps", "5", "--resume", *grpo)
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
