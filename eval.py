@@ -8,7 +8,12 @@
 folder), a hub id or local Qwen2.5-VL folder, or 'tiny'. The completions come from the same
 sampler GRPO trains with (grpo/rollout.py). Writes, into --output_dir:
     samples.jsonl   one line per example: question, gold, outputs, extracted answers, correct
-    summary.json    accuracy with its 95% (Wilson) interval, format rate, pass@k, counts
+    summary.json    accuracy with its 95% interval, format rate, pass@k with its own interval, counts
+
+With k samples per prompt, accuracy is the fraction of all n*k samples that are right; its interval
+is a Wilson interval over the effective number of independent samples (samples of one prompt are
+correlated: between n and n*k, see clustered_wilson_interval). pass@k is the fraction of prompts with
+at least one right sample; its interval is a Wilson interval over the n prompts.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ class EvalArguments:
     progress_bar: bool = _help("Show a progress bar.", default=True)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name} {getattr(self, name)}: must be a finite number")
+        if self.num_samples > 1 and self.temperature <= 0:
+            raise ValueError(
+                f"--num_samples {self.num_samples} with --temperature {self.temperature}: greedy decoding "
+                f"gives {self.num_samples} identical copies, so pass@{self.num_samples} would be pass@1; "
+                "sample with --temperature > 0 (e.g. 1.0) or use --num_samples 1 for greedy accuracy"
+            )
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
         if self.eval_part not in ("validation", "train", "all"):
             raise ValueError(f"--eval_part {self.eval_part!r}: use validation, train or all")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:
@@ -71,6 +87,34 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     # At p = 1 (or 0) the bound is exactly 1 (0) in exact arithmetic, but rounding can land it a hair
     # inside (0.9999999999999999), leaving the interval without its own estimate: keep p inside.
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+
+
+def clustered_wilson_interval(correct_per_prompt: list[int], k: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval for accuracy over n prompts x k samples, when samples of one prompt are correlated.
+
+    Accuracy p is the mean of the per-prompt fractions f_i = correct_i / k; its variance is estimated
+    over prompts, var = s^2(f) / n (the prompts are the independent draws). That is the variance of
+    a binomial proportion over n_eff = p(1-p) / var samples, and the Wilson interval is taken at that
+    n_eff, kept in [n, n*k]: k copies of one answer carry one prompt's information (n_eff = n), k
+    independent samples carry k (n_eff = n*k). With k = 1 it is the plain Wilson interval over n.
+    """
+    n = len(correct_per_prompt)
+    if n == 0:
+        return (0.0, 0.0)
+    total = sum(correct_per_prompt)
+    p = total / (n * k)
+    if k == 1:
+        return wilson_interval(total, n, z)
+    fractions = [c / k for c in correct_per_prompt]
+    variance_of_mean = sum((f - p) ** 2 for f in fractions) / (n - 1) / n if n > 1 else 0.0
+    if n == 1 or p in (0.0, 1.0):
+        n_eff = float(n)  # no spread to learn the correlation from: count prompts, the cautious choice
+    elif variance_of_mean == 0.0:
+        n_eff = float(n * k)
+    else:
+        n_eff = min(float(n * k), max(float(n), p * (1 - p) / variance_of_mean))
+    # wilson_interval(p * n_eff, n_eff): the same formula at a non-integer count.
+    return wilson_interval(p * n_eff, n_eff, z)
 
 
 @torch.no_grad()
@@ -93,7 +137,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     tokens = special_token_ids(model, processor)
     # The same --max_pixels downscaling of the images as train.py applies (grpo/data_setup.py).
     dataset, report = load_eval_dataset(data_args, part=args.eval_part, seed=args.seed, max_pixels=args.max_pixels)
-    check_gold_answers(dataset, [args.accuracy_reward])  # fail now, not at the batch that holds it
+    check_gold_answers(dataset, [args.accuracy_reward], data_args.dataset)  # fail now, not at the batch that holds it
     collator = GRPOCollator(processor, system_prompt=data_args.system_prompt_text)
     names = [args.accuracy_reward] + ([args.format_reward] if args.format_reward else [])
     (accuracy_name, accuracy_fn), *format_fn = resolve_reward_functions(names)
@@ -105,6 +149,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     totals = {"examples": 0, "pass": 0, "correct_samples": 0, "formatted_samples": 0, "samples": 0}
+    correct_per_prompt = []
     progress = tqdm(total=len(dataset), desc="eval", disable=not args.progress_bar)
     with open(out_dir / "samples.jsonl", "w") as samples_file:
         for start in range(0, len(dataset), args.batch_size):
@@ -127,6 +172,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
                 totals["examples"] += 1
                 totals["pass"] += int(any(is_correct))
                 totals["correct_samples"] += sum(is_correct)
+                correct_per_prompt.append(sum(is_correct))
                 totals["formatted_samples"] += sum(bool(formatted[r] > 0) for r in rows)
                 totals["samples"] += k
                 record = {
@@ -142,8 +188,8 @@ def evaluate(args: EvalArguments, data_args) -> dict:
 
     n = totals["examples"]
     accuracy = totals["correct_samples"] / max(totals["samples"], 1)
-    # The interval is over prompts; with k > 1 it is computed for pass@k.
-    low, high = wilson_interval(totals["pass"] if not greedy else totals["correct_samples"], n)
+    low, high = clustered_wilson_interval(correct_per_prompt, k)  # accuracy's own interval
+    pass_low, pass_high = wilson_interval(totals["pass"], n)  # pass@k's: over the n prompts
     summary = {
         "model": source,
         "dataset": data_args.dataset,
@@ -155,6 +201,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
         "format_rate": totals["formatted_samples"] / max(totals["samples"], 1),
         "num_samples": k,
         f"pass@{k}": totals["pass"] / max(n, 1),
+        f"pass@{k}_ci95": [pass_low, pass_high],
         "decoding": "greedy" if greedy else f"sampling (temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k})",
         "seconds": time.perf_counter() - started,
         "args": asdict(args),
@@ -162,8 +209,9 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"[eval] {source} on {data_args.dataset} ({args.eval_part}, n={n}): accuracy {accuracy:.3f} "
-        f"(95% CI {low:.3f}-{high:.3f}), format {summary['format_rate']:.3f}"
-        + (f", pass@{k} {summary[f'pass@{k}']:.3f}" if k > 1 else ""),
+        f"(95% CI {low:.3f}-{high:.3f}{f', over {n} prompts x {k} samples' if k > 1 else ''}), "
+        f"format {summary['format_rate']:.3f}"
+        + (f", pass@{k} {summary[f'pass@{k}']:.3f} (95% CI {pass_low:.3f}-{pass_high:.3f})" if k > 1 else ""),
         flush=True,
     )
     return summary
@@ -177,6 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((EvalArguments, DataArguments))
     try:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+        from grpo.start_checks import check_model_source, check_reward_specs, check_writable
+
+        check_model_source("--model", args.model)
+        check_reward_specs("--accuracy_reward", [args.accuracy_reward])
+        if args.format_reward:
+            check_reward_specs("--format_reward", [args.format_reward])
+        check_writable("--output_dir", args.output_dir)
     except (ConfigError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

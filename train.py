@@ -17,9 +17,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict:
     from grpo.config import ConfigError, parse_config
+    from grpo.start_checks import check_before_loading
 
     try:
         config = parse_config(argv)
+        check_before_loading(config)  # reward functions, model path, output folder: before loading
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

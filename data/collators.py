@@ -41,10 +41,25 @@ def prompt_text(processor, example: dict, system_prompt: str | None = SYSTEM_PRO
 
 
 def _process(processor, texts: list[str], examples: list[dict], padding_side: str) -> dict:
-    """Processor call on a batch; images flattened in row order (the order of their tokens)."""
+    """Processor call on a batch; images flattened in row order (the order of their tokens).
+
+    When the processor refuses the batch, the error names the dataset row it refuses (each example
+    is tried alone, on this error path only), so a bad row can be found in the file."""
     flat_images = [image for example in examples for image in _images(example)]
-    return processor(text=texts, images=flat_images or None, padding=True,
-                     padding_side=padding_side, return_tensors="pt")
+    try:
+        return processor(text=texts, images=flat_images or None, padding=True,
+                         padding_side=padding_side, return_tensors="pt")
+    except Exception as error:
+        from data.sources import describe_row
+
+        for text, example in zip(texts, examples, strict=True):
+            try:
+                processor(text=[text], images=_images(example) or None, return_tensors="pt")
+            except Exception:
+                sizes = [getattr(image, "size", None) for image in _images(example)]
+                raise ValueError(f"the processor refuses {describe_row(example)} (image sizes {sizes}): "
+                                 f"{type(error).__name__}: {error}") from error
+        raise
 
 
 def _check_prompt_lengths(lengths: torch.Tensor, max_prompt_length: int | None) -> None:
@@ -81,6 +96,54 @@ def filter_long_prompts(dataset, processor, max_prompt_length: int,
         lengths = prompt_lengths(processor, list(rows), system_prompt)
         keep += [start + i for i, n in enumerate(lengths) if n <= max_prompt_length]
     return dataset.select(keep), len(dataset) - len(keep)
+
+
+def _image_size(value) -> tuple[int, int]:
+    """(width, height) of a stored image, from its header only (no pixel decoding)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value.size
+    data, path = value.get("bytes"), value.get("path")
+    with Image.open(io.BytesIO(data) if data is not None else path) as image:
+        return image.size
+
+
+def _image_tokens(image_processor, width: int, height: int) -> int:
+    """Merged image tokens the Qwen2.5-VL processor makes of a width x height image."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    resized_height, resized_width = smart_resize(
+        height, width, factor=patch * merge,
+        min_pixels=image_processor.size.shortest_edge, max_pixels=image_processor.size.longest_edge)
+    return (resized_height // patch) * (resized_width // patch) // (merge * merge)
+
+
+def longest_example(dataset, processor, system_prompt: str | None = SYSTEM_PROMPT,
+                    target_text=None) -> tuple[int, int]:
+    """(index, tokens) of the dataset's longest prompt (with `target_text(example)`, of the longest
+    prompt + target), as the collators would make it, without running the image processor on
+    every row: text tokens from the tokenizer, image tokens from each image's header size."""
+    import datasets
+
+    tokenizer = processor.tokenizer
+    images = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))["images"]
+    rows = dataset.remove_columns(["images"]).to_list()
+    lengths = []
+    for row, stored in zip(rows, images, strict=True):
+        example = {**row, "images": [None] * len(stored)}  # the template only counts the images
+        text = prompt_text(processor, example, system_prompt)
+        image_tokens = sum(_image_tokens(processor.image_processor, *_image_size(value)) for value in stored)
+        # Each image is one <|image_pad|> in the text; the processor expands it to its tokens.
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - len(stored) + image_tokens
+        if target_text is not None:
+            length += len(tokenizer(target_text(example), add_special_tokens=False)["input_ids"])
+        lengths.append(length)
+    index = max(range(len(lengths)), key=lengths.__getitem__)
+    return index, lengths[index]
 
 
 def _vision_token_ids(tokenizer) -> list[int]:

@@ -19,8 +19,11 @@ Sources (the `source` argument):
 Any other column names are mapped with image_column / question_column / answer_column /
 thinking_column (the CLI's --image_column ...). Gold answers wrapped in <answer>...</answer> and
 traces wrapped in <think>...</think> are unwrapped. Images may be bytes, {"bytes", "path"} dicts,
-file paths, or decoded PIL images; a row whose image fails to decode is skipped with a warning and
-counted in the LoadReport, never a crash. Columns outside the schema are kept as metadata.
+file paths, or decoded PIL images; a row whose image fails to decode, or that the Qwen2.5-VL
+processor would refuse (an aspect ratio over 200), is skipped with a warning and counted in the
+LoadReport, never a crash at the step that samples it. Columns outside the schema are kept as
+metadata, and `source_row` holds each example's row number in the source (counted from 0, before
+any shuffle), so that errors can name the row of the file.
 
 Run:  python -m data.sources SOURCE [--split train] [--num_examples 5]   (prints a summary)
 """
@@ -43,6 +46,9 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 SCHEMA_COLUMNS = ("images", "question", "answer", "thinking")
+SOURCE_ROW = "source_row"  # the example's row in the source, before any shuffle or subset
+# Qwen2-VL's smart_resize (transformers) raises for max(h, w) / min(h, w) above this.
+MAX_ASPECT_RATIO = 200
 DEFAULT_SYNTHETIC_EXAMPLES = 2000
 
 # Column names tried, in order, when a flag does not name the column.
@@ -74,7 +80,7 @@ class LoadReport:
     num_examples: int = 0
     """Rows in the returned dataset."""
     skipped_images: int = 0
-    """Rows dropped because an image was missing or failed to decode."""
+    """Rows dropped because an image was missing, failed to decode, or has an aspect ratio over 200."""
     skipped_long_prompts: int = 0
     """Rows dropped later for a prompt over --max_prompt_length (set by whoever filters them)."""
     columns: dict[str, str | None] = field(default_factory=dict)
@@ -131,6 +137,12 @@ def _image_bytes(value, image_root: Path | None) -> tuple[bytes | None, Image.Im
 def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dict:
     """A {"bytes", "path"} dict for datasets' Image feature; re-encodes only when needed."""
     data, image = _image_bytes(value, image_root)
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"a {width} x {height} px image: its aspect ratio {max(width, height) / min(width, height):.1f} is over "
+            f"{MAX_ASPECT_RATIO}, which the Qwen2.5-VL processor refuses"
+        )
     if max_pixels is not None and image.width * image.height > max_pixels:
         image, data = resize_to_max_pixels(image.convert("RGB"), max_pixels), None
     if data is None:
@@ -155,7 +167,7 @@ def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root:
                 raise ValueError("no image")
             images = [_encode_image(v, image_root, max_pixels) for v in raw_images]
         except Exception as error:  # any decoding failure: skip the row, counted by the caller
-            logger.warning("skipping a row whose image failed to decode: %s", error)
+            logger.warning("skipping row %s, whose image failed to decode or is refused: %s", batch[SOURCE_ROW][i], error)
             continue
         raw_answer = batch[columns["answer"]][i]
         thinking = batch[columns["thinking"]][i] if columns["thinking"] else None
@@ -265,6 +277,8 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
         "answer": _pick_column(raw, "answer", answer_column, known, name, required=True),
         "thinking": _pick_column(raw, "thinking", thinking_column, known, name, required=False),
     }
+    if SOURCE_ROW not in raw.column_names:  # numbered before the subset shuffle below
+        raw = raw.add_column(SOURCE_ROW, list(range(len(raw))))
     if num_examples is not None and not name.startswith("synthetic") and num_examples < len(raw):
         raw = raw.shuffle(seed=seed).select(range(num_examples))
     # Read images as raw bytes so a corrupt one can be caught here rather than crash later.
@@ -289,11 +303,18 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
                         skipped_images=len(raw) - len(dataset), columns=columns)
     if report.skipped_images:
         warnings.warn(f"{name}: skipped {report.skipped_images} of {len(raw)} rows whose images "
-                      f"failed to decode", stacklevel=2)
+                      f"failed to decode or have an aspect ratio over {MAX_ASPECT_RATIO}", stacklevel=2)
     if len(dataset) == 0:
         raise ValueError(f"{name} [{split}]: no usable examples ({len(raw)} rows read, "
-                         f"{report.skipped_images} skipped because their images failed to decode)")
+                         f"{report.skipped_images} skipped because their images failed to decode "
+                         f"or have an aspect ratio over {MAX_ASPECT_RATIO})")
     return dataset, report
+
+
+def describe_row(example: dict) -> str:
+    """'dataset row N' for an error message: the row of the source file (from 0), when known."""
+    row = example.get(SOURCE_ROW)
+    return f"dataset row {row}" if row is not None else "a dataset row"
 
 
 def train_val_split(dataset: datasets.Dataset, val_fraction: float = 0.1, seed: int = 0

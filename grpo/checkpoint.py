@@ -28,6 +28,7 @@ scheduler and RNG and returns the step and data position to continue from.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -211,6 +212,30 @@ def _check_loadable(name: str, value) -> None:
         ) from None
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or how torch.save and safetensors report a short write on a full disk."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return isinstance(error, Exception) and any(
+        sign in text for sign in ("No space left on device", "unexpected pos", "file write failed", "os error 28")
+    )
+
+
+def _disk_full_error(output_dir: Path, step: int) -> OSError:
+    """A full disk named: where, which step, and what is still there to resume from."""
+    latest = latest_checkpoint(output_dir)
+    kept = (
+        f"{latest.name} (step {json.loads((latest / COMPLETE_MARKER).read_text())['step']}) is kept, complete"
+        if latest is not None else "no earlier checkpoint exists"
+    )
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on the device of --output_dir {output_dir} while saving step {step}; the partial "
+        f"save was removed and {kept}. Free space there (or lower --save_total_limit) and rerun with --resume",
+    )
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -264,8 +289,10 @@ def save_checkpoint(
         (temporary / COMPLETE_MARKER).write_text(json.dumps({"step": int(step)}) + "\n")
         _fsync_path(temporary / COMPLETE_MARKER)
         _fsync_path(temporary)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if _is_disk_full(error):
+            raise _disk_full_error(output_dir, step) from error
         raise
 
     replaced = None

@@ -20,7 +20,9 @@ num_iterations * steps_per_generation of them.
 from __future__ import annotations
 
 import json
+import math
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -39,6 +41,14 @@ def _help(text: str, **kwargs):
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag and the fix."""
+
+
+def _reject_non_finite(args) -> None:
+    """NaN and inf pass every `<`/`>` check (each comparison is False), so refuse them first."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value}: must be a finite number")
 
 
 @dataclass
@@ -70,12 +80,15 @@ class ModelArguments:
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
 
     def __post_init__(self):
+        _reject_non_finite(self)
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.num_trainable_layers < 0:
             raise ConfigError("--num_trainable_layers must be >= 0")
+        if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_r {self.lora_r} / --lora_dropout {self.lora_dropout}: need r >= 1 and dropout in [0, 1)")
 
 
 @dataclass
@@ -117,6 +130,7 @@ class DataArguments:
         return self.system_prompt or None
 
     def __post_init__(self):
+        _reject_non_finite(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.count_min < 0 or self.count_max < self.count_min:
@@ -125,6 +139,10 @@ class DataArguments:
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ConfigError(f"--num_examples {self.num_examples}: must be >= 1 (or leave it unset for all)")
+        if self.image_size < 28:  # one 28 x 28 block is one merged image token of Qwen2.5-VL
+            raise ConfigError(f"--image_size {self.image_size}: synthetic scenes need at least 28 pixels a side")
 
 
 @dataclass
@@ -148,6 +166,11 @@ class TrainArguments:
     overwrite_output_dir: bool = _help("Delete another run's checkpoints in --output_dir and start over.", default=False)
     max_nonfinite_steps: int = _help("Stop after this many consecutive steps with a non-finite loss/grad.", default=3)
     progress_bar: bool = _help("Show a tqdm progress bar on rank 0.", default=True)
+    skip_preflight: bool = _help(
+        "Skip the pre-flight step: before step 1, one forward and backward at the longest prompt (SFT: "
+        "the longest example) and the configured micro-batch, so a run that cannot fit fails at once.",
+        default=False,
+    )
     fsdp: bool = _help(
         "Shard weights, gradients and Adam moments over the ranks with FSDP2 (torch fully_shard) "
         "instead of keeping a full replica per rank: for models that do not fit one device. Same "
@@ -156,6 +179,7 @@ class TrainArguments:
     )
 
     def __post_init__(self):
+        _reject_non_finite(self)
         if self.stage not in STAGES:
             raise ConfigError(f"--stage {self.stage!r} is not one of {STAGES}")
         if self.max_steps < 1:
@@ -170,6 +194,17 @@ class TrainArguments:
             raise ConfigError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.max_nonfinite_steps < 1:
             raise ConfigError("--max_nonfinite_steps must be >= 1")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 turns clipping off)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight_decay {self.weight_decay}: must be >= 0")
+        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
+            raise ConfigError(f"--adam_beta1 {self.adam_beta1} / --adam_beta2 {self.adam_beta2}: each must be in [0, 1)")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"--warmup_steps {self.warmup_steps} is longer than --max_steps {self.max_steps}: the learning "
+                "rate would never reach its peak; lower --warmup_steps"
+            )
 
 
 @dataclass
@@ -230,6 +265,7 @@ class GRPOArguments:
     )
 
     def __post_init__(self):
+        _reject_non_finite(self)
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.num_generations < 2:
@@ -278,7 +314,12 @@ class GRPOArguments:
     def reward_weight_values(self) -> list[float] | None:
         if self.reward_weights is None:
             return None
-        weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
+        try:
+            weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
+        except ValueError:
+            raise ConfigError(f"--reward_weights {self.reward_weights!r}: give comma-separated numbers, e.g. 1,0.5") from None
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError(f"--reward_weights {self.reward_weights!r}: every weight must be a finite number")
         if len(weights) != len(self.reward_function_names):
             raise ConfigError(
                 f"--reward_weights has {len(weights)} values but --reward_functions names "
@@ -299,6 +340,7 @@ class SFTArguments:
     max_eval_examples: int = _help("Validation examples used for the validation loss.", default=256)
 
     def __post_init__(self):
+        _reject_non_finite(self)
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("--per_device_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.eval_steps < 0 or self.max_eval_examples < 1:
@@ -325,13 +367,24 @@ class Config:
 
 
 def _read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error})") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--config {path}: not valid YAML ({error})".replace("\n", " ")) from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--config {path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     # A file written by Config.to_dict() is grouped; flatten it.
@@ -344,6 +397,46 @@ def _read_config_file(path: str) -> dict:
     return flat
 
 
+def _describe(value) -> str:
+    kind = {list: "the list ", dict: "the mapping "}.get(type(value), "")
+    return f"{kind}{value!r}"
+
+
+def _type_name(annotation) -> str:
+    """A field's type as text ("int", "float | None"): a string under `from __future__ import
+    annotations`, a real type once HfArgumentParser has resolved the dataclass."""
+    if isinstance(annotation, str):
+        return annotation
+    args = typing.get_args(annotation)
+    names = [getattr(arg, "__name__", str(arg)) for arg in (args or (annotation,))]
+    return " | ".join("None" if name == "NoneType" else name for name in names)
+
+
+def _file_value(path: str, name: str, value, annotation: str):
+    """A --config value checked against its field's type (argparse converts only CLI strings, so a
+    file's `beta: [1, 2]` would otherwise reach the checks as a list, `per_device_prompts: 2.5` as a float)."""
+    kind = annotation.split("|")[0].strip()  # "int | None" -> "int"
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"--config {path}: {name}: expected a value, got null")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"--config {path}: {name}: expected true or false, got {_describe(value)}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"--config {path}: {name}: expected an integer, got {_describe(value)}")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"--config {path}: {name}: expected a float, got {_describe(value)}")
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)  # e.g. `reward_weights: 1` for a single function
+    raise ConfigError(f"--config {path}: {name}: expected a string, got {_describe(value)}")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse CLI flags (and an optional --config YAML/JSON file that CLI flags override)."""
     from transformers import HfArgumentParser
@@ -354,10 +447,14 @@ def parse_config(argv: list[str] | None = None) -> Config:
     known, _ = parser.parse_known_args(argv)
     if known.config:
         values = _read_config_file(known.config)
-        valid = {f.name for cls in ALL_ARGUMENTS for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
+        # HfArgumentParser resolves `int | None` to `int` in place: a None default marks the optional ones.
+        annotations = {
+            f.name: _type_name(f.type) + (" | None" if f.default is None else "") for cls in ALL_ARGUMENTS for f in fields(cls)
+        }
+        unknown = sorted(set(values) - set(annotations))
         if unknown:
             raise ConfigError(f"--config {known.config}: unknown keys {unknown}; see python train.py --help")
+        values = {name: _file_value(known.config, name, value, annotations[name]) for name, value in values.items()}
         parser.set_defaults(**values)
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     rest = outputs[-1]

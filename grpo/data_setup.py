@@ -109,13 +109,13 @@ def load_prompt_dataset(config, processor, *, is_main: bool = True):
         report.skipped_long_prompts = skipped
         if len(dataset) == 0:
             raise ValueError("every prompt is over --max_prompt_length; raise it or lower --max_pixels")
-    check_gold_answers(dataset, config.grpo.reward_function_names)
+    check_gold_answers(dataset, config.grpo.reward_function_names, data_args.dataset)
     if is_main:
         print(f"[data] {data_args.dataset}: {len(dataset)} prompts ({report.skipped_images} skipped images)", flush=True)
     return dataset, report
 
 
-def check_gold_answers(dataset, reward_names: list[str]) -> None:
+def check_gold_answers(dataset, reward_names: list[str], dataset_name: str = "") -> None:
     """Fail before step 1 when a built-in accuracy reward cannot read a gold answer.
 
     count_accuracy and choice_accuracy raise on such an answer, but only at the step that first
@@ -130,13 +130,17 @@ def check_gold_answers(dataset, reward_names: list[str]) -> None:
             continue
         answers = list(dataset["answer"]) if answers is None else answers  # the column only, no images
         kind, parse = parsers[name]
-        bad = [row for row, answer in enumerate(answers) if parse(str(answer)) is None]
+        bad = [index for index, answer in enumerate(answers) if parse(str(answer)) is None]
         if bad:
-            row = bad[0]
+            # Name the row of the file, not the position after the split's shuffle.
+            rows = [dataset[index].get("source_row", index) for index in bad[:5]]
+            first = bad[0]
             raise ValueError(
-                f"reward function {name!r}: the gold answer of example {row} ({answers[row]!r}, question "
-                f"{dataset[row]['question']!r}) is not {kind}; {len(bad)} of {len(answers)} examples are "
-                f"like it. Fix the data (--answer_column?) or pick a reward that fits it in --reward_functions"
+                f"reward function {name!r}: the gold answer of row {rows[0]} of --dataset {dataset_name} "
+                f"({answers[first]!r}, question {dataset[first]['question']!r}; rows counted from 0, so line "
+                f"{rows[0] + 1} of a jsonl file) is not {kind}; {len(bad)} of {len(answers)} examples are like "
+                f"it (rows {sorted(rows)}{' ...' if len(bad) > 5 else ''}). Fix the data (--answer_column?) or "
+                "pick a reward that fits it in --reward_functions"
             )
 
 

@@ -40,6 +40,7 @@ from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
+from grpo.preflight import grpo_preflight
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics
 from grpo.rollout import sample_rollouts
 from grpo.run import NonFiniteGuard, start_run
@@ -188,6 +189,11 @@ def train_grpo(config: Config) -> dict:
     if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
         generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
 
+    if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/preflight.py)
+        grpo_preflight(
+            model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
+            merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=is_main,
+        )
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None

@@ -125,6 +125,17 @@ def sample_next_token(
     method = method or default_sampling_method(logits.device)
     if method not in SAMPLING_METHODS:  # checked before the greedy branch too, so a typo never hides
         raise ValueError(f"sampling method {method!r}: expected one of {SAMPLING_METHODS}")
+    # A NaN or inf logit makes the draw meaningless (the inverse CDF then returns index V, which
+    # fails later as an out-of-range token id): stop here and say why. One reduction and one sync
+    # per decode step, next to the all-finished check the loop already syncs on.
+    rows_bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
+    if rows_bad:
+        raise FloatingPointError(
+            f"the sampler got non-finite logits (NaN or inf) in {rows_bad} of {logits.shape[0]} rows: the "
+            "policy's weights or activations are no longer finite (a learning rate too high, an fp16 "
+            "overflow, a broken checkpoint); resume from an earlier checkpoint with a lower --learning_rate "
+            "or use --dtype bfloat16 / float32"
+        )
     if temperature == 0:  # greedy; scored at tau = 1
         token = logits.argmax(dim=-1)  # [R]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]

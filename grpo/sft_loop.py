@@ -23,6 +23,7 @@ from grpo.config import Config
 from grpo.distributed import all_reduce_sum
 from grpo.logprobs import token_logprobs
 from grpo.metrics import MetricsLogger
+from grpo.preflight import sft_preflight
 from grpo.run import NonFiniteGuard, start_run
 from grpo.setup import IndexStream, StopRequest, sync_gradients
 
@@ -71,6 +72,11 @@ def train_sft(config: Config) -> dict:
     stream = IndexStream(len(train_set), seed=targs.seed, rank=rank, world_size=world_size)
 
     step = run.resume(stream)["step"]
+    if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/preflight.py)
+        sft_preflight(
+            model, train_set, collator, batch_size=sargs.per_device_batch_size, device=device,
+            loss_fn=sft_token_losses, is_main=is_main,
+        )
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     progress = tqdm(total=targs.max_steps, initial=step, desc="sft", disable=not (is_main and targs.progress_bar))

@@ -118,7 +118,14 @@ def load_policy(
         if attn != "sdpa":
             model.set_attn_implementation(attn)
     else:
-        config = AutoConfig.from_pretrained(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except OSError as error:  # no such folder, no such repo, or the Hub cannot be reached
+            raise OSError(
+                f"--model {name_or_path!r}: not a local model folder, and it could not be fetched from the "
+                f"Hugging Face Hub ({type(error).__name__}: {str(error).splitlines()[0]}). Check the path, or "
+                "the repo id and the network; offline, pass a local folder written by save_pretrained"
+            ) from error
         if config.model_type != "qwen2_5_vl":
             hint = ""
             if config.model_type == "qwen2":

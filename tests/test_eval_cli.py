@@ -64,7 +64,10 @@ def test_pass_at_two_with_sampling(grpo_run_dir, tmp_path):
     correct = sum(sum(s["correct"]) for s in samples)
     assert summary["pass@2"] == pytest.approx(passed / 6)
     assert summary["accuracy"] == pytest.approx(correct / 12)  # per sample, not per prompt
-    assert summary["accuracy_ci95"] == pytest.approx(list(wilson_interval(passed, 6)))  # the interval is pass@k's
+    # Each number has its own interval: pass@2's over the 6 prompts, accuracy's over its samples.
+    assert summary["pass@2_ci95"] == pytest.approx(list(wilson_interval(passed, 6)))
+    per_prompt = [sum(s["correct"]) for s in samples]
+    assert summary["accuracy_ci95"] == pytest.approx(list(eval_script.clustered_wilson_interval(per_prompt, 2)))
     assert summary["pass@2"] >= summary["accuracy"] - 1e-12
     assert "pass@1" not in summary
 

@@ -408,7 +408,7 @@ def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run):
 def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run):
     answers = ["3", "4", "blue", "5", "2", "1", "3", "two", "4", "5"]
     source = _save_dataset(tmp_path / "data", rows=10, answers=answers)
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of example \d+ \('(blue|two)'") as error:
+    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('(blue|two)'") as error:
         train_run(tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
     assert "question 'How many objects are there in the image? (2)'" in str(error.value)  # the first bad row
     assert "2 of 10 examples" not in str(error.value)  # "two" is a number word count_accuracy reads
@@ -466,7 +466,7 @@ def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path):
     import eval as eval_script
 
     source = _save_dataset(tmp_path / "data", rows=6, answers=["1", "2", "3", "four", "5", "many"])
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of example \d+ \('many'"):
+    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('many'"):
         eval_script.main(["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"])
 
 
