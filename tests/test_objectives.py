@@ -138,7 +138,7 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
     # Each of the 100 option combinations once, the aggregations and epochs taken in turn (the twin
     # loops in python; every combination x every aggregation would take minutes on a busy CPU).
     settings = itertools.cycle([("sequence", False), ("token", True), ("constant", False), ("sequence", True)])
-    for (level, objective, kl_estimator, correction), (aggregation, one_epoch) in zip(OPTIONS, settings):
+    for (level, objective, kl_estimator, correction), (aggregation, one_epoch) in zip(OPTIONS, settings, strict=False):
         old = None if one_epoch else old_logprobs
         kwargs = dict(
             epsilon_low=0.2, epsilon_high=0.28, beta=0.04, aggregation=aggregation,
