@@ -261,10 +261,15 @@ def test_torchrun_two_ranks_with_the_other_objectives(tmp_path, flags):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
-    for record in records:
+    # The gap is taken against the training forward: with --num_iterations 2 the second step's
+    # forward has moved by one update, so only the first epoch's gap is pure sampler/trainer mismatch.
+    first_epoch = records[:1] if "--num_iterations" in flags else records
+    for record in first_epoch:
         # 32 roundings of size 2^-24 of a log-prob of size <= ~10 (tests/test_sampler_correction.py)
         assert 0.0 <= record["sampler_gap_max"] < 32 * 2**-24 * 10
-        # every weight is exp(gap) ~ 1 + gap (a completion's product: <= 8 tokens' gaps)
+    for record in records:
+        # pi_old / pi_sampler is exp(gap) ~ 1 + gap per token (a completion's product: <= 8 tokens'
+        # gaps); pi_old comes from the rollout's policy, so this holds in the second epoch too.
         assert abs(record["sampler_weight_mean"] - 1.0) < 8 * 32 * 2**-24 * 10
         assert record["sampler_over_cap_frac"] == 0.0 and record["grad_norm"] > 0.0
     fingerprints = [torch.load(out / f"fingerprint-rank{r}.pt", weights_only=True) for r in range(2)]
