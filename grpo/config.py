@@ -27,8 +27,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
-from grpo.loss import AGGREGATIONS
+from grpo.kl import KL_ESTIMATORS
+from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
 from grpo.rollout import DECODE_MODES
+from grpo.sampler_correction import SAMPLER_CORRECTIONS
 
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
@@ -225,10 +227,36 @@ class GRPOArguments:
     beta: float = _help("Weight of the k3 KL to the frozen reference (0: no reference model is built).", default=0.04)
     epsilon: float = _help("PPO clip range: ratio is clipped to [1 - epsilon, 1 + epsilon_high].", default=0.2)
     epsilon_high: float | None = _help("Upper clip (DAPO clip-higher); default: --epsilon.", default=None)
-    loss_aggregation: str = _help(
-        "sequence (GRPO: mean over each completion's tokens, then over completions) | token (DAPO: "
+    loss_aggregation: str | None = _help(
+        "sequence (GRPO: mean over each completion's tokens, then over completions; the default) | token (DAPO: "
         "over all tokens of the step) | constant (Dr. GRPO: sum / (completions * max_completion_length)).",
-        default="sequence",
+        default=None,
+    )
+    loss_type: str | None = _help(
+        "A TRL GRPOConfig.loss_type name, setting --loss_aggregation, --importance_sampling_level and "
+        "--objective as TRL does: grpo (sequence, token, clip) | dapo (token, token, clip) | dr_grpo "
+        "(constant, token, clip) | gspo (sequence, sequence, clip: TRL's grpo with "
+        "importance_sampling_level=sequence) | cispo (token, token, cispo). Default: set those flags yourself.",
+        default=None,
+    )
+    importance_sampling_level: str | None = _help(
+        "token (PPO/GRPO: one ratio per token; the default) | sequence (GSPO, arXiv 2507.18071: one "
+        "length-normalised ratio exp(mean_t log(pi/pi_old)) per completion, clipped per completion; "
+        "GSPO clips at --epsilon 3e-4 --epsilon_high 4e-4).",
+        default=None,
+    )
+    objective: str | None = _help(
+        "clip (PPO's clipped surrogate; the default) | cispo (MiniMax-M1, arXiv 2506.13585: the ratio "
+        "capped at 1 + --epsilon_high and detached, times A * log pi, so clipped tokens keep a "
+        "gradient; TRL's epsilon_high under cispo is the cap itself, i.e. ours + 1).",
+        default=None,
+    )
+    kl_estimator: str = _help(
+        "The KL penalty's per-token estimator (x = log pi_ref - log pi): k3 (exp(x) - x - 1; unbiased "
+        "value, but its gradient is that of KL(pi_ref || pi)) | k1 (-x; zero expected gradient) | k2 "
+        "(x^2 / 2; biased value, unbiased gradient) | k3_plus (k3 value, k2 gradient, as verl's k3+) "
+        "| k3_ratio (k3 times pi/pi_old, TRL's use_bias_correction_kl; unbiased gradient).",
+        default="k3",
     )
     advantage_scale: str = _help("group (z-score) | batch (divide by the batch std) | none (Dr. GRPO).", default="group")
     mask_truncated_completions: bool = _help("Leave completions that hit max_completion_length out of the loss.", default=False)
@@ -250,6 +278,17 @@ class GRPOArguments:
         "exact arithmetic; in bfloat16 the decode and training kernels round differently, so the "
         "first epoch's ratio is then only close to 1.",
         default=False,
+    )
+    sampler_correction: str = _help(
+        "Correct the policy term for the sampler/trainer mismatch with the weight pi_old / pi_sampler "
+        "(pi_sampler: the rollout's recorded logprobs) capped at --sampler_correction_cap: none | "
+        "token_truncate (TIS: min(ratio, C) per token) | token_mask (MIS: tokens with ratio > C dropped) "
+        "| sequence_truncate | sequence_mask (MIS: completions whose product of ratios > C dropped). "
+        "TRL's vllm_importance_sampling_mode. The gap itself is logged every step either way.",
+        default="none",
+    )
+    sampler_correction_cap: float = _help(
+        "C, the cap of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_max).", default=3.0
     )
     decode: str = _help(
         "How the sampler runs its decode steps: auto (cuda_graph on CUDA without --fsdp, dynamic elsewhere) | dynamic "
@@ -284,8 +323,26 @@ class GRPOArguments:
             raise ConfigError(f"--epsilon_high {self.epsilon_high}: must be >= 0")
         if self.decode not in ("auto", *DECODE_MODES):
             raise ConfigError(f"--decode {self.decode!r} is not one of {('auto', *DECODE_MODES)}")
+        self._resolve_loss_type()
         if self.loss_aggregation not in AGGREGATIONS:
             raise ConfigError(f"--loss_aggregation {self.loss_aggregation!r} is not one of {AGGREGATIONS}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ConfigError(
+                f"--importance_sampling_level {self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"--kl_estimator {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
+        if self.sampler_correction not in SAMPLER_CORRECTIONS:
+            raise ConfigError(f"--sampler_correction {self.sampler_correction!r} is not one of {SAMPLER_CORRECTIONS}")
+        if not self.sampler_correction_cap > 0:
+            raise ConfigError(f"--sampler_correction_cap {self.sampler_correction_cap}: the cap C must be > 0")
+        if self.sampler_correction != "none" and self.old_logprobs_from_sampler:
+            raise ConfigError(
+                f"--sampler_correction {self.sampler_correction} with --old_logprobs_from_sampler: pi_old is then "
+                "the sampler's own logprobs, so the weight pi_old / pi_sampler is exactly 1; drop one of them"
+            )
         if self.advantage_scale not in ADVANTAGE_SCALES:
             raise ConfigError(f"--advantage_scale {self.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
         if self.temperature < 0:
@@ -305,6 +362,30 @@ class GRPOArguments:
                 f"each optimizer step takes {mini_batch} completions, which --micro_batch_size "
                 f"{self.micro_batch_size} does not divide; pick a divisor of {mini_batch}"
             )
+
+    def _resolve_loss_type(self) -> None:
+        """--loss_type fills --loss_aggregation, --importance_sampling_level and --objective; a value
+        given for one of them must agree. Unset ones fall back to GRPO (sequence, token, clip)."""
+        flag_of = {"aggregation": "loss_aggregation"}  # grpo_loss's argument -> this class's field
+        if self.loss_type is not None:
+            if self.loss_type not in LOSS_TYPES:
+                hint = {
+                    "bnpo": "TRL's bnpo divides by each micro-batch's own token count; use dapo (the step's token "
+                    "count: the same as bnpo with one micro-batch on one rank)",
+                }.get(self.loss_type, "that loss is not implemented here")
+                raise ConfigError(f"--loss_type {self.loss_type!r} is not one of {tuple(LOSS_TYPES)}: {hint}")
+            for option, value in LOSS_TYPES[self.loss_type].items():
+                name = flag_of.get(option, option)
+                given = getattr(self, name)
+                if given is not None and given != value:
+                    raise ConfigError(
+                        f"--loss_type {self.loss_type} means --{name} {value}, but --{name} {given} was given; "
+                        "drop one of them"
+                    )
+                setattr(self, name, value)
+        for name, default in (("loss_aggregation", "sequence"), ("importance_sampling_level", "token"), ("objective", "clip")):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
     @property
     def reward_function_names(self) -> list[str]:

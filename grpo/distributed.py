@@ -150,6 +150,15 @@ def all_reduce_sum(value: T) -> T:
     return buffer.item()
 
 
+def all_reduce_max(value: float) -> float:
+    """The largest `value` over ranks, as a float. No-op in a single process."""
+    if not is_initialized():
+        return float(value)
+    buffer = torch.tensor(float(value), dtype=torch.float64, device=_communication_device())
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
+    return buffer.item()
+
+
 def all_reduce_mean(value: T) -> T:
     """Mean of `value` over ranks (the sum divided by world_size). No-op in a single process."""
     if not is_initialized():

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
-from grpo.distributed import all_gather_object, all_reduce_sum
+from grpo.distributed import all_gather_object, all_reduce_max, all_reduce_sum
 from grpo.generation_batch import GenerationBatch
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
@@ -59,11 +59,12 @@ def accumulate_step_gradients(
     gargs: GRPOArguments,
     reuse_images: bool,
     world_size: int,
+    sampler_logprobs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
 
     step_rows: [R] the rows of the generation batch (B*G rows, this rank's) that the step trains on.
-    advantages [B*G], loss_mask [B*G, T], old/ref logprobs [B*G, T] or None: the whole batch's.
+    advantages [B*G], loss_mask [B*G, T], old/ref/sampler logprobs [B*G, T] or None: the whole batch's.
     The loss is divided by the step's count over every micro-batch and every rank (/ world_size),
     so after `sync_gradients` averages over ranks each .grad equals the gradient one process
     holding every rank's rows would compute. Returns this rank's sums for the step's metrics.
@@ -76,7 +77,8 @@ def accumulate_step_gradients(
         all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
         1.0,
     ) / world_size
-    sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0}
+    sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0,
+            "sampler_gap": 0.0, "sampler_gap_max": 0.0, "sampler_weight": 0.0, "sampler_over_cap": 0.0}
     for rows in step_rows.split(gargs.micro_batch_size):
         logprobs, entropy = generation.logprobs(
             model, rows, reuse_rollout_images=reuse_images, return_entropy=True
@@ -90,6 +92,10 @@ def accumulate_step_gradients(
             advantages[rows], mask_rows,
             epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
             aggregation=gargs.loss_aggregation, normaliser=normaliser,
+            importance_sampling_level=gargs.importance_sampling_level, objective=gargs.objective,
+            kl_estimator=gargs.kl_estimator, sampler_correction=gargs.sampler_correction,
+            sampler_correction_cap=gargs.sampler_correction_cap,
+            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
         )
         loss.backward()
         n = info["num_tokens"]
@@ -100,6 +106,10 @@ def accumulate_step_gradients(
         sums["kl"] += info.get("kl_mean", 0.0) * n
         sums["ratio"] += info["ratio_mean"] * n
         sums["entropy"] += float((entropy.detach() * mask_rows.to(entropy.device)).sum())
+        sums["sampler_gap"] += info.get("sampler_gap_mean", 0.0) * n
+        sums["sampler_gap_max"] = max(sums["sampler_gap_max"], info.get("sampler_gap_max", 0.0))
+        sums["sampler_weight"] += info.get("sampler_weight_mean", 0.0) * n
+        sums["sampler_over_cap"] += info.get("sampler_over_cap_frac", 0.0) * n
     return sums
 
 
@@ -283,7 +293,7 @@ def train_grpo(config: Config) -> dict:
                     sums = accumulate_step_gradients(
                         model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
-                        reuse_images=reuse_images, world_size=world_size,
+                        reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
                     )
                     if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
                         sync_gradients(trainable, world_size)
@@ -306,6 +316,9 @@ def train_grpo(config: Config) -> dict:
                         "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
                         "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
                         "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
+                        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
+                        "sampler_gap_mean": all_reduce_sum(sums["sampler_gap"]) / tokens_step,
+                        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
                         "grad_norm": float(grad_norm),
                         "lr": scheduler.get_last_lr()[0],
                         "rollout_seconds": rollout_seconds,
@@ -316,6 +329,9 @@ def train_grpo(config: Config) -> dict:
                         "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
                         **generation_metrics,
                     }
+                    if gargs.sampler_correction != "none":
+                        metrics["sampler_weight_mean"] = all_reduce_sum(sums["sampler_weight"]) / tokens_step
+                        metrics["sampler_over_cap_frac"] = all_reduce_sum(sums["sampler_over_cap"]) / tokens_step
                     metrics_logger.log(step, metrics)
                     if sample_logger is not None:
                         sample_logger.maybe_log(

@@ -31,7 +31,22 @@ Choices, and where the code departs from the paper:
 4. Padded positions (after EOS) are made neutral before any exp(): their log-ratio is set to 0
    (ratio 1), and `kl_k3` clamps its log-ratio. The mask then multiplies finite numbers only.
 5. The KL metric is reported whenever `ref_logprobs` is given, even with beta = 0 (then it is
-   a diagnostic and adds nothing to the loss); without a reference it is 0.0.
+   a diagnostic and adds nothing to the loss); without a reference it is 0.0. It is the value of
+   the chosen estimator (`kl_estimator`, grpo/kl.py: k3 by default).
+
+Options beyond the paper (all off by default; the defaults are GRPO as above):
+
+6. Sequence-level ratio (`importance_sampling_level="sequence"`, GSPO, arXiv 2507.18071, eq. 7):
+   s_i = exp(1/|o_i| sum_t (log pi_theta - log pi_old)), the length-normalised likelihood ratio
+   of the whole completion, clipped per completion and broadcast to its tokens (as TRL does).
+   Its gradient is s_i times the mean of the tokens' grad log pi.
+7. CISPO (`objective="cispo"`, MiniMax-M1, arXiv 2506.13585, eq. 4-5): the per-token term is
+   sg(min(ratio, 1 + epsilon_high)) * A * log pi_theta. The importance weight is clipped and
+   detached (sg = stop-gradient) instead of the clip removing the token's gradient, so every
+   token keeps a REINFORCE gradient. No lower bound (the paper sets epsilon_low^IS large).
+8. Sampler correction (`sampler_logprobs` + `sampler_correction`, grpo/sampler_correction.py):
+   the policy term of each token is multiplied by a capped pi_old / pi_sampler. With
+   `sampler_logprobs` given, the gap |log pi_theta - log pi_sampler| is reported either way.
 
 Run the tests: `python -m pytest tests/test_loss.py -q`.
 """
@@ -43,9 +58,24 @@ import math
 import torch
 from torch import Tensor
 
-from grpo.kl import kl_k3
+from grpo.kl import KL_ESTIMATORS, kl_estimate
+from grpo.sampler_correction import SAMPLER_CORRECTIONS, importance_weights, sampler_logprob_gap
 
 AGGREGATIONS = ("sequence", "token", "constant")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+OBJECTIVES = ("clip", "cispo")
+# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options. Only names with
+# the same meaning: TRL's "bnpo" divides by each micro-batch's own token count, which no option
+# here does ("token" divides by the whole step's); "sapo", "luspo", "vespo" are not implemented.
+LOSS_TYPES = {
+    "grpo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "clip"},
+    "dapo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "clip"},
+    "dr_grpo": {"aggregation": "constant", "importance_sampling_level": "token", "objective": "clip"},
+    # TRL: loss_type="grpo", importance_sampling_level="sequence" (GSPO eq. 5: 1/G sum_i).
+    "gspo": {"aggregation": "sequence", "importance_sampling_level": "sequence", "objective": "clip"},
+    # TRL: loss_type="cispo" (token aggregation, as the paper's 1 / sum_i |o_i|).
+    "cispo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "cispo"},
+}
 
 
 def step_normaliser(
@@ -101,6 +131,12 @@ def grpo_loss(
     beta: float = 0.04,
     aggregation: str = "sequence",
     normaliser: float,
+    importance_sampling_level: str = "token",
+    objective: str = "clip",
+    kl_estimator: str = "k3",
+    sampler_logprobs: Tensor | None = None,
+    sampler_correction: str = "none",
+    sampler_correction_cap: float = 3.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss of one micro-batch, ready for `.backward()`.
 
@@ -114,13 +150,23 @@ def grpo_loss(
         beta: weight of the KL penalty.
         aggregation: "sequence", "token" or "constant" (module docstring).
         normaliser: the step's total from `step_normaliser` (same aggregation).
+        importance_sampling_level: "token" (PPO/GRPO) or "sequence" (GSPO), module docstring 6.
+        objective: "clip" (PPO's clipped surrogate) or "cispo" (module docstring 7).
+        kl_estimator: one of grpo.kl.KL_ESTIMATORS ("k3" default).
+        sampler_logprobs: [R, T] log pi_sampler from the rollout, or None.
+        sampler_correction: "none" or a mode of grpo.sampler_correction (needs sampler_logprobs).
+        sampler_correction_cap: C, the cap of the sampler-correction weight.
 
     Returns:
         loss: scalar tensor.
         metrics over this micro-batch's completion tokens, python floats: "clip_frac_low"
         (ratio < 1 - epsilon_low and A < 0: clipped, no gradient), "clip_frac_high"
         (ratio > 1 + epsilon_high and A > 0), "clip_frac", "ratio_mean", "kl_mean",
-        "completion_length_mean", "num_tokens".
+        "completion_length_mean", "num_tokens". Under "cispo" the clip fractions count the
+        tokens whose weight was capped (ratio > 1 + epsilon_high, either sign of A). Under the
+        sequence level a completion's ratio counts once per token. With sampler_logprobs also
+        "sampler_gap_mean", "sampler_gap_max" (|log pi_theta - log pi_sampler|) and, with a
+        correction, "sampler_weight_mean" and "sampler_over_cap_frac".
     """
     _check_loss_inputs(
         logprobs,
@@ -134,28 +180,49 @@ def grpo_loss(
         aggregation,
         normaliser,
     )
+    _check_options(
+        logprobs, importance_sampling_level, objective, kl_estimator,
+        sampler_logprobs, sampler_correction, sampler_correction_cap,
+    )  # fmt: skip
     mask = completion_mask.to(device=logprobs.device, dtype=logprobs.dtype)  # [R, T]
     is_completion = mask > 0  # [R, T]
     A = advantages.to(device=logprobs.device, dtype=logprobs.dtype).unsqueeze(1)  # [R, 1]
     if old_logprobs is None:
         old_logprobs = logprobs.detach()  # [R, T] ratio 1 in value, grad(logp) in gradient
+    tokens_per_completion = mask.sum(dim=1)  # [R]
 
     # Guard: padded positions hold log-probs of tokens never chosen; a log-ratio of 0 there keeps
     # exp() finite (inf * mask 0 would be NaN) and its gradient exactly 0.
     log_ratio = torch.where(is_completion, logprobs - old_logprobs, 0.0)  # [R, T]
+    if importance_sampling_level == "sequence":
+        # GSPO: the mean log-ratio of each completion (a fully masked one: 0 / 1 = 0, ratio 1).
+        sequence_log_ratio = log_ratio.sum(dim=1) / tokens_per_completion.clamp(min=1)  # [R]
+        log_ratio = sequence_log_ratio.unsqueeze(1).expand_as(log_ratio)  # [R, T]
     ratio = torch.exp(log_ratio)  # [R, T]
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [R, T]
-    surrogate = torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+    if objective == "clip":
+        clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [R, T]
+        surrogate = torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+    else:  # "cispo"
+        cispo_weight = torch.clamp(ratio, max=1 + epsilon_high).detach()  # [R, T] sg(clip(ratio))
+        # Guard: log pi on padding may be -inf-like; 0 there keeps (weight * A * logp) * 0 finite.
+        completion_logprobs = torch.where(is_completion, logprobs, 0.0)  # [R, T]
+        surrogate = cispo_weight * A * completion_logprobs  # [R, T]
+
+    sampler_weight = sampler_over_cap = None
+    if sampler_correction != "none":
+        sampler_weight, sampler_over_cap = importance_weights(
+            old_logprobs, sampler_logprobs, mask, sampler_correction, sampler_correction_cap
+        )  # [R, T] or [R, 1]
+        surrogate = surrogate * sampler_weight  # [R, T] pi_old / pi_sampler, capped
 
     if beta > 0:
-        kl = kl_k3(logprobs, ref_logprobs)  # [R, T]
+        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, ratio=ratio)  # [R, T]
         per_token_loss = -(surrogate - beta * kl)  # [R, T]
     else:
         kl = None
         per_token_loss = -surrogate  # [R, T]
     masked_loss = per_token_loss * mask  # [R, T]
 
-    tokens_per_completion = mask.sum(dim=1)  # [R]
     if aggregation == "sequence":
         # Guard: a completion with no tokens left in the mask (truncated and masked out) adds
         # 0 / 1 = 0 instead of 0 / 0 = NaN.
@@ -168,10 +235,14 @@ def grpo_loss(
         num_tokens = mask.sum()  # []
         # Guard: a micro-batch whose mask is all 0 reports 0 fractions instead of NaN.
         token_count = num_tokens.clamp(min=1)  # []
-        is_clipped_low = (ratio < 1 - epsilon_low) & (A < 0) & is_completion  # [R, T]
-        is_clipped_high = (ratio > 1 + epsilon_high) & (A > 0) & is_completion  # [R, T]
+        if objective == "clip":
+            is_clipped_low = (ratio < 1 - epsilon_low) & (A < 0) & is_completion  # [R, T]
+            is_clipped_high = (ratio > 1 + epsilon_high) & (A > 0) & is_completion  # [R, T]
+        else:  # CISPO caps the weight from above only, whatever the sign of A
+            is_clipped_low = torch.zeros_like(is_completion)  # [R, T]
+            is_clipped_high = (ratio > 1 + epsilon_high) & is_completion  # [R, T]
         if kl is None and ref_logprobs is not None:  # beta == 0: KL as a diagnostic only
-            kl = kl_k3(logprobs, ref_logprobs)  # [R, T]
+            kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, ratio=ratio)  # [R, T]
         kl_sum = (kl * mask).sum() if kl is not None else num_tokens.new_zeros(())  # []
         metrics = {
             "clip_frac_low": is_clipped_low.sum() / token_count,
@@ -182,6 +253,13 @@ def grpo_loss(
             "completion_length_mean": tokens_per_completion.mean(),
             "num_tokens": num_tokens,
         }
+        if sampler_logprobs is not None:
+            gap_sum, gap_max = sampler_logprob_gap(logprobs, sampler_logprobs, mask)  # [], []
+            metrics["sampler_gap_mean"] = gap_sum / token_count
+            metrics["sampler_gap_max"] = gap_max
+        if sampler_weight is not None:
+            metrics["sampler_weight_mean"] = (sampler_weight * mask).sum() / token_count
+            metrics["sampler_over_cap_frac"] = (sampler_over_cap & is_completion).sum() / token_count
         values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync
     return loss, dict(zip(metrics.keys(), values, strict=True))
 
@@ -198,31 +276,58 @@ def grpo_loss_reference(
     beta: float = 0.04,
     aggregation: str = "sequence",
     normaliser: float,
+    importance_sampling_level: str = "token",
+    objective: str = "clip",
+    kl_estimator: str = "k3",
+    sampler_logprobs: Tensor | None = None,
+    sampler_correction: str = "none",
+    sampler_correction_cap: float = 3.0,
 ) -> Tensor:
     """The same loss as `grpo_loss`, one completion and one token at a time (for tests).
 
-    Deliberately naive: python loops, the k3 formula written out, padding skipped with `if`
+    Deliberately naive: python loops, every formula written out, padding skipped with `if`
     rather than multiplied by the mask. Differentiable, slow.
     """
     total = logprobs.new_zeros(())  # []
     for i in range(logprobs.shape[0]):
         A_i = float(advantages[i])
+        tokens = [t for t in range(logprobs.shape[1]) if completion_mask[i, t] != 0]
+        if not tokens:
+            continue  # a fully masked completion adds nothing (padding after EOS is skipped)
+        old = [logprobs[i, t].detach() if old_logprobs is None else old_logprobs[i, t] for t in tokens]
+        log_ratios = [logprobs[i, t] - old_t for t, old_t in zip(tokens, old, strict=True)]
+        sequence_ratio = torch.exp(torch.stack(log_ratios).mean())  # GSPO's s_i
+        if sampler_correction != "none":  # log pi_old - log pi_sampler, token by token
+            sampler_log_ratios = [old_t.detach() - sampler_logprobs[i, t] for t, old_t in zip(tokens, old, strict=True)]
+            sequence_sampler_ratio = torch.exp(torch.stack(sampler_log_ratios).sum())
         token_losses = []
-        for t in range(logprobs.shape[1]):
-            if completion_mask[i, t] == 0:
-                continue  # padding after EOS
+        for k, t in enumerate(tokens):
             logp = logprobs[i, t]
-            old_logp = logp.detach() if old_logprobs is None else old_logprobs[i, t]
-            ratio = torch.exp(logp - old_logp)
-            clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-            surrogate = torch.min(ratio * A_i, clipped_ratio * A_i)
+            ratio = sequence_ratio if importance_sampling_level == "sequence" else torch.exp(log_ratios[k])
+            if objective == "clip":
+                clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+                surrogate = torch.min(ratio * A_i, clipped_ratio * A_i)
+            else:  # cispo: a detached, capped weight on a REINFORCE term
+                surrogate = torch.clamp(ratio.detach(), max=1 + epsilon_high) * A_i * logp
+            if sampler_correction != "none":
+                w = sequence_sampler_ratio if sampler_correction.startswith("sequence") else torch.exp(sampler_log_ratios[k])
+                if sampler_correction.endswith("truncate"):
+                    w = torch.clamp(w, max=sampler_correction_cap)
+                elif w > sampler_correction_cap:
+                    w = torch.zeros_like(w)  # masked: dropped
+                surrogate = surrogate * w
             kl = 0.0
             if beta > 0:
                 x = ref_logprobs[i, t] - logp
-                kl = torch.exp(x) - x - 1
+                k3 = torch.exp(x) - x - 1
+                kl = {
+                    "k3": k3,
+                    "k1": -x,
+                    "k2": x**2 / 2,
+                    "k3_plus": x**2 / 2 - (x**2 / 2).detach() + k3.detach(),
+                    "k3_ratio": k3 * ratio,
+                }[kl_estimator]
             token_losses.append(-(surrogate - beta * kl))
-        if not token_losses:
-            continue  # a fully masked completion adds nothing
         completion_sum = torch.stack(token_losses).sum()
         if aggregation == "sequence":
             total = total + completion_sum / len(token_losses)
@@ -234,6 +339,38 @@ def grpo_loss_reference(
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def _check_options(
+    logprobs,
+    importance_sampling_level,
+    objective,
+    kl_estimator,
+    sampler_logprobs,
+    sampler_correction,
+    sampler_correction_cap,
+) -> None:
+    choices = {
+        "importance_sampling_level": (importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS),
+        "objective": (objective, OBJECTIVES),
+        "kl_estimator": (kl_estimator, KL_ESTIMATORS),
+        "sampler_correction": (sampler_correction, SAMPLER_CORRECTIONS),
+    }
+    for name, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if sampler_logprobs is not None and tuple(sampler_logprobs.shape) != tuple(logprobs.shape):
+        raise ValueError(
+            f"sampler_logprobs has shape {tuple(sampler_logprobs.shape)} but logprobs has shape "
+            f"{tuple(logprobs.shape)}; they must match exactly (no broadcasting)"
+        )
+    if sampler_correction != "none" and sampler_logprobs is None:
+        raise ValueError(
+            f"sampler_correction={sampler_correction!r} needs sampler_logprobs (the rollout's "
+            "log pi_sampler); pass them, or set sampler_correction='none'"
+        )
+    if not sampler_correction_cap > 0:
+        raise ValueError(f"sampler_correction_cap must be > 0, got {sampler_correction_cap}")
 
 
 def _check_loss_inputs(

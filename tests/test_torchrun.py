@@ -274,3 +274,40 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, train_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "holds RNG states for 1 ranks; rank 1 keeps its fresh seeding" in result.stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags",
+    [
+        # GSPO's sequence ratio, masked IS per completion, k2; a second inner epoch so the ratio moves
+        ["--loss_type", "gspo", "--sampler_correction", "sequence_mask", "--kl_estimator", "k2", "--num_iterations", "2"],
+        # CISPO with k3+, truncated IS per token
+        ["--loss_type", "cispo", "--kl_estimator", "k3_plus", "--sampler_correction", "token_truncate"],
+    ],
+    ids=["gspo-mis-k2", "cispo-k3plus-tis"],
+)
+def test_torchrun_two_ranks_with_the_other_objectives(tmp_path, flags):
+    """GSPO, CISPO, the KL estimators and the sampler correction run under torchrun: 2 ranks, 2 steps,
+    ranks in step, and the logged sampler/trainer gap is float32 rounding on CPU."""
+    out = tmp_path / "run"
+    argv = train_argv(out, "--max_steps", "2", "--beta", "0.04", "--device", "cpu", "--save_steps", "0", *flags)
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "tests/torchrun_fingerprint.py", *argv]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    # The gap is taken against the training forward: with --num_iterations 2 the second step's
+    # forward has moved by one update, so only the first epoch's gap is pure sampler/trainer mismatch.
+    first_epoch = records[:1] if "--num_iterations" in flags else records
+    for record in first_epoch:
+        # 32 roundings of size 2^-24 of a log-prob of size <= ~10 (tests/test_sampler_correction.py)
+        assert 0.0 <= record["sampler_gap_max"] < 32 * 2**-24 * 10
+    for record in records:
+        # pi_old / pi_sampler is exp(gap) ~ 1 + gap per token (a completion's product: <= 8 tokens'
+        # gaps); pi_old comes from the rollout's policy, so this holds in the second epoch too.
+        assert abs(record["sampler_weight_mean"] - 1.0) < 8 * 32 * 2**-24 * 10
+        assert record["sampler_over_cap_frac"] == 0.0 and record["grad_norm"] > 0.0
+    fingerprints = [torch.load(out / f"fingerprint-rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in fingerprints[0]:
+        assert torch.equal(fingerprints[0][name], fingerprints[1][name]), name

@@ -1,0 +1,225 @@
+"""Tests for the objectives beyond GRPO in grpo/loss.py: GSPO's sequence ratio, CISPO, --loss_type.
+
+The numbers reuse tests/test_loss.py's worked example: R = 2 completions, T = 3,
+
+    advantages A    = [1.0, -0.5]
+    completion_mask = [[1, 1, 0], [1, 1, 1]]
+    ratio           = [[1.5, 0.9, -], [0.5, 1.1, 1.0]]      (token ratios pi_theta / pi_old)
+    logprobs        = [[-1.0, -2.0, -], [-0.5, -1.5, -2.5]]
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_loss import ADVANTAGES, MASK, random_batch, worked_example_logprobs
+
+from grpo.config import ConfigError, GRPOArguments
+from grpo.kl import KL_ESTIMATORS
+from grpo.loss import grpo_loss, grpo_loss_reference, step_normaliser
+from grpo.sampler_correction import SAMPLER_CORRECTIONS
+
+# float32 values and gradients of size ~1 from a handful of operations: a few ulps (2^-24 ~ 6e-8)
+# each; 1e-6 leaves margin.
+FLOAT32_TOL = 1e-6
+
+
+# --- GSPO: one length-normalised ratio per completion ---
+
+
+def test_gspo_worked_example_unclipped():
+    # s_0 = exp((ln 1.5 + ln 0.9) / 2) = sqrt(1.35) = 1.1618950
+    # s_1 = exp((ln 0.5 + ln 1.1 + ln 1.0) / 3) = 0.55^(1/3) = 0.8193213
+    # eps = 0.2: 0.8 < s_0, s_1 < 1.2, nothing clipped.
+    # sequence aggregation: -(1 * 1.1618950 + (-0.5) * 0.8193213) / 2 = -(1.1618950 - 0.4096607) / 2
+    #                     = -0.3761172
+    # d loss / d logp_0t = -A_0 * s_0 * (1 / |o_0| = 1/2) / 2 completions = -1.1618950 / 4 = -0.2904738
+    # d loss / d logp_1t = -A_1 * s_1 * (1/3) / 2 = 0.5 * 0.8193213 / 6 = 0.0682768
+    logprobs, old_logprobs = worked_example_logprobs()
+    loss, metrics = grpo_loss(
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="sequence",
+        normaliser=2.0, importance_sampling_level="sequence",
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(-0.3761172, abs=FLOAT32_TOL)
+    loss.backward()
+    expected = torch.tensor([[-0.2904738, -0.2904738, 0.0], [0.0682768, 0.0682768, 0.0682768]])
+    torch.testing.assert_close(logprobs.grad, expected, atol=FLOAT32_TOL, rtol=0)
+    assert metrics["clip_frac"] == 0.0
+    # ratio_mean counts each completion's ratio once per token: (2 * 1.1618950 + 3 * 0.8193213) / 5
+    assert metrics["ratio_mean"] == pytest.approx(0.9563508, abs=FLOAT32_TOL)
+
+
+def test_gspo_clips_whole_completions():
+    # eps = 0.1: s_0 = 1.162 > 1.1 with A > 0 -> clipped high to 1.1 (both its tokens);
+    #            s_1 = 0.819 < 0.9 with A < 0 -> min(-0.5 * 0.819, -0.5 * 0.9) = -0.45, clipped low.
+    # loss = -(1.1 - 0.45) / 2 = -0.325; every token clipped, so the gradient is exactly 0.
+    logprobs, old_logprobs = worked_example_logprobs()
+    loss, metrics = grpo_loss(
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, epsilon_low=0.1, epsilon_high=0.1, beta=0.0,
+        aggregation="sequence", normaliser=2.0, importance_sampling_level="sequence",
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(-0.325, abs=FLOAT32_TOL)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    # Token-weighted: completion 1's 3 tokens clipped low, completion 0's 2 clipped high.
+    assert metrics["clip_frac_low"] == pytest.approx(0.6) and metrics["clip_frac_high"] == pytest.approx(0.4)
+
+
+def test_gspo_one_epoch_is_grpo_sequence():
+    # old = logp.detach(): s_i = 1 and grad s_i = mean_t grad logp_it, so with sequence
+    # aggregation the gradient is GRPO's -A_i / (|o_i| * completions) on every token.
+    logprobs, _ = worked_example_logprobs()
+    common = dict(beta=0.0, aggregation="sequence", normaliser=2.0)
+    gspo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, importance_sampling_level="sequence", **common)
+    grpo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, **common)
+    (gspo_grad,) = torch.autograd.grad(gspo, logprobs)
+    (grpo_grad,) = torch.autograd.grad(grpo, logprobs)
+    assert gspo.item() == grpo.item()
+    torch.testing.assert_close(gspo_grad, grpo_grad, atol=FLOAT32_TOL, rtol=0)
+
+
+# --- CISPO: a detached, capped importance weight on a REINFORCE term ---
+
+
+def test_cispo_worked_example():
+    # weight w = sg(min(ratio, 1 + eps_high = 1.2)) = [[1.2, 0.9], [0.5, 1.1, 1.0]]
+    # per-token loss = -w * A * logp:
+    #   completion 0 (A = 1):    -1.2 * (-1.0) = 1.2;  -0.9 * (-2.0) = 1.8
+    #   completion 1 (A = -0.5): -0.5 * 0.5 * 0.5 = -0.125; -1.1 * 0.5 * 1.5 = -0.825; -1.0 * 0.5 * 2.5 = -1.25
+    # token aggregation: (1.2 + 1.8 - 0.125 - 0.825 - 1.25) / 5 = 0.8 / 5 = 0.16
+    # d loss / d logp = -w * A / 5 = [[-0.24, -0.18], [0.05, 0.11, 0.1]]
+    # The ratio-1.5 token keeps a gradient (-0.24); PPO's clip gives it exactly 0.
+    logprobs, old_logprobs = worked_example_logprobs()
+    loss, metrics = grpo_loss(
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="token", normaliser=5.0,
+        objective="cispo",
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(0.16, abs=FLOAT32_TOL)
+    loss.backward()
+    expected = torch.tensor([[-0.24, -0.18, 0.0], [0.05, 0.11, 0.1]])
+    torch.testing.assert_close(logprobs.grad, expected, atol=FLOAT32_TOL, rtol=0)
+    assert metrics["clip_frac_high"] == pytest.approx(0.2) and metrics["clip_frac_low"] == 0.0
+
+
+def test_cispo_keeps_padding_finite():
+    logprobs = torch.tensor([[-1.0, -float("inf")]], requires_grad=True)  # [1, 2] padding: -inf
+    loss, _ = grpo_loss(
+        logprobs, None, None, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), beta=0.0,
+        aggregation="token", normaliser=1.0, objective="cispo",
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    # -1 * 1 * (-1) = 1 on the one token; the padded -inf is replaced by 0 before the product.
+    assert loss.item() == 1.0 and torch.isfinite(grad).all() and grad[0, 1] == 0.0
+
+
+# --- the loop twin and micro-batch invariance, every option ---
+
+OPTIONS = list(
+    itertools.product(("token", "sequence"), ("clip", "cispo"), KL_ESTIMATORS, SAMPLER_CORRECTIONS)
+)
+
+
+def _float64_batch(seed):
+    logprobs, old_logprobs, ref_logprobs, advantages, mask = random_batch(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    sampler_logprobs = old_logprobs + 0.5 * torch.randn(old_logprobs.shape, generator=generator)  # [R, T]
+    tensors = [logprobs.detach(), old_logprobs, ref_logprobs, advantages, mask, sampler_logprobs]
+    logprobs, *rest = [t.double() for t in tensors]
+    return logprobs.requires_grad_(True), *rest
+
+
+def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
+    logprobs, old_logprobs, ref_logprobs, advantages, mask, sampler_logprobs = _float64_batch(0)
+    # float64, sums of <= 48 terms of size <= ~50 (weights up to the cap 3 times ratios and
+    # log-probs of size ~3): 48 * 2^-52 * 50 ~ 5e-13; 1e-10 leaves margin.
+    tol = 1e-10
+    # Each of the 100 option combinations once, the aggregations and epochs taken in turn (the twin
+    # loops in python; every combination x every aggregation would take minutes on a busy CPU).
+    settings = itertools.cycle([("sequence", False), ("token", True), ("constant", False), ("sequence", True)])
+    for (level, objective, kl_estimator, correction), (aggregation, one_epoch) in zip(OPTIONS, settings, strict=False):
+        old = None if one_epoch else old_logprobs
+        kwargs = dict(
+            epsilon_low=0.2, epsilon_high=0.28, beta=0.04, aggregation=aggregation,
+            normaliser=max(step_normaliser(mask, aggregation, 6), 1.0), importance_sampling_level=level,
+            objective=objective, kl_estimator=kl_estimator, sampler_logprobs=sampler_logprobs,
+            sampler_correction=correction, sampler_correction_cap=2.0,
+        )  # fmt: skip
+        loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
+        reference = grpo_loss_reference(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        (reference_grad,) = torch.autograd.grad(reference, logprobs)
+        label = f"{level} {objective} {kl_estimator} {correction} {aggregation} one_epoch={one_epoch}"
+        assert loss.item() == pytest.approx(reference.item(), abs=tol), label
+        torch.testing.assert_close(grad, reference_grad, atol=tol, rtol=0, msg=label)
+        # Every option acts within a completion, so two micro-batches add up to the whole.
+        split_loss = sum(
+            grpo_loss(
+                logprobs[rows], None if old is None else old[rows], ref_logprobs[rows], advantages[rows],
+                mask[rows], **{**kwargs, "sampler_logprobs": sampler_logprobs[rows]},
+            )[0]
+            for rows in (slice(0, 3), slice(3, 8))
+        )  # fmt: skip
+        assert split_loss.item() == pytest.approx(loss.item(), abs=tol), label
+
+
+# --- --loss_type: TRL's names onto this project's options ---
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "aggregation", "level", "objective"),
+    [
+        ("grpo", "sequence", "token", "clip"),
+        ("dapo", "token", "token", "clip"),
+        ("dr_grpo", "constant", "token", "clip"),
+        ("gspo", "sequence", "sequence", "clip"),
+        ("cispo", "token", "token", "cispo"),
+    ],
+)
+def test_loss_type_sets_the_options(loss_type, aggregation, level, objective):
+    args = GRPOArguments(loss_type=loss_type)
+    assert (args.loss_aggregation, args.importance_sampling_level, args.objective) == (aggregation, level, objective)
+
+
+def test_defaults_stay_grpo():
+    args = GRPOArguments()
+    assert args.loss_type is None
+    assert (args.loss_aggregation, args.importance_sampling_level, args.objective) == ("sequence", "token", "clip")
+    assert (args.beta, args.kl_estimator, args.sampler_correction) == (0.04, "k3", "none")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(loss_type="dapo", loss_aggregation="sequence"), "--loss_type dapo means --loss_aggregation token"),
+        (dict(loss_type="gspo", importance_sampling_level="token"), "means --importance_sampling_level sequence"),
+        (dict(loss_type="bnpo"), "each micro-batch's own token count; use dapo"),
+        (dict(loss_type="sapo"), "not implemented"),
+        (dict(objective="ppo"), "--objective"),
+        (dict(importance_sampling_level="step"), "--importance_sampling_level"),
+        (dict(kl_estimator="k4"), "--kl_estimator"),
+        (dict(sampler_correction="truncate"), "--sampler_correction"),
+        (dict(sampler_correction_cap=0.0), "--sampler_correction_cap"),
+        (dict(sampler_correction="token_truncate", old_logprobs_from_sampler=True), "exactly 1; drop one"),
+    ],
+)
+def test_bad_options_name_the_flag(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        GRPOArguments(**kwargs)
+
+
+def test_agreeing_flags_are_accepted():
+    args = GRPOArguments(loss_type="dapo", loss_aggregation="token")
+    assert args.loss_aggregation == "token"
+
+
+def test_loss_options_errors():
+    logprobs, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    common = dict(beta=0.0, normaliser=1.0)
+    with pytest.raises(ValueError, match="unknown objective 'ppo'"):
+        grpo_loss(logprobs, None, None, torch.zeros(2), mask, objective="ppo", **common)
+    with pytest.raises(ValueError, match="needs sampler_logprobs"):
+        grpo_loss(logprobs, None, None, torch.zeros(2), mask, sampler_correction="token_mask", **common)
+    with pytest.raises(ValueError, match=r"sampler_logprobs has shape \(2, 1\)"):
+        grpo_loss(logprobs, None, None, torch.zeros(2), mask, sampler_logprobs=torch.zeros(2, 1), **common)
