@@ -32,6 +32,9 @@ Choices, and where the code departs from the paper:
    (ratio 1), and `kl_k3` clamps its log-ratio. The mask then multiplies finite numbers only.
 5. The KL metric is reported whenever `ref_logprobs` is given, even with beta = 0 (then it is
    a diagnostic and adds nothing to the loss); without a reference it is 0.0.
+6. `policy_token_mask` (high-entropy token selection, arXiv 2506.01939; `--top_entropy_quantile`)
+   zeroes the surrogate on the tokens it leaves out, as TRL does: the KL term and the normaliser
+   still count every completion token (the paper trains without a KL term, so it does not say).
 
 Run the tests: `python -m pytest tests/test_loss.py -q`.
 """
@@ -101,6 +104,7 @@ def grpo_loss(
     beta: float = 0.04,
     aggregation: str = "sequence",
     normaliser: float,
+    policy_token_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss of one micro-batch, ready for `.backward()`.
 
@@ -114,6 +118,7 @@ def grpo_loss(
         beta: weight of the KL penalty.
         aggregation: "sequence", "token" or "constant" (module docstring).
         normaliser: the step's total from `step_normaliser` (same aggregation).
+        policy_token_mask: [R, T] or None: the tokens whose surrogate counts (point 6); None = all.
 
     Returns:
         loss: scalar tensor.
@@ -134,6 +139,11 @@ def grpo_loss(
         aggregation,
         normaliser,
     )
+    if policy_token_mask is not None and tuple(policy_token_mask.shape) != tuple(logprobs.shape):
+        raise ValueError(
+            f"policy_token_mask has shape {tuple(policy_token_mask.shape)} but logprobs has shape "
+            f"{tuple(logprobs.shape)}; they must match exactly"
+        )
     mask = completion_mask.to(device=logprobs.device, dtype=logprobs.dtype)  # [R, T]
     is_completion = mask > 0  # [R, T]
     A = advantages.to(device=logprobs.device, dtype=logprobs.dtype).unsqueeze(1)  # [R, 1]
@@ -146,6 +156,8 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)  # [R, T]
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [R, T]
     surrogate = torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+    if policy_token_mask is not None:  # only the selected (high-entropy) tokens get a policy gradient
+        surrogate = surrogate * policy_token_mask.to(device=surrogate.device, dtype=surrogate.dtype)  # [R, T]
 
     if beta > 0:
         kl = kl_k3(logprobs, ref_logprobs)  # [R, T]
@@ -198,6 +210,7 @@ def grpo_loss_reference(
     beta: float = 0.04,
     aggregation: str = "sequence",
     normaliser: float,
+    policy_token_mask: Tensor | None = None,
 ) -> Tensor:
     """The same loss as `grpo_loss`, one completion and one token at a time (for tests).
 
@@ -216,6 +229,8 @@ def grpo_loss_reference(
             ratio = torch.exp(logp - old_logp)
             clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
             surrogate = torch.min(ratio * A_i, clipped_ratio * A_i)
+            if policy_token_mask is not None and not policy_token_mask[i, t]:
+                surrogate = 0.0 * surrogate  # a token left out of the policy gradient
             kl = 0.0
             if beta > 0:
                 x = ref_logprobs[i, t] - logp
