@@ -130,8 +130,8 @@ def merge_groups(
     counts), and the rollout's image features kept per prompt.
     """
     G = group_size
-    if len(rounds) == 1 and chosen == [(0, g) for g in range(len(rounds[0].examples))]:
-        return rounds[0]  # nothing dropped: the round is the batch, untouched
+    if chosen == [(0, g) for g in range(len(rounds[0].examples))]:
+        return rounds[0]  # round 0 was full (other ranks may have drawn more): the batch, untouched
     rows = [(r, g * G + k) for r, g in chosen for k in range(G)]
     width = max(rounds[r].rollout.completion_ids.shape[1] for r, _ in chosen)
     completion_ids = torch.stack(
