@@ -168,12 +168,13 @@ def evaluate(args: EvalArguments, data_args) -> dict:
             formatted = format_fn[0][1](outputs, answers, questions=questions) if format_fn else [0.0] * len(outputs)
             for i, example in enumerate(examples):
                 rows = range(i * k, (i + 1) * k)
-                is_correct = [bool(correct[r] > 0) for r in rows]
+                # None (a reward that cannot score the answer, e.g. unparsable) counts as not correct
+                is_correct = [bool(correct[r] is not None and correct[r] > 0) for r in rows]
                 totals["examples"] += 1
                 totals["pass"] += int(any(is_correct))
                 totals["correct_samples"] += sum(is_correct)
                 correct_per_prompt.append(sum(is_correct))
-                totals["formatted_samples"] += sum(bool(formatted[r] > 0) for r in rows)
+                totals["formatted_samples"] += sum(bool(formatted[r] is not None and formatted[r] > 0) for r in rows)
                 totals["samples"] += k
                 record = {
                     "question": example["question"],

@@ -25,6 +25,12 @@ Every token of completion i gets the same A_i. Choices where papers and code dif
      weigh less than in "group";
    - "none": no division, only the group mean is subtracted (Dr. GRPO, arXiv 2503.20783
      sec. 3.1, which argues that the std division over-weights groups with little spread).
+5. Unscored completions (reward NaN: every reward function returned None for it, e.g. an answer
+   math-verify cannot parse) are left out of their group's statistics, as TRL does: the group
+   mean and the unbiased std are over the n scored completions only (std divides by n - 1), the
+   batch std over every scored reward; an unscored completion gets A = 0 exactly, and a group
+   with fewer than 2 scored completions counts as zero-spread (all its A = 0). With every
+   completion scored this is point 1-4 unchanged, bit for bit.
 
 Run the tests: `python -m pytest tests/test_advantages.py -q`.
 """
@@ -39,6 +45,19 @@ from torch import Tensor
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
+def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool: groups that carry no signal, i.e. whose scored rewards all agree.
+
+    rewards: [B*G], NaN = unscored. A group with fewer than 2 scored completions has no spread
+    either. These are the groups `group_advantages` gives A = 0 and dynamic sampling drops.
+    """
+    grouped = rewards.detach().float().view(-1, group_size)  # [B, G]
+    is_scored = ~torch.isnan(grouped)  # [B, G]
+    highest = torch.where(is_scored, grouped, -math.inf).amax(dim=1)  # [B]
+    lowest = torch.where(is_scored, grouped, math.inf).amin(dim=1)  # [B]
+    return (highest == lowest) | (is_scored.sum(dim=1) < 2)  # [B]
+
+
 def group_advantages(
     rewards: Tensor,
     group_size: int,
@@ -50,6 +69,7 @@ def group_advantages(
 
     Args:
         rewards: [B*G] total reward of each completion; rows [g*G, (g+1)*G) are one prompt's group.
+            NaN marks an unscored completion (point 5 of the module docstring).
         group_size: G, the completions per prompt (`num_generations`).
         scale: "group", "batch" or "none" (see the module docstring).
         eps: added to the std before dividing.
@@ -59,7 +79,8 @@ def group_advantages(
     Returns:
         advantages: [B*G] float32.
         metrics: "frac_zero_std_groups", "advantage_mean", "advantage_std", "reward_mean",
-            "reward_std" (std over the whole batch, unbiased), as python floats.
+            "reward_std" (over the scored rewards of the whole batch, unbiased), "frac_unscored"
+            (completions with reward NaN), as python floats.
     """
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be 1-D [B*G], got shape {tuple(rewards.shape)}")
@@ -81,37 +102,49 @@ def group_advantages(
     if batch_std is not None and not (math.isfinite(batch_std) and batch_std >= 0):
         raise ValueError(f"batch_std must be a finite std >= 0, got {batch_std}")
     rewards = rewards.detach().float()  # [B*G]
-    num_non_finite = int((~torch.isfinite(rewards)).sum())
-    if num_non_finite:
-        raise ValueError(
-            f"rewards contain {num_non_finite} NaN or inf values; fix the reward function"
-        )
+    num_infinite = int(torch.isinf(rewards).sum())
+    if num_infinite:
+        raise ValueError(f"rewards contain {num_infinite} inf values; fix the reward function")
 
     grouped = rewards.view(-1, group_size)  # [B, G]
-    group_mean = grouped.mean(dim=1, keepdim=True)  # [B, 1]
-    deviation = grouped - group_mean  # [B, G]
-    is_zero_spread = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    is_scored = ~torch.isnan(grouped)  # [B, G]
+    num_scored = is_scored.sum(dim=1, keepdim=True)  # [B, 1]
+    # Unscored rewards are replaced by their group's mean of scored rewards: they then add 0 to
+    # every deviation, and the group's mean and std (rescaled from G - 1 to n - 1 below) are those
+    # of the scored rewards alone. With every reward scored, `scored_rewards` is `grouped` itself.
+    scored_mean = torch.where(is_scored, grouped, 0.0).sum(dim=1, keepdim=True) / num_scored.clamp(min=1)  # [B, 1]
+    scored_rewards = torch.where(is_scored, grouped, scored_mean)  # [B, G]
+    group_mean = scored_rewards.mean(dim=1, keepdim=True)  # [B, 1]
+    deviation = scored_rewards - group_mean  # [B, G]
+    is_zero_spread = zero_spread_groups(rewards, group_size)[:, None]  # [B, 1]
 
     if scale == "group":
-        denominator = grouped.std(dim=1, keepdim=True) + eps  # [B, 1] unbiased std
+        # std over G values of which G - n are the mean: sum of squares / (G - 1); the factor makes
+        # it / (n - 1), the unbiased std of the n scored rewards (exactly 1.0 when n = G).
+        to_scored = ((group_size - 1) / (num_scored - 1).clamp(min=1)).sqrt()  # [B, 1]
+        denominator = scored_rewards.std(dim=1, keepdim=True) * to_scored + eps  # [B, 1] unbiased std
     elif scale == "batch":
-        std = rewards.std() if batch_std is None else torch.tensor(float(batch_std))  # [] unbiased
+        # The std over every rank's scored rewards when the loop passes it in (unscored = NaN left out).
+        scored = rewards[~torch.isnan(rewards)]  # [scored rows]
+        std = scored.std() if batch_std is None else torch.tensor(float(batch_std))  # [] unbiased
         denominator = std.expand(grouped.shape[0], 1) + eps  # [B, 1]
     else:  # "none"
         denominator = torch.ones_like(group_mean)  # [B, 1]
 
-    # Zero-spread groups get exactly 0. torch.where also hides the 0/0 = NaN a zero-spread group
-    # would give with eps = 0 (its deviation is ~0 and so is its std).
+    # Zero-spread groups and unscored completions get exactly 0. torch.where also hides the
+    # 0/0 = NaN a zero-spread group would give with eps = 0 (its deviation is ~0 and so is its std).
     advantages = torch.where(
-        is_zero_spread, torch.zeros_like(deviation), deviation / denominator
+        is_zero_spread | ~is_scored, torch.zeros_like(deviation), deviation / denominator
     ).view(-1)  # [B*G]
 
+    scored = rewards[~torch.isnan(rewards)]  # [scored rows]; empty only when nothing is scored
     metrics = {
         "frac_zero_std_groups": is_zero_spread.float().mean(),
         "advantage_mean": advantages.mean(),
         "advantage_std": advantages.std(),
-        "reward_mean": rewards.mean(),
-        "reward_std": rewards.std(),
+        "reward_mean": scored.mean() if scored.numel() else rewards.new_zeros(()),
+        "reward_std": scored.std() if scored.numel() > 1 else rewards.new_zeros(()),
+        "frac_unscored": torch.isnan(rewards).float().mean(),
     }
     values = torch.stack(list(metrics.values())).tolist()  # one device sync for all five
     return advantages, dict(zip(metrics.keys(), values, strict=True))

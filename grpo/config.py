@@ -302,11 +302,36 @@ class GRPOArguments:
         "gradients; off automatically under --gradient_checkpointing, which disables the KV cache).",
         default=True,
     )
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling (arXiv 2503.14476 sec. 3.2): drop groups whose rewards all agree "
+        "(zero advantage) and sample more prompts until each rank holds --per_device_prompts "
+        "groups with a reward spread, for at most --max_generation_rounds rounds (a batch still "
+        "short is filled with dropped groups, counted in dynamic/groups_filled).",
+        default=False,
+    )
+    max_generation_rounds: int = _help(
+        "With --dynamic_sampling: most rounds of --per_device_prompts prompts sampled for one "
+        "generation batch (every rank runs the same number).",
+        default=3,
+    )
+    overlong_buffer_length: int | None = _help(
+        "L of the `overlong` reward (DAPO sec. 3.4): the penalty falls from 0 to -1 over the last L "
+        "tokens before --max_completion_length. Default: a fifth of it (DAPO: 4096 of 20480).",
+        default=None,
+    )
+    top_entropy_quantile: float = _help(
+        "Train the policy-gradient term only on this top fraction of each optimizer step's completion "
+        "tokens by the policy's entropy (arXiv 2506.01939; 0.2 there). 1.0 = every token. The KL "
+        "term keeps every token. Costs one extra no-grad forward per optimizer step when < 1.",
+        default=1.0,
+    )
 
     def __post_init__(self):
         _reject_non_finite(self)
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.overlong_buffer_length is None:
+            self.overlong_buffer_length = max(1, self.max_completion_length // 5)
         if self.num_generations < 2:
             raise ConfigError(
                 f"--num_generations {self.num_generations}: GRPO compares completions within a group, "
@@ -349,6 +374,18 @@ class GRPOArguments:
             raise ConfigError("--temperature must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
+        if self.max_generation_rounds < 1:
+            raise ConfigError(f"--max_generation_rounds {self.max_generation_rounds}: must be >= 1 (1 = no extra rounds)")
+        if not 1 <= self.overlong_buffer_length <= self.max_completion_length:
+            raise ConfigError(
+                f"--overlong_buffer_length {self.overlong_buffer_length}: must be in [1, --max_completion_length "
+                f"{self.max_completion_length}] (the penalty zone is the last L tokens before the limit)"
+            )
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(
+                f"--top_entropy_quantile {self.top_entropy_quantile}: must be in [0, 1] (1.0 trains on every "
+                "token; 0.2 keeps the top 20% by entropy)"
+            )
         generation_batch = self.per_device_prompts * self.num_generations
         if generation_batch % self.steps_per_generation:
             raise ConfigError(

@@ -32,19 +32,44 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from grpo.advantages import group_advantages
+from grpo.advantages import group_advantages, zero_spread_groups
 from grpo.config import Config, GRPOArguments
 from grpo.distributed import all_gather_object, all_reduce_max, all_reduce_sum
+from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.generation_batch import GenerationBatch
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
 from grpo.preflight import grpo_preflight
-from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics
+from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
 from grpo.rollout import sample_rollouts
 from grpo.run import NonFiniteGuard, start_run
 from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.token_selection import entropy_threshold, high_entropy_mask
+
+
+def step_policy_token_mask(
+    model: torch.nn.Module, generation: GenerationBatch, step_rows: torch.Tensor, loss_mask: torch.Tensor, *,
+    quantile: float, micro_batch_size: int, reuse_images: bool,
+) -> tuple[torch.Tensor, float]:
+    """--top_entropy_quantile: [B*G, T] bool, the step's high-entropy tokens, and the threshold.
+
+    The quantile runs over the loss-mask tokens of this optimizer step on every rank (one no-grad
+    forward over the step's rows, one all-gather); grpo/token_selection.py says why.
+    """
+    selected = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)  # [B*G, T]
+    entropies = []
+    with torch.no_grad():
+        for rows in step_rows.split(micro_batch_size):
+            _, entropy = generation.logprobs(model, rows, reuse_rollout_images=reuse_images, return_entropy=True)
+            entropies.append((rows, entropy.float().cpu()))  # [R, T_rows]
+    masks = [loss_mask[rows, : entropy.shape[1]].cpu() for rows, entropy in entropies]  # [R, T_rows] each
+    candidates = torch.cat([entropy[mask > 0] for (_, entropy), mask in zip(entropies, masks, strict=True)])
+    threshold = entropy_threshold(torch.cat(all_gather_object(candidates)), quantile)
+    for (rows, entropy), mask in zip(entropies, masks, strict=True):
+        selected[rows, : entropy.shape[1]] = high_entropy_mask(entropy, mask, threshold).to(selected.device)
+    return selected, threshold
 
 
 def accumulate_step_gradients(
@@ -79,6 +104,13 @@ def accumulate_step_gradients(
     ) / world_size
     sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0,
             "sampler_gap": 0.0, "sampler_gap_max": 0.0, "sampler_weight": 0.0, "sampler_over_cap": 0.0}
+    policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
+    if gargs.top_entropy_quantile < 1.0:
+        policy_token_mask, sums["entropy_threshold"] = step_policy_token_mask(
+            model, generation, step_rows, loss_mask, quantile=gargs.top_entropy_quantile,
+            micro_batch_size=gargs.micro_batch_size, reuse_images=reuse_images,
+        )  # fmt: skip
+        sums["selected_tokens"] = float(policy_token_mask[step_rows].sum())
     for rows in step_rows.split(gargs.micro_batch_size):
         logprobs, entropy = generation.logprobs(
             model, rows, reuse_rollout_images=reuse_images, return_entropy=True
@@ -96,6 +128,7 @@ def accumulate_step_gradients(
             kl_estimator=gargs.kl_estimator, sampler_correction=gargs.sampler_correction,
             sampler_correction_cap=gargs.sampler_correction_cap,
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
+            policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
         )
         loss.backward()
         n = info["num_tokens"]
@@ -123,7 +156,7 @@ def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, wo
     batch_std = None
     if scale == "batch" and world_size > 1:
         every_rank = torch.cat(all_gather_object(rewards.detach().float().cpu()))  # [world*B*G]
-        batch_std = every_rank.std().item()
+        batch_std = every_rank[~torch.isnan(every_rank)].std().item()  # unscored (NaN) left out
     return group_advantages(rewards, group_size, scale=scale, batch_std=batch_std)
 
 
@@ -154,13 +187,12 @@ def rollout_metrics(
     F = per_function.shape[1]
     job_advantages, lengths, truncated = table[:, F], table[:, F + 1], table[:, F + 2]
     weights = reward_weights if reward_weights is not None else [1.0] * F
-    rewards = table[:, :F] @ torch.tensor(weights, dtype=torch.float32)  # [world*B*G]
-    group_spread = rewards.view(-1, group_size).std(dim=1)  # [world*B]
+    rewards = weighted_sum(table[:, :F], weights)  # [world*B*G] NaN: unscored
     return {
         **reward_metrics(table[:, :F], reward_names, weights),
         "advantage/mean": job_advantages.mean().item(),
         "advantage/std": job_advantages.std(correction=0).item(),
-        "advantage/frac_zero_std_groups": (group_spread == 0).float().mean().item(),
+        "advantage/frac_zero_std_groups": zero_spread_groups(rewards, group_size).float().mean().item(),
         "completion_length_mean": lengths.mean().item(),
         "completion_length_max": lengths.max().item(),
         "truncated_frac": truncated.mean().item(),
@@ -185,13 +217,40 @@ def train_grpo(config: Config) -> dict:
     dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
     collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
-    reward_functions = resolve_reward_functions(gargs.reward_function_names)
+    reward_functions = resolve_reward_functions(
+        gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
+        overlong_buffer_length=gargs.overlong_buffer_length,
+    )  # fmt: skip
     reward_weights = gargs.reward_weight_values
     # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
     # weights with collectives on every call (not captured into a graph here: not tested).
     decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
     # The sampler's own generator: seeded per rank so ranks explore differently.
     generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
+
+    round_seconds: list[float] = []  # each rollout round's time: collate + sample
+
+    def draw_round() -> SampledGroups:
+        """One round of the rollout: B prompts from the stream, G completions each, scored."""
+        t_round = time.perf_counter()
+        examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
+        batch = collator(examples)
+        batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
+            model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
+            decode=decode_mode,
+        )
+        round_seconds.append(time.perf_counter() - t_round)
+        completions = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards, per_function, _ = compute_rewards(
+            reward_functions, reward_weights, completions,
+            [answer for answer in batch["answers"] for _ in range(G)],
+            questions=[question for question in batch["questions"] for _ in range(G)],
+            completion_lengths=build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)[0].sum(1).tolist(),
+        )  # [B*G] (NaN: no function scored it), [B*G, F]
+        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
 
     state = run.resume(stream)
     step = state["step"]
@@ -221,27 +280,19 @@ def train_grpo(config: Config) -> dict:
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
     with StopRequest() as stop:
         while step < targs.max_steps and not stop.requested_on_any_rank():
-            # --- rollout ---
-            t_rollout = time.perf_counter()
-            examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
-            batch = collator(examples)
-            batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
-                model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
-                eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
-                temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
-                decode=decode_mode,
-            )
+            # --- rollout (with --dynamic_sampling: more rounds until B groups with a reward spread) ---
+            round_seconds.clear()
+            sampled, sampling_metrics = sample_generation_batch(
+                draw_round, enabled=gargs.dynamic_sampling, needed=gargs.per_device_prompts, group_size=G,
+                max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
+                pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
+            )  # fmt: skip
+            batch, batch_on_device, rollout = sampled.batch, sampled.batch_on_device, sampled.rollout
             completion_ids = rollout.completion_ids  # [B*G, T]
-            rollout_seconds = time.perf_counter() - t_rollout
+            rollout_seconds = sum(round_seconds)
 
-            # --- rewards and advantages ---
-            completions = processor.batch_decode(completion_ids, skip_special_tokens=True)
-            answers = [answer for answer in batch["answers"] for _ in range(G)]
-            questions = [question for question in batch["questions"] for _ in range(G)]
-            rewards, per_function, _ = compute_rewards(
-                reward_functions, reward_weights, completions, answers, questions=questions
-            )  # [B*G], [B*G, F]
+            # --- rewards (scored in draw_round) and advantages ---
+            completions, rewards, per_function = sampled.completions, sampled.rewards, sampled.per_function  # [B*G], [B*G, F]
             advantages, _ = generation_advantages(rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
             completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
@@ -249,7 +300,7 @@ def train_grpo(config: Config) -> dict:
             generation_metrics = rollout_metrics(
                 per_function, [name for name, _ in reward_functions], reward_weights, advantages,
                 completion_mask, is_truncated, G, world_size,
-            )
+            ) | sampling_metrics
 
             # --- inputs shared by every forward of this generation batch ---
             generation = GenerationBatch(
@@ -332,6 +383,9 @@ def train_grpo(config: Config) -> dict:
                     if gargs.sampler_correction != "none":
                         metrics["sampler_weight_mean"] = all_reduce_sum(sums["sampler_weight"]) / tokens_step
                         metrics["sampler_over_cap_frac"] = all_reduce_sum(sums["sampler_over_cap"]) / tokens_step
+                    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
+                        metrics["entropy_selected_frac"] = all_reduce_sum(sums["selected_tokens"]) / tokens_step
+                        metrics["entropy_threshold"] = sums["entropy_threshold"]
                     metrics_logger.log(step, metrics)
                     if sample_logger is not None:
                         sample_logger.maybe_log(

@@ -47,6 +47,9 @@ Options beyond the paper (all off by default; the defaults are GRPO as above):
 8. Sampler correction (`sampler_logprobs` + `sampler_correction`, grpo/sampler_correction.py):
    the policy term of each token is multiplied by a capped pi_old / pi_sampler. With
    `sampler_logprobs` given, the gap |log pi_theta - log pi_sampler| is reported either way.
+9. `policy_token_mask` (high-entropy token selection, arXiv 2506.01939; `--top_entropy_quantile`)
+   zeroes the policy term on the tokens it leaves out, as TRL does: the KL term and the normaliser
+   still count every completion token (the paper trains without a KL term, so it does not say).
 
 Run the tests: `python -m pytest tests/test_loss.py -q`.
 """
@@ -137,6 +140,7 @@ def grpo_loss(
     sampler_logprobs: Tensor | None = None,
     sampler_correction: str = "none",
     sampler_correction_cap: float = 3.0,
+    policy_token_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss of one micro-batch, ready for `.backward()`.
 
@@ -156,6 +160,7 @@ def grpo_loss(
         sampler_logprobs: [R, T] log pi_sampler from the rollout, or None.
         sampler_correction: "none" or a mode of grpo.sampler_correction (needs sampler_logprobs).
         sampler_correction_cap: C, the cap of the sampler-correction weight.
+        policy_token_mask: [R, T] or None: the tokens whose surrogate counts (point 9); None = all.
 
     Returns:
         loss: scalar tensor.
@@ -184,6 +189,11 @@ def grpo_loss(
         logprobs, importance_sampling_level, objective, kl_estimator,
         sampler_logprobs, sampler_correction, sampler_correction_cap,
     )  # fmt: skip
+    if policy_token_mask is not None and tuple(policy_token_mask.shape) != tuple(logprobs.shape):
+        raise ValueError(
+            f"policy_token_mask has shape {tuple(policy_token_mask.shape)} but logprobs has shape "
+            f"{tuple(logprobs.shape)}; they must match exactly"
+        )
     mask = completion_mask.to(device=logprobs.device, dtype=logprobs.dtype)  # [R, T]
     is_completion = mask > 0  # [R, T]
     A = advantages.to(device=logprobs.device, dtype=logprobs.dtype).unsqueeze(1)  # [R, 1]
@@ -214,6 +224,8 @@ def grpo_loss(
             old_logprobs, sampler_logprobs, mask, sampler_correction, sampler_correction_cap
         )  # [R, T] or [R, 1]
         surrogate = surrogate * sampler_weight  # [R, T] pi_old / pi_sampler, capped
+    if policy_token_mask is not None:  # only the selected (high-entropy) tokens get a policy gradient
+        surrogate = surrogate * policy_token_mask.to(device=surrogate.device, dtype=surrogate.dtype)  # [R, T]
 
     if beta > 0:
         kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, ratio=ratio)  # [R, T]
@@ -282,6 +294,7 @@ def grpo_loss_reference(
     sampler_logprobs: Tensor | None = None,
     sampler_correction: str = "none",
     sampler_correction_cap: float = 3.0,
+    policy_token_mask: Tensor | None = None,
 ) -> Tensor:
     """The same loss as `grpo_loss`, one completion and one token at a time (for tests).
 
@@ -316,6 +329,8 @@ def grpo_loss_reference(
                 elif w > sampler_correction_cap:
                     w = torch.zeros_like(w)  # masked: dropped
                 surrogate = surrogate * w
+            if policy_token_mask is not None and not policy_token_mask[i, t]:
+                surrogate = 0.0 * surrogate  # a token left out of the policy gradient
             kl = 0.0
             if beta > 0:
                 x = ref_logprobs[i, t] - logp

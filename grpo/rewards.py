@@ -15,10 +15,14 @@ my_module:my_reward`):
 - `answers`: the gold answer of each completion's prompt (repeated G times), tags stripped.
 - `columns`: optional extra per-row lists of the same length R (e.g. `questions=[...]`); accept
   `**columns` so that new columns never break an old function.
-- Returns one finite float per completion. `None` is an error, not "skip": a reward that cannot
-  judge a completion should say so (raise) or give it a number on purpose.
+- Returns one finite float per completion, or `None` for a completion the function cannot
+  score (e.g. an answer it cannot parse). An unscored value is left out of that function's
+  statistics instead of counted as 0; the total is the weighted sum over the functions that did
+  score the completion (NaN-aware, as TRL); a completion no function scores has total NaN,
+  advantage 0 (grpo/advantages.py) and is counted in `reward/unscored_frac`. NaN itself is an
+  error (a bug in the function), not a way to say "unscored".
 
-Built-in functions (all return 1.0 or 0.0):
+Built-in functions (the first four return 1.0 or 0.0):
 
 | name            | pays for                                                                    |
 |-----------------|-----------------------------------------------------------------------------|
@@ -26,14 +30,21 @@ Built-in functions (all return 1.0 or 0.0):
 | count_accuracy  | the integer in the LAST `<answer>` equals the gold integer                  |
 | choice_accuracy | the letter A-E in the LAST `<answer>` equals the gold letter                |
 | math_accuracy   | math-verify judges the LAST `<answer>` equal to the gold (`.[math]` extra)  |
+| overlong        | 0, falling linearly to -1 over the last L tokens before max_completion_length |
+
+`overlong` (DAPO's soft overlong punishment, arXiv 2503.14476 sec. 3.4, eq. 13) reads the column
+`completion_lengths` (tokens through the first EOS, which the GRPO loop passes to every function)
+and is bound to `--max_completion_length` and `--overlong_buffer_length` L when resolved.
 
 `compute_rewards` calls each function once per batch, checks what it returned, and sums the
-columns with the given weights: `rewards = per_function @ weights`, shapes [R] and [R, F]
-(F reward functions). The tensors are float32 on the CPU; move them to the device yourself.
+columns with the given weights: `rewards = per_function @ weights` over the scored entries
+(`weighted_sum`), shapes [R] and [R, F] (F reward functions; unscored entries NaN). The tensors
+are float32 on the CPU; move them to the device yourself.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -204,6 +215,44 @@ def math_accuracy_reward(completions: list[str], answers: list[str], **columns) 
     return rewards
 
 
+# --- overlong (DAPO's soft length penalty) ---
+
+
+def overlong_penalty(length: int, max_completion_length: int, buffer_length: int) -> float:
+    """DAPO eq. 13 with L_max = max_completion_length and L_cache = buffer_length:
+
+        0                                   if length <= L_max - L_cache
+        (L_max - L_cache - length) / L_cache  if L_max - L_cache < length <= L_max
+        -1                                  if length > L_max (cannot happen here: the sampler stops)
+    """
+    start = max_completion_length - buffer_length  # the last length with no penalty
+    if length <= start:
+        return 0.0
+    return max((start - length) / buffer_length, -1.0)
+
+
+def overlong_reward(
+    completions: list[str],
+    answers: list[str],
+    *,
+    completion_lengths: list[int] | None = None,
+    max_completion_length: int,
+    overlong_buffer_length: int,
+    **columns,
+) -> list[float]:
+    """A penalty in [-1, 0] that grows linearly over the last `overlong_buffer_length` tokens.
+
+    Lengths are in tokens (the `completion_lengths` column, EOS included), not characters: the
+    limit it warns about is the sampler's token limit. A completion cut at the limit gets -1.
+    """
+    if completion_lengths is None:
+        raise ValueError(
+            "the overlong reward needs the completion_lengths column (tokens per completion); the "
+            "GRPO loop passes it, a caller of compute_rewards must pass completion_lengths=[...]"
+        )
+    return [overlong_penalty(int(n), max_completion_length, overlong_buffer_length) for n in completion_lengths]
+
+
 # --- registry ---
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
@@ -211,7 +260,10 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "count_accuracy": count_accuracy_reward,
     "choice_accuracy": choice_accuracy_reward,
     "math_accuracy": math_accuracy_reward,
+    "overlong": overlong_reward,
 }
+# Built-ins that need run settings, bound by resolve_reward_functions(..., **settings).
+_SETTINGS_OF = {"overlong": ("max_completion_length", "overlong_buffer_length")}
 
 
 def _import_reward_function(spec: str) -> RewardFunction:
@@ -233,8 +285,13 @@ def _import_reward_function(spec: str) -> RewardFunction:
     return function
 
 
-def resolve_reward_functions(names: Sequence[str | RewardFunction]) -> list[tuple[str, RewardFunction]]:
+def resolve_reward_functions(
+    names: Sequence[str | RewardFunction], **settings
+) -> list[tuple[str, RewardFunction]]:
     """Turn built-in names, `module:function` strings (or callables) into (name, function) pairs.
+
+    settings: run settings some built-ins need (`overlong`: max_completion_length,
+    overlong_buffer_length), bound to the function here.
 
     A custom function's name is the part after the colon; it names its metrics
     (`reward/{name}/mean`). Fails early, at start-up: unknown names, failed imports, a missing
@@ -248,6 +305,11 @@ def resolve_reward_functions(names: Sequence[str | RewardFunction]) -> list[tupl
             name, function = spec, REWARD_FUNCTIONS[spec]
             if spec == "math_accuracy":
                 _import_math_verify()
+            if spec in _SETTINGS_OF:
+                missing = [key for key in _SETTINGS_OF[spec] if settings.get(key) is None]
+                if missing:
+                    raise ValueError(f"--reward_functions {spec}: needs the settings {missing}")
+                function = functools.partial(function, **{key: settings[key] for key in _SETTINGS_OF[spec]})
         elif ":" in spec:
             name, function = spec.partition(":")[2], _import_reward_function(spec)
         else:
@@ -283,6 +345,7 @@ def _find_failing_row(function: RewardFunction, completions, answers, columns) -
 
 
 def _check_output(name: str, output, num_rows: int) -> list[float]:
+    """The function's values as floats, None (unscored) as NaN; anything else is an error."""
     if isinstance(output, torch.Tensor):
         output = output.detach().cpu().reshape(-1).tolist() if output.dim() else [output.item()]
     try:
@@ -290,7 +353,7 @@ def _check_output(name: str, output, num_rows: int) -> list[float]:
     except TypeError:
         raise TypeError(
             f"reward function {name!r} returned a {type(output).__name__}; expected a list of "
-            f"{num_rows} floats, one per completion"
+            f"{num_rows} floats (or None), one per completion"
         ) from None
     if len(values) != num_rows:
         raise ValueError(
@@ -299,12 +362,15 @@ def _check_output(name: str, output, num_rows: int) -> list[float]:
         )
     checked = []
     for row, value in enumerate(values):
+        if value is None:  # the function cannot score this completion: left out, not 0
+            checked.append(math.nan)
+            continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(
                 f"reward function {name!r} returned {value!r} for completion {row}; every reward "
-                "must be a finite number (None is not allowed: give a number on purpose or raise)"
+                "must be a finite number, or None for a completion it cannot score"
             )
         checked.append(float(value))
     return checked
@@ -322,7 +388,7 @@ def compute_rewards(
     Returns (rewards [R] float32, per_function [R, F] float32, metrics), with metrics
     `reward/{name}/mean`, `reward/{name}/std` (the function's unweighted values) and
     `reward/total/mean`, `reward/total/std`. Stds are population stds (divide by R), so one row
-    gives 0, not NaN.
+    gives 0, not NaN. Unscored entries (None) are NaN in per_function; see `weighted_sum`.
     """
     num_rows = len(completions)
     num_functions = len(reward_functions)
@@ -353,21 +419,44 @@ def compute_rewards(
             ) from error
         per_function[:, column] = torch.tensor(_check_output(name, output, num_rows), dtype=torch.float32)
 
-    weight_vector = torch.tensor([float(w) for w in weights], dtype=torch.float32)  # [F]
-    rewards = per_function @ weight_vector  # [R]
+    rewards = weighted_sum(per_function, weights)  # [R]
     return rewards, per_function, reward_metrics(per_function, names, weights)
 
 
-def reward_metrics(per_function: torch.Tensor, names: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
-    """`reward/{name}/mean|std` per function (unweighted) and `reward/total/mean|std` (weighted sum).
+def weighted_sum(per_function: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """[R] the weighted sum of each row's scored entries (NaN = unscored, skipped, as TRL's nansum);
+    NaN for a row no function scored, so that it stays out of the group statistics.
 
-    per_function: [R, F]. Stds are population stds (divide by R), so one row gives 0, not NaN.
+    per_function: [R, F]. Without NaN this is exactly `per_function @ weights`.
     """
-    rewards = per_function @ torch.tensor([float(w) for w in weights], dtype=torch.float32)  # [R]
+    is_scored = ~torch.isnan(per_function)  # [R, F]
+    weight_vector = torch.tensor([float(w) for w in weights], dtype=torch.float32)  # [F]
+    rewards = torch.where(is_scored, per_function, 0.0) @ weight_vector  # [R]
+    return torch.where(is_scored.any(dim=1), rewards, math.nan)  # [R]
+
+
+def _scored_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and population std of the non-NaN entries; 0.0, 0.0 when there are none (the
+    unscored fraction, logged beside them, says so), so the metrics stay finite numbers."""
+    scored = values[~torch.isnan(values)]  # [scored rows]
+    if scored.numel() == 0:
+        return 0.0, 0.0
+    return scored.mean().item(), scored.std(correction=0).item()
+
+
+def reward_metrics(per_function: torch.Tensor, names: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    """`reward/{name}/mean|std` per function (unweighted) and `reward/total/mean|std` (weighted sum),
+    over the completions each one scored; `reward/{name}/unscored_frac` and
+    `reward/unscored_frac` (completions no function scored) beside them.
+
+    per_function: [R, F], NaN = unscored. Stds are population stds (divide by R), so one row gives 0, not NaN.
+    """
+    rewards = weighted_sum(per_function, weights)  # [R]
     metrics: dict[str, float] = {}
     for column, name in enumerate(names):
-        metrics[f"reward/{name}/mean"] = per_function[:, column].mean().item()
-        metrics[f"reward/{name}/std"] = per_function[:, column].std(correction=0).item()
-    metrics["reward/total/mean"] = rewards.mean().item()
-    metrics["reward/total/std"] = rewards.std(correction=0).item()
+        values = per_function[:, column]  # [R]
+        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = _scored_mean_std(values)
+        metrics[f"reward/{name}/unscored_frac"] = torch.isnan(values).float().mean().item()
+    metrics["reward/total/mean"], metrics["reward/total/std"] = _scored_mean_std(rewards)
+    metrics["reward/unscored_frac"] = torch.isnan(rewards).float().mean().item()
     return metrics

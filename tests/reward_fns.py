@@ -63,3 +63,14 @@ def slow_from_second_call(completions, answers, **columns):
             open(marker, "w").close()
         time.sleep(float(os.environ.get("SLOW_REWARD_SECONDS", "6")))
     return length_reward(completions, answers)
+
+
+def coarse_length_reward(completions, answers, **columns):
+    """1.0 for a completion of at least 12 characters, else 0.0: a group's rewards often agree
+    (zero spread), which is what dynamic sampling drops."""
+    return [float(len(text) >= 12) for text in completions]
+
+
+def unscored_sometimes(completions, answers, **columns):
+    """length_reward, or None (cannot score) for a completion whose length is a multiple of 3."""
+    return [None if len(text) % 3 == 0 else min(len(text), 64) / 64 for text in completions]

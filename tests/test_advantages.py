@@ -98,5 +98,48 @@ def test_errors():
         group_advantages(torch.ones(2, 2), group_size=2)
     with pytest.raises(ValueError, match="valid: group, batch, none"):
         group_advantages(torch.ones(4), group_size=2, scale="rank")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        group_advantages(torch.tensor([1.0, float("nan")]), group_size=2)
+    with pytest.raises(ValueError, match="inf"):
+        group_advantages(torch.tensor([1.0, float("inf")]), group_size=2)
+
+
+NAN = float("nan")
+
+
+def test_unscored_completions_are_left_out_of_their_group():
+    """NaN = unscored (every reward function returned None): out of the mean and std, A = 0."""
+    rewards = torch.tensor([
+        1.0, NAN, 0.0, 0.5,  # group 0: scored {1, 0, 0.5}
+        NAN, NAN, 2.0, NAN,  # group 1: one scored completion, no spread
+        NAN, NAN, NAN, NAN,  # group 2: nothing scored
+    ])  # fmt: skip
+    advantages, metrics = group_advantages(rewards, group_size=4)
+    # group 0: mean (1 + 0 + 0.5) / 3 = 0.5; deviations +0.5, -0.5, 0;
+    # unbiased std over the 3 scored = sqrt((0.25 + 0.25 + 0) / (3 - 1)) = 0.5 (not / (4 - 1));
+    # A = +-0.5 / (0.5 + 1e-4) = +-0.99980004; the unscored row gets 0, not (0 - 0.5) / 0.5 = -1.
+    expected = [0.99980004, 0.0, -0.99980004, 0.0] + [0.0] * 8
+    torch.testing.assert_close(advantages, torch.tensor(expected), rtol=0, atol=5e-7)  # float32, ~4 roundings of values ~1: 4 * 2^-23
+    assert metrics["frac_zero_std_groups"] == pytest.approx(2 / 3)  # groups 1 and 2
+    assert metrics["frac_unscored"] == pytest.approx(8 / 12)
+    assert metrics["reward_mean"] == pytest.approx(3.5 / 4)  # scored: 1, 0, 0.5, 2
+    # batch scale: the std over the 4 scored rewards {1, 0, 0.5, 2}: mean 0.875,
+    # squares 0.015625 + 0.765625 + 0.140625 + 1.265625 = 2.1875, / 3 -> std 0.8539126;
+    # group 0's A = +-0.5 / (0.8539126 + 1e-4) = +-0.5854715
+    batch, _ = group_advantages(rewards, group_size=4, scale="batch")
+    torch.testing.assert_close(batch[:4], torch.tensor([0.5854715, 0.0, -0.5854715, 0.0]), rtol=0, atol=5e-7)
+    assert batch[4:].abs().max() == 0.0
+
+
+def test_unscored_rows_change_nothing_for_the_scored_ones():
+    """A group with unscored rows gives its scored rows the advantages of a group of just those."""
+    generator = torch.Generator().manual_seed(0)
+    for scale in ("group", "none"):
+        for _ in range(20):
+            rewards = torch.rand(6, generator=generator)  # one group of G = 6
+            is_scored = torch.rand(6, generator=generator) < 0.6
+            if is_scored.sum() < 2:
+                continue
+            with_gaps, _ = group_advantages(torch.where(is_scored, rewards, NAN), 6, scale=scale)
+            alone, _ = group_advantages(rewards[is_scored], int(is_scored.sum()), scale=scale)
+            # float32 means/stds of <= 6 values in [0, 1]: a few ulp of 1, ~1e-6 after / std
+            torch.testing.assert_close(with_gaps[is_scored], alone, rtol=1e-5, atol=1e-6)
+            assert torch.all(with_gaps[~is_scored] == 0.0)

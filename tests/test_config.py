@@ -35,6 +35,11 @@ def test_defaults_are_the_offline_demo():
         (["--reward_functions", "format,count_accuracy", "--reward_weights", "1.0"], "--reward_weights"),
         (["--val_fraction", "1.5"], "--val_fraction"),
         (["--long_prompts", "truncate"], "--long_prompts"),
+        (["--dynamic_sampling", "--max_generation_rounds", "0"], "--max_generation_rounds"),
+        (["--max_completion_length", "8", "--overlong_buffer_length", "9"], "--overlong_buffer_length"),
+        (["--overlong_buffer_length", "0"], "--overlong_buffer_length"),
+        (["--top_entropy_quantile", "1.5"], "--top_entropy_quantile"),
+        (["--top_entropy_quantile", "-0.1"], "--top_entropy_quantile"),
     ],
 )
 def test_impossible_settings_name_the_flag(argv, flag):
@@ -71,3 +76,9 @@ def test_config_file_unknown_key(tmp_path):
     path.write_text(json.dumps({"betta": 0.1}))
     with pytest.raises(ConfigError, match="betta"):
         parse_config(["--config", str(path)])
+
+
+def test_overlong_buffer_defaults_to_a_fifth_of_the_completion_limit():
+    # DAPO's 4096 of 20480 tokens; 64 // 5 = 12
+    assert parse_config(["--max_completion_length", "64"]).grpo.overlong_buffer_length == 12
+    assert parse_config(["--max_completion_length", "3"]).grpo.overlong_buffer_length == 1  # at least 1

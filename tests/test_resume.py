@@ -24,6 +24,13 @@ CASES = {
     "sft": ("sft", ["--gradient_accumulation_steps", "2", "--eval_steps", "2"]),
     # LoRA dropout draws from torch's global generator: a save (merging LoRA) must not move it.
     "grpo-lora-dropout": ("grpo", ["--freeze_policy", "lora", "--lora_dropout", "0.1", "--learning_rate", "1e-2"]),
+    # Dynamic sampling draws a varying number of prompts per batch: the stream must resume where
+    # the rounds left it. With the other batch options: unscored rewards, overlong, top entropy.
+    "grpo-dynamic-sampling": ("grpo", [
+        "--dynamic_sampling", "--max_generation_rounds", "3", "--top_entropy_quantile", "0.5",
+        "--reward_functions", "reward_fns:coarse_length_reward,reward_fns:unscored_sometimes,overlong",
+        "--reward_weights", "1,1,0.5", "--overlong_buffer_length", "4",
+    ]),  # fmt: skip
 }
 
 
@@ -40,6 +47,8 @@ def test_resumed_run_repeats_the_straight_run(train_run, tmp_path, case):
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # each step once, in order
     assert got == expected  # the same floats, not merely close
     assert expected[2]["loss"] != expected[3]["loss"]  # the steps differ, so the match means something
+    if "--dynamic_sampling" in flags:  # extra rounds happened, so the stream moved unevenly
+        assert sum(r["dynamic/extra_rounds"] for r in expected) > 0
 
     final_straight, final_resumed = latest_model_dir(straight), latest_model_dir(resumed)
     assert final_straight.parent.name == final_resumed.parent.name == "checkpoint-00000004"

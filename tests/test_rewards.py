@@ -179,7 +179,7 @@ def test_resolve_built_ins_and_module_function():
     assert [name for name, _ in resolved] == ["format", "count_accuracy", "length_reward"]
     assert resolved[0][1] is REWARD_FUNCTIONS["format"]
     assert resolved[2][1] is length_reward
-    assert set(REWARD_FUNCTIONS) == {"format", "count_accuracy", "choice_accuracy", "math_accuracy"}
+    assert set(REWARD_FUNCTIONS) == {"format", "count_accuracy", "choice_accuracy", "math_accuracy", "overlong"}
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,6 @@ def test_compute_rewards_names_raising_function_and_offending_row():
     "output, message",
     [
         ([1.0], r"returned 1 values for 2 completions; expected 2"),
-        ([1.0, None], r"returned None for completion 1"),
         ([1.0, float("nan")], r"returned nan for completion 1"),
         ([1.0, "1"], r"returned '1' for completion 1"),
         (1.0, r"returned a float"),
@@ -291,3 +290,71 @@ def test_compute_rewards_checks_weights_and_lengths():
         compute_rewards(functions, None, ["x"], ["1", "2"])
     with pytest.raises(ValueError, match="column 'questions' has 2 rows, expected 1"):
         compute_rewards(functions, None, ["x"], ["1"], questions=["a", "b"])
+
+
+# --- rewards a function cannot score (None) ---
+
+
+def test_none_is_left_out_of_the_function_and_the_weighted_sum():
+    """None = unscored: out of its function's statistics (not a 0), skipped in the weighted sum."""
+
+    def parses_digits(completions, answers, **columns):  # a checker that cannot read words
+        return [float(text == answer) if text.isdigit() else None for text, answer in zip(completions, answers)]
+
+    def short(completions, answers, **columns):
+        return [1.0 if len(text) < 3 else None for text in completions]
+
+    functions = [("parses_digits", parses_digits), ("short", short)]
+    completions = ["3", "4", "three", "many words"]
+    rewards, per_function, metrics = compute_rewards(functions, [2.0, 0.5], completions, ["3"] * 4)
+    # parses_digits: 1, 0, None, None; short: 1, 1, None, None (lengths 1, 1, 5, 10)
+    # rows: 2*1 + 0.5*1 = 2.5; 2*0 + 0.5*1 = 0.5; nothing scores rows 2 and 3 -> NaN
+    assert rewards[:2].tolist() == [2.5, 0.5] and torch.isnan(rewards[2:]).all()
+    assert torch.isnan(per_function[2:]).all()
+    # parses_digits over its 2 scored rows: mean (1 + 0) / 2 = 0.5 (not 1/4), population std 0.5
+    assert metrics["reward/parses_digits/mean"] == 0.5 and metrics["reward/parses_digits/std"] == 0.5
+    assert metrics["reward/parses_digits/unscored_frac"] == 0.5
+    assert metrics["reward/total/mean"] == 1.5  # (2.5 + 0.5) / 2 scored rows
+    assert metrics["reward/unscored_frac"] == 0.5
+
+    # one function scores a row the other cannot: the row's total is that function's part alone
+    def words_only(completions, answers, **columns):
+        return [None if text.isdigit() else 0.25 for text in completions]
+
+    rewards, _, _ = compute_rewards([("parses_digits", parses_digits), ("words_only", words_only)], [2.0, 4.0], completions, ["3"] * 4)
+    # row 0: 2*1 (words_only None); row 1: 2*0; rows 2, 3: 4*0.25 = 1 (parses_digits None)
+    assert rewards.tolist() == [2.0, 0.0, 1.0, 1.0]
+
+
+def test_weighted_sum_without_none_is_the_matrix_product():
+    from grpo.rewards import weighted_sum
+
+    per_function = torch.rand(16, 3, generator=torch.Generator().manual_seed(0))  # [R, F]
+    weights = [0.3, 1.7, -0.2]
+    assert torch.equal(weighted_sum(per_function, weights), per_function @ torch.tensor(weights))
+
+
+# --- overlong (DAPO sec. 3.4) ---
+
+
+def test_overlong_penalty_by_hand():
+    from grpo.rewards import overlong_penalty, overlong_reward
+
+    # L_max = 10, L_cache = 4: no penalty up to 10 - 4 = 6 tokens, then (6 - n) / 4
+    assert [overlong_penalty(n, 10, 4) for n in (1, 6, 7, 8, 10, 11)] == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert overlong_reward(["a", "b"], ["1", "1"], completion_lengths=[9, 3], max_completion_length=10, overlong_buffer_length=4) == [-0.75, 0.0]
+    with pytest.raises(ValueError, match="completion_lengths"):
+        overlong_reward(["a"], ["1"], max_completion_length=10, overlong_buffer_length=4)
+
+
+def test_overlong_is_resolved_with_its_settings_and_weighted_like_the_others():
+    functions = resolve_reward_functions(["count_accuracy", "overlong"], max_completion_length=8, overlong_buffer_length=2)
+    assert [name for name, _ in functions] == ["count_accuracy", "overlong"]
+    completions = ["<answer>2</answer>", "<answer>2</answer>"]
+    rewards, _, metrics = compute_rewards(functions, [1.0, 0.5], completions, ["2", "2"], completion_lengths=[8, 7])
+    # count_accuracy 1 for both; overlong: L_max 8, L_cache 2, start 6: (6 - 8) / 2 = -1, (6 - 7) / 2 = -0.5
+    # totals: 1 + 0.5 * -1 = 0.5 and 1 + 0.5 * -0.5 = 0.75
+    assert rewards.tolist() == [0.5, 0.75]
+    assert metrics["reward/overlong/mean"] == -0.75
+    with pytest.raises(ValueError, match="overlong: needs the settings"):
+        resolve_reward_functions(["overlong"])

@@ -53,12 +53,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _grpo_args(aggregation: str, micro_batch_size: int):
+def _grpo_args(aggregation: str, micro_batch_size: int, top_entropy_quantile: float = 1.0):
     from grpo.config import GRPOArguments
 
     args = GRPOArguments(
         per_device_prompts=4, num_generations=G, micro_batch_size=4, max_completion_length=T,
         beta=0.1, epsilon=0.2, epsilon_high=0.28, loss_aggregation=aggregation,
+        top_entropy_quantile=top_entropy_quantile,
     )  # fmt: skip
     # Set after the checks: 3 does not divide the 8 rows, which the loop never asks for but this
     # function handles (the last micro-batch is smaller); it makes the split differ from the ranks'.
@@ -121,7 +122,11 @@ def _build_problem():
     }
 
 
-def _gradients(problem, generation, rows, aggregation, micro, world_size):
+# (aggregation, top_entropy_quantile) cases: the entropy selection's quantile spans both ranks' tokens
+CASES = [(aggregation, 1.0) for aggregation in AGGREGATIONS] + [("token", 0.4)]
+
+
+def _gradients(problem, generation, rows, aggregation, micro, world_size, quantile=1.0):
     """.grad of every parameter after this rank's backward and the ranks' average (as the loop does)."""
     from grpo.grpo_loop import accumulate_step_gradients
     from grpo.setup import sync_gradients
@@ -134,7 +139,7 @@ def _gradients(problem, generation, rows, aggregation, micro, world_size):
     model.train()
     sums = accumulate_step_gradients(
         model, generation, torch.arange(len(rows)), advantages=advantages[rows], loss_mask=mask[rows],
-        old_logprobs=old_logprobs[rows], ref_logprobs=ref_logprobs[rows], gargs=_grpo_args(aggregation, micro),
+        old_logprobs=old_logprobs[rows], ref_logprobs=ref_logprobs[rows], gargs=_grpo_args(aggregation, micro, quantile),
         reuse_images=False, world_size=world_size,
     )  # fmt: skip
     local = [p.grad.clone() for p in trainable]
@@ -160,11 +165,14 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: d
     try:
         rows = list(range(4 * rank, 4 * rank + 4))  # rank 0: prompts 0, 1 (rows 0-3); rank 1: prompts 2, 3
         results = {}
-        for aggregation in AGGREGATIONS:
+        for aggregation, quantile in CASES:
             synced, local, sums = _gradients(
-                problem, problem["per_rank"][rank], rows, aggregation, micro=2, world_size=world_size
+                problem, problem["per_rank"][rank], rows, aggregation, micro=2, world_size=world_size, quantile=quantile
             )
-            results[aggregation] = {"synced": synced, "local": local, "loss": distributed.all_reduce_sum(sums["loss"]) / world_size}
+            results[f"{aggregation}-{quantile}"] = {
+                "synced": synced, "local": local, "loss": distributed.all_reduce_sum(sums["loss"]) / world_size,
+                "selected": distributed.all_reduce_sum(sums.get("selected_tokens", 0.0)),
+            }  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         distributed.cleanup()
@@ -183,8 +191,15 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     names = [name for name, p in problem["model"].named_parameters() if p.requires_grad]
-    for aggregation in AGGREGATIONS:
-        single, _, sums = _gradients(problem, problem["whole"], list(range(4 * G)), aggregation, micro=3, world_size=1)
+    for aggregation, quantile in CASES:
+        single, _, sums = _gradients(problem, problem["whole"], list(range(4 * G)), aggregation, micro=3, world_size=1, quantile=quantile)
+        if quantile < 1.0:
+            # 33 loss tokens on the two ranks (10 + 23); the 0.6 quantile sits at sorted position
+            # 0.6 * (33 - 1) = 19.2, between the 20th and 21st smallest: the 13 largest are kept,
+            # the same tokens in one process (micro-batches of 3) as on two ranks (2 + 2)
+            assert sums["selected_tokens"] == 13.0
+            assert ranks[0][f"{aggregation}-{quantile}"]["selected"] == sums["selected_tokens"]
+        aggregation = f"{aggregation}-{quantile}"
         scale = max(g.abs().max() for g in single)
         assert scale > 1e-3, "the gradient must not be trivially 0"
         assert ranks[0][aggregation]["loss"] == pytest.approx(sums["loss"], rel=1e-5, abs=1e-7)
@@ -308,6 +323,31 @@ def test_torchrun_two_ranks_with_the_other_objectives(tmp_path, flags):
         # gaps); pi_old comes from the rollout's policy, so this holds in the second epoch too.
         assert abs(record["sampler_weight_mean"] - 1.0) < 8 * 32 * 2**-24 * 10
         assert record["sampler_over_cap_frac"] == 0.0 and record["grad_norm"] > 0.0
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_with_the_batch_options(tmp_path):
+    """Dynamic sampling, unscored rewards, the overlong reward and top-entropy tokens on two ranks:
+    the ranks run the same rounds (no hang), train equal batches and stay bit-identical."""
+    out = tmp_path / "run"
+    argv = train_argv(
+        out, "--max_steps", "3", "--device", "cpu", "--save_steps", "0",
+        "--dynamic_sampling", "--max_generation_rounds", "3", "--top_entropy_quantile", "0.5",
+        "--reward_functions", "reward_fns:coarse_length_reward,reward_fns:unscored_sometimes,overlong",
+        "--reward_weights", "1,1,0.5", "--overlong_buffer_length", "4",
+    )  # fmt: skip
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "tests/torchrun_fingerprint.py", *argv]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        rounds = record["dynamic/extra_rounds"] + 1
+        # both ranks ran `rounds` rounds of B = 2 prompts (summed over the 2 ranks)
+        assert record["dynamic/groups_drawn"] == rounds * 2 * 2
+        assert 0.0 < record["entropy_selected_frac"] <= 1.0
+        assert -1.0 <= record["reward/overlong/mean"] <= 0.0
+        assert 0.0 <= record["reward/unscored_sometimes/unscored_frac"] <= 1.0
     fingerprints = [torch.load(out / f"fingerprint-rank{r}.pt", weights_only=True) for r in range(2)]
     for name in fingerprints[0]:
         assert torch.equal(fingerprints[0][name], fingerprints[1][name]), name
