@@ -15,12 +15,12 @@ def test_group_of_four():
     # A = +-0.5 / 0.5774503 = +-0.8658757
     advantages, metrics = group_advantages(rewards, group_size=4)
     expected = torch.tensor([0.8658757, -0.8658757, -0.8658757, 0.8658757])
-    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
     assert advantages.dtype == torch.float32
     assert metrics["frac_zero_std_groups"] == 0.0
-    assert metrics["reward_mean"] == pytest.approx(0.5)
-    assert metrics["reward_std"] == pytest.approx(0.5773503)
-    assert metrics["advantage_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics["reward_mean"] == pytest.approx(0.5)  # approx: rel 1e-6 (~16 float32 ulps) on a float32 mean of 4 exact numbers
+    assert metrics["reward_std"] == pytest.approx(0.5773503)  # approx: rel 1e-6 = ~16 float32 ulps; a float32 std of 4 numbers is good to a few
+    assert metrics["advantage_mean"] == pytest.approx(0.0, abs=1e-7)  # mean of +-0.8658757: float32 cancellation leaves a few ulps of 0.87, ~1e-7
 
 
 def test_group_of_two_uses_the_unbiased_std():
@@ -28,7 +28,7 @@ def test_group_of_two_uses_the_unbiased_std():
     # mean = 0.5; unbiased std = sqrt((0.25 + 0.25) / (2 - 1)) = 0.7071068 (the biased one is 0.5)
     # A = +-0.5 / (0.7071068 + 0.0001) = +-0.5 / 0.7072068 = +-0.7070068   (not +-1)
     advantages, _ = group_advantages(rewards, group_size=2)
-    torch.testing.assert_close(advantages, torch.tensor([0.7070068, -0.7070068]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages, torch.tensor([0.7070068, -0.7070068]), atol=1e-6, rtol=0)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
 
 
 def test_zero_spread_group_is_exactly_zero_and_counted():
@@ -38,9 +38,9 @@ def test_zero_spread_group_is_exactly_zero_and_counted():
     #   A = [2/3, -1/3, -1/3] / 0.5774503 = [1.1545010, -0.5772505, -0.5772505]
     rewards = torch.tensor([0.9, 0.9, 0.9, 1.0, 0.0, 0.0])
     advantages, metrics = group_advantages(rewards, group_size=3)
-    assert advantages[:3].tolist() == [0.0, 0.0, 0.0]
+    assert advantages[:3].tolist() == [0.0, 0.0, 0.0]  # exact: torch.where writes 0, on every kernel path
     torch.testing.assert_close(
-        advantages[3:], torch.tensor([1.1545010, -0.5772505, -0.5772505]), atol=1e-6, rtol=0
+        advantages[3:], torch.tensor([1.1545010, -0.5772505, -0.5772505]), atol=1e-6, rtol=0  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
     )
     assert metrics["frac_zero_std_groups"] == 0.5  # 1 of 2 groups
 
@@ -55,7 +55,7 @@ def test_batch_scale():
     advantages, metrics = group_advantages(rewards, group_size=4, scale="batch")
     a = 1.0798903
     expected = torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0])
-    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
     assert metrics["frac_zero_std_groups"] == 0.5
 
 
@@ -78,14 +78,14 @@ def test_none_scale_only_subtracts_the_group_mean():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0])  # groups of 2: [1,0] [0,1] [3,1]
     # means 0.5, 0.5, 2.0 -> A = [0.5, -0.5, -0.5, 0.5, 1.0, -1.0]   (Dr. GRPO: no std division)
     advantages, _ = group_advantages(rewards, group_size=2, scale="none")
-    assert advantages.tolist() == [0.5, -0.5, -0.5, 0.5, 1.0, -1.0]
+    assert advantages.tolist() == [0.5, -0.5, -0.5, 0.5, 1.0, -1.0]  # exact: differences of small binary fractions are exact in float32
 
 
 def test_integer_rewards_and_layout_is_group_by_group():
     rewards = torch.tensor([2, 0, 5, 5])  # int64; groups [2, 0] and [5, 5]
     advantages, metrics = group_advantages(rewards, group_size=2, scale="none")
     assert advantages.dtype == torch.float32
-    assert advantages.tolist() == [1.0, -1.0, 0.0, 0.0]
+    assert advantages.tolist() == [1.0, -1.0, 0.0, 0.0]  # exact: integer-valued float32 arithmetic
     assert metrics["frac_zero_std_groups"] == 0.5
 
 

@@ -29,8 +29,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import U32, sum_error
 
+from grpo.kl import kl_k3
 from grpo.loss import grpo_loss, grpo_loss_reference, step_normaliser
+
+
+def _term_bound(logprobs, old_logprobs, ref_logprobs, advantages, beta) -> float:
+    """An upper bound on |per-token loss|: |A| max(ratio, 1 + eps) + beta * k3."""
+    logprobs = logprobs.detach()
+    old = logprobs if old_logprobs is None else old_logprobs
+    ratio = (logprobs - old).exp().max().clamp(min=1.3)
+    return float(advantages.abs().max() * ratio + beta * kl_k3(logprobs, ref_logprobs).max())
 
 ADVANTAGES = torch.tensor([1.0, -0.5])  # [R]
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # [R, T]
@@ -68,13 +78,13 @@ def test_worked_example(aggregation, max_completion_length, expected):
         aggregation=aggregation,
         normaliser=normaliser,
     )
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
     # 1 of 5 tokens clipped low (ratio 0.5, A < 0), 1 of 5 clipped high (ratio 1.5, A > 0).
-    assert metrics["clip_frac_low"] == pytest.approx(0.2)
-    assert metrics["clip_frac_high"] == pytest.approx(0.2)
-    assert metrics["clip_frac"] == pytest.approx(0.4)
+    assert metrics["clip_frac_low"] == pytest.approx(0.2)  # counts / 5 in float32: within an ulp; approx's rel 1e-6 is ~16 ulps
+    assert metrics["clip_frac_high"] == pytest.approx(0.2)  # counts / 5 in float32: within an ulp
+    assert metrics["clip_frac"] == pytest.approx(0.4)  # counts / 5 in float32: within an ulp
     # ratio_mean = (1.5 + 0.9 + 0.5 + 1.1 + 1.0) / 5 = 1.0 (the padded 1.0 is not counted)
-    assert metrics["ratio_mean"] == pytest.approx(1.0)
+    assert metrics["ratio_mean"] == pytest.approx(1.0)  # mean of 5 float32 ratios of O(1): a few ulps
     assert metrics["completion_length_mean"] == 2.5
     assert metrics["num_tokens"] == 5.0
     assert metrics["kl_mean"] == 0.0
@@ -99,8 +109,8 @@ def test_worked_example_with_kl():
         aggregation="token",
         normaliser=5.0,
     )
-    assert loss.item() == pytest.approx(-0.1275452, abs=1e-6)
-    assert metrics["kl_mean"] == pytest.approx(0.0613706, abs=1e-6)
+    assert loss.item() == pytest.approx(-0.1275452, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
+    assert metrics["kl_mean"] == pytest.approx(0.0613706, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -133,13 +143,13 @@ def test_clipping_single_token(advantage, ratio, surrogate, grad):
         aggregation="token",
         normaliser=1.0,
     )
-    assert loss.item() == pytest.approx(-surrogate, abs=1e-6)
+    assert loss.item() == pytest.approx(-surrogate, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
     loss.backward()
     if grad == 0.0:
         assert logprobs.grad.item() == 0.0  # exactly, not approximately
         assert metrics["clip_frac"] == 1.0
     else:
-        assert logprobs.grad.item() == pytest.approx(grad, abs=1e-6)
+        assert logprobs.grad.item() == pytest.approx(grad, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
         assert metrics["clip_frac"] == 0.0
 
 
@@ -170,7 +180,7 @@ def test_gradient_is_minus_advantage_times_weight_at_ratio_one(aggregation):
         "constant": 0.125 * MASK,
     }[aggregation]
     expected = -ADVANTAGES.unsqueeze(1) * weight  # [R, T]
-    torch.testing.assert_close(logprobs.grad, expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(logprobs.grad, expected, atol=1e-7, rtol=0)  # products of O(1) float32 numbers divided by small integers: a couple of ulps (<1e-7 for |x| < 1)
     assert metrics["ratio_mean"] == 1.0 and metrics["clip_frac"] == 0.0
 
 
@@ -186,7 +196,7 @@ def test_kl_at_policy_equal_to_reference():
     (grad_without_kl,) = torch.autograd.grad(without_kl, logprobs)
     assert metrics["kl_mean"] == 0.0
     assert with_kl.item() == without_kl.item()
-    torch.testing.assert_close(grad_with_kl, grad_without_kl, atol=1e-7, rtol=0)
+    torch.testing.assert_close(grad_with_kl, grad_without_kl, atol=1e-7, rtol=0)  # the beta = 0 branch never touches the KL: both grads come from the same ops
 
 
 def test_beta_zero_with_reference_reports_kl_but_does_not_train_on_it():
@@ -213,7 +223,7 @@ def test_beta_zero_with_reference_reports_kl_but_does_not_train_on_it():
         normaliser=5.0,
     )
     assert loss_with_ref.item() == loss_without_ref.item()
-    assert metrics["kl_mean"] == pytest.approx(0.7182818, abs=1e-6)
+    assert metrics["kl_mean"] == pytest.approx(0.7182818, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
 
 
 def test_garbage_on_padding_stays_out():
@@ -254,7 +264,7 @@ def test_fully_masked_completion_adds_nothing():
         normaliser=2.0,
     )
     # only completion 1: -(1 + 1) / 2 tokens / 2 completions = -0.5
-    assert loss.item() == pytest.approx(-0.5)
+    assert loss.item() == pytest.approx(-0.5)  # -(1 + 1) / 2 / 2 in float32 is exact; approx for the float64 conversion only
     assert metrics["completion_length_mean"] == 1.0
 
 
@@ -304,8 +314,13 @@ def test_micro_batch_split_invariance(seed, aggregation, beta, one_epoch, cuts):
         )
         split_loss = split_loss + part
     (split_grad,) = torch.autograd.grad(split_loss, logprobs)
-    assert split_loss.item() == pytest.approx(full_loss.item(), abs=1e-6)
-    torch.testing.assert_close(split_grad, full_grad, atol=1e-6, rtol=0)
+    # The same 48 per-token terms, each |l| <= m = _term_bound, summed in another order, then
+    # / normaliser: sum_error(48, 48 m) / normaliser.
+    m = _term_bound(logprobs, old, ref_logprobs, advantages, beta)
+    atol = sum_error(mask.numel(), m * mask.numel()) / kwargs["normaliser"]
+    assert split_loss.item() == pytest.approx(full_loss.item(), abs=atol)
+    # Each grad entry is the same few products and quotients of values <= m on both sides: ~8 ulps.
+    torch.testing.assert_close(split_grad, full_grad, atol=8 * U32 * m, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -325,8 +340,12 @@ def test_vectorised_matches_reference(seed, aggregation, beta, one_epoch):
     reference = grpo_loss_reference(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
     (grad,) = torch.autograd.grad(loss, logprobs)
     (reference_grad,) = torch.autograd.grad(reference, logprobs)
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-6)
-    torch.testing.assert_close(grad, reference_grad, atol=1e-6, rtol=0)
+    # 48 per-token terms |l| <= m summed in two orders, then / normaliser.
+    m = _term_bound(logprobs, old, ref_logprobs, advantages, beta)
+    atol = sum_error(mask.numel(), m * mask.numel()) / kwargs["normaliser"]
+    assert loss.item() == pytest.approx(reference.item(), abs=atol)
+    # Each grad entry: a few products and quotients of values <= m (k3 written out vs kl_k3): ~8 ulps.
+    torch.testing.assert_close(grad, reference_grad, atol=8 * U32 * m, rtol=0)
 
 
 def test_step_normaliser():
