@@ -51,7 +51,7 @@ def test_a_signal_during_the_final_save_does_not_lose_the_run(tmp_path, stage, s
     # --save_steps 0: the final save is the only one, so losing it would lose every step.
     argv = train_argv(out, "--max_steps", "2", "--save_steps", "0", stage=stage)
     result = run_script(
-        ["-c", SIGNAL_DURING_SAVE.format(signal_name=signal_name, count=count), *argv], timeout=120
+        ["-c", SIGNAL_DURING_SAVE.format(signal_name=signal_name, count=count), *argv], timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert latest_model_dir(out).parent.name == "checkpoint-00000002"
