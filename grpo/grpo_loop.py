@@ -39,6 +39,7 @@ from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
+from grpo.reporting import Reporter
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics
 from grpo.rollout import sample_rollouts
 from grpo.run import NonFiniteGuard, start_run
@@ -176,6 +177,7 @@ def train_grpo(config: Config) -> dict:
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
+    reporter = Reporter(config, "grpo", start_step=step, enabled=is_main)  # the metrics line, --report_to
     progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
     nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
     last_saved = step
@@ -293,12 +295,13 @@ def train_grpo(config: Config) -> dict:
                         "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
                         **generation_metrics,
                     }
-                    metrics_logger.log(step, metrics)
+                    reporter.log(step, metrics_logger.log(step, metrics))
                     if sample_logger is not None:
-                        sample_logger.maybe_log(
+                        sample_text = sample_logger.maybe_log(
                             step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
                             rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
                         )
+                        reporter.log_sample(step, sample_text)
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
                     if step >= targs.max_steps:
@@ -315,6 +318,7 @@ def train_grpo(config: Config) -> dict:
     if step > last_saved or run.resume_from is None:
         save(step)
     metrics_logger.close()
+    reporter.close()
     if stop.requested and is_main:
         print(
             f"[grpo] {stop.signal_name} received: saved a checkpoint at step {step} in {targs.output_dir}. "

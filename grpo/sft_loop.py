@@ -23,6 +23,7 @@ from grpo.config import Config
 from grpo.distributed import all_reduce_sum, cleanup
 from grpo.logprobs import token_logprobs
 from grpo.metrics import MetricsLogger
+from grpo.reporting import Reporter
 from grpo.run import NonFiniteGuard, start_run
 from grpo.setup import IndexStream, StopRequest, sync_gradients
 
@@ -73,6 +74,7 @@ def train_sft(config: Config) -> dict:
     step = run.resume(stream)["step"]
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+    reporter = Reporter(config, "sft", start_step=step, enabled=is_main)  # the metrics line, --report_to
     progress = tqdm(total=targs.max_steps, initial=step, desc="sft", disable=not (is_main and targs.progress_bar))
     nonfinite, last_saved = NonFiniteGuard(targs.max_nonfinite_steps, "sft"), step
 
@@ -117,7 +119,7 @@ def train_sft(config: Config) -> dict:
                 metrics["val_loss"] = validation_loss(
                     model, val_set, collator, device, sargs.max_eval_examples, sargs.per_device_batch_size
                 )
-            metrics_logger.log(step, metrics)
+            reporter.log(step, metrics_logger.log(step, metrics))
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
@@ -128,6 +130,7 @@ def train_sft(config: Config) -> dict:
     if step > last_saved or run.resume_from is None:
         run.save(step, stream)
     metrics_logger.close()
+    reporter.close()
     if stop.requested and is_main:
         print(
             f"[sft] {stop.signal_name} received: saved a checkpoint at step {step} in {targs.output_dir}. "
