@@ -19,6 +19,7 @@ num_iterations * steps_per_generation of them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -35,6 +36,7 @@ from grpo.sampler_correction import SAMPLER_CORRECTIONS
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
 FREEZE_POLICIES = ("full", "language", "seed", "lora")
+REPORT_TO = ("tensorboard", "wandb")  # the import name is the package name for both
 
 
 def _help(text: str, **kwargs):
@@ -161,7 +163,14 @@ class TrainArguments:
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
     seed: int = _help("Seed for model init (tiny preset), data order and sampling.", default=0)
     device: str = _help("auto | cpu | cuda. Under torchrun each rank takes cuda:LOCAL_RANK.", default="auto")
-    logging_steps: int = _help("Print a metrics line every N steps (metrics.jsonl gets every step).", default=1)
+    logging_steps: int = _help(
+        "Print a metrics line on stdout (rank 0) every N steps (0: never; metrics.jsonl gets every step).", default=10
+    )
+    report_to: str = _help(
+        "Also send the metrics, samples and config to: none | tensorboard (OUTPUT_DIR/tensorboard) | "
+        "wandb (OUTPUT_DIR/wandb; WANDB_MODE=offline works), or a comma list. metrics.jsonl is always written.",
+        default="none",
+    )
     save_steps: int = _help("Save a checkpoint every N steps (and always at the end). 0: only at the end.", default=50)
     save_total_limit: int = _help("Checkpoints to keep; older ones are deleted after a new one is complete.", default=2)
     resume: bool = _help("Continue the run in --output_dir from its latest checkpoint.", default=False)
@@ -207,6 +216,25 @@ class TrainArguments:
                 f"--warmup_steps {self.warmup_steps} is longer than --max_steps {self.max_steps}: the learning "
                 "rate would never reach its peak; lower --warmup_steps"
             )
+        if self.logging_steps < 0:
+            raise ConfigError(f"--logging_steps {self.logging_steps}: must be >= 0 (0 prints no metrics line)")
+        for backend in self.report_to_backends:
+            if importlib.util.find_spec(backend) is None:
+                raise ConfigError(
+                    f"--report_to {backend} needs the {backend} package, which is not installed: "
+                    f"pip install -e '.[logging]' (or pip install {backend}), or drop it from --report_to"
+                )
+
+    @property
+    def report_to_backends(self) -> list[str]:
+        """The --report_to names other than none; raises ConfigError on one it does not know."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        unknown = [name for name in names if name not in ("none", *REPORT_TO)]
+        if unknown or not names or ("none" in names and len(names) > 1):
+            raise ConfigError(
+                f"--report_to {self.report_to!r}: use none, or a comma list of {', '.join(REPORT_TO)}"
+            )
+        return [name for name in names if name != "none"]
 
 
 @dataclass

@@ -3,11 +3,16 @@
 The held-out part is the same for every command: for the built-in synthetic data it is the
 "validation" stream (scenes drawn from a disjoint seed); for any other source it is the last
 `--val_fraction` of a seeded `train_test_split`. Training never sees it; eval.py scores it.
+
+Under torchrun every rank loads the same data; only rank 0 shows the `datasets` progress bars
+("reading synthetic", "Casting the dataset"), its log messages and the loading warnings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 from data.sources import load_examples, train_val_split
@@ -84,8 +89,35 @@ def _part(
     return dataset, report
 
 
+@contextlib.contextmanager
+def quiet_unless_main(is_main: bool):
+    """On a rank other than 0: no `datasets` progress bars, its log messages only from errors up,
+    no Python warnings (rank 0 loads the same rows and shows them once). Put back afterwards."""
+    if is_main:
+        yield
+        return
+    import datasets
+
+    bars_were_on, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def load_prompt_dataset(config, processor, *, is_main: bool = True):
     """GRPO prompts: the training part, with prompts over --max_prompt_length skipped or rejected."""
+    with quiet_unless_main(is_main):
+        return _load_prompt_dataset(config, processor, is_main=is_main)
+
+
+def _load_prompt_dataset(config, processor, *, is_main: bool):
     data_args = config.data
     dataset, report = _part(
         data_args, part="train", seed=config.train.seed, num_examples=data_args.num_examples,
@@ -146,6 +178,11 @@ def check_gold_answers(dataset, reward_names: list[str], dataset_name: str = "")
 
 def load_sft_datasets(config, *, is_main: bool = True):
     """SFT demonstrations: (train, validation, report)."""
+    with quiet_unless_main(is_main):
+        return _load_sft_datasets(config, is_main=is_main)
+
+
+def _load_sft_datasets(config, *, is_main: bool):
     data_args, seed = config.data, config.train.seed
     train, report = _part(data_args, part="train", seed=seed, num_examples=data_args.num_examples, max_pixels=config.model.max_pixels)
     val, _ = _part(

@@ -39,38 +39,14 @@ def time_table(seconds: dict) -> str:
 
 
 def plot_grpo(metrics: list[dict], path: Path) -> bool:
-    """Reward and training accuracy per GRPO step (sampled rollouts), with a moving average."""
-    try:
-        import matplotlib
+    """The GRPO run's curves: rewards per function, KL, clip fractions, entropy, lengths (grpo/plot.py)."""
+    from grpo.plot import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plot_curves(metrics, path)
     except ImportError:
         print("demo: matplotlib is not installed (pip install -e '.[plot]'); no plot written")
         return False
-    steps = [m["step"] for m in metrics]
-    series = {
-        "total reward": [m["reward/total/mean"] for m in metrics],
-        "count accuracy (rollouts)": [m["reward/count_accuracy/mean"] for m in metrics],
-        "format reward": [m["reward/format/mean"] for m in metrics],
-    }
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    window = max(1, len(steps) // 10)
-    for name, values in series.items():
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-        (line,) = axes[0].plot(steps, smooth, label=name)
-        axes[0].plot(steps, values, color=line.get_color(), alpha=0.25)
-    axes[0].set_xlabel("GRPO step")
-    axes[0].set_title(f"rewards of the sampled completions (moving average over {window})")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(steps, [m["kl"] for m in metrics], label="KL to reference (k3)")
-    axes[1].plot(steps, [m["advantage/frac_zero_std_groups"] for m in metrics], label="groups with zero reward spread")
-    axes[1].set_xlabel("GRPO step")
-    axes[1].legend(fontsize=8)
-    axes[1].set_title("diagnostics")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
     return True
 
 

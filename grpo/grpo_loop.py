@@ -42,6 +42,7 @@ from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.metrics import MetricsLogger, SampleLogger
 from grpo.preflight import grpo_preflight
+from grpo.reporting import Reporter
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
 from grpo.rollout import sample_rollouts
 from grpo.run import NonFiniteGuard, start_run
@@ -268,6 +269,7 @@ def train_grpo(config: Config) -> dict:
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
     if sample_logger is not None:
         sample_logger.truncate_after(step)  # the same for samples (all of them for a fresh run)
+    reporter = Reporter(config, "grpo", start_step=step, enabled=is_main)  # the metrics line, --report_to
     progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
     nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
     last_saved = step
@@ -386,12 +388,13 @@ def train_grpo(config: Config) -> dict:
                     if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
                         metrics["entropy_selected_frac"] = all_reduce_sum(sums["selected_tokens"]) / tokens_step
                         metrics["entropy_threshold"] = sums["entropy_threshold"]
-                    metrics_logger.log(step, metrics)
+                    reporter.log(step, metrics_logger.log(step, metrics))
                     if sample_logger is not None:
-                        sample_logger.maybe_log(
+                        sample_text = sample_logger.maybe_log(
                             step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
                             rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
                         )
+                        reporter.log_sample(step, sample_text)
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
                     if step >= targs.max_steps:
@@ -406,4 +409,4 @@ def train_grpo(config: Config) -> dict:
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
         progress.close()
-        return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger])
+        return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger, reporter])

@@ -24,6 +24,7 @@ from grpo.distributed import all_reduce_sum
 from grpo.logprobs import token_logprobs
 from grpo.metrics import MetricsLogger
 from grpo.preflight import sft_preflight
+from grpo.reporting import Reporter
 from grpo.run import NonFiniteGuard, start_run
 from grpo.setup import IndexStream, StopRequest, sync_gradients
 
@@ -79,6 +80,7 @@ def train_sft(config: Config) -> dict:
         )
     metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
     metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+    reporter = Reporter(config, "sft", start_step=step, enabled=is_main)  # the metrics line, --report_to
     progress = tqdm(total=targs.max_steps, initial=step, desc="sft", disable=not (is_main and targs.progress_bar))
     nonfinite, last_saved = NonFiniteGuard(targs.max_nonfinite_steps, "sft"), step
 
@@ -123,7 +125,7 @@ def train_sft(config: Config) -> dict:
                 metrics["val_loss"] = validation_loss(
                     model, val_set, collator, device, sargs.max_eval_examples, sargs.per_device_batch_size
                 )
-            metrics_logger.log(step, metrics)
+            reporter.log(step, metrics_logger.log(step, metrics))
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
@@ -132,4 +134,4 @@ def train_sft(config: Config) -> dict:
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
         progress.close()
-        return run.finish(step, last_saved=last_saved, stop=stop, save=lambda at: run.save(at, stream), loggers=[metrics_logger])
+        return run.finish(step, last_saved=last_saved, stop=stop, save=lambda at: run.save(at, stream), loggers=[metrics_logger, reporter])
