@@ -27,7 +27,7 @@ from conftest import (
 GRPO_KEYS = {
     "step", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "grad_norm", "lr",
     "completion_length_mean", "completion_length_max", "truncated_frac", "rollout_seconds", "update_seconds",
-    "rollout_tokens_per_second", "skipped_images", "skipped_long_prompts",
+    "rollout_tokens_per_second", "skipped_images", "skipped_long_prompts", "sampler_gap_mean", "sampler_gap_max",
     "reward/total/mean", "reward/total/std",
     "advantage/frac_zero_std_groups", "advantage/mean", "advantage/std",
 }  # fmt: skip
