@@ -39,7 +39,7 @@ class EvalArguments:
     output_dir: str = _help("Where samples.jsonl and summary.json go.", default="runs/eval")
     eval_part: str = _help(
         "Which part of --dataset to score: validation (the held-out split train.py never trains on), "
-        "train, or all.",
+        "test (synthetic data only: a second held-out stream, never used to choose anything), train, or all.",
         default="validation",
     )
     batch_size: int = _help("Prompts per generation batch.", default=32)
@@ -70,8 +70,8 @@ class EvalArguments:
             )
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
-        if self.eval_part not in ("validation", "train", "all"):
-            raise ValueError(f"--eval_part {self.eval_part!r}: use validation, train or all")
+        if self.eval_part not in ("validation", "test", "train", "all"):
+            raise ValueError(f"--eval_part {self.eval_part!r}: use validation, test, train or all")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:
             raise ValueError("--num_samples, --batch_size and --max_completion_length must be >= 1")
 

@@ -14,6 +14,18 @@ Question kinds (the CLEVR / CLEVR-CoGenT families the seeds train on):
 `shifted=True` draws an out-of-distribution variant (a different palette, added triangles and
 stars, other sizes, a beige background), mirroring train-on-CLEVR / test-on-SuperCLEVR.
 
+`demonstrator_misses="gray"` labels the scenes the way an imperfect demonstrator would: one that
+does not see objects of that colour (gray objects on the gray floor, the blind spot of a weak
+detector). The image is the same scene; the answer and the reasoning trace count only the objects
+the demonstrator sees, so its demonstrations are systematically wrong on every scene that holds
+such an object. The true count stays in the "count" column.
+
+`trace` picks how a "total" question's reasoning trace counts: "by_shape" (per-shape counts, then
+their sum: "I see 2 cubes and 3 spheres. 2 + 3 = 5.") or "count_aloud" (one number per object:
+"I count the objects one by one: 1, 2, 3, 4, 5. That makes 5."), which a tiny model learns from
+much faster, since every number is a decision about the image ("is there one more?"), or "none"
+(no trace: the target is the answer alone).
+
 Every example is drawn from its own RNG seeded by (seed, index, shifted), so the dataset is
 deterministic and `make_counting_dataset(n)` is a prefix of `make_counting_dataset(m > n)`.
 
@@ -37,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 QUESTION_KINDS = ("total", "by_color", "by_shape", "complex")
+TRACES = ("by_shape", "count_aloud", "none")
 
 # CLEVR's palette (RGB values from the CLEVR generator's properties.json).
 PALETTE = {
@@ -151,14 +164,22 @@ def _count_groups(objects: list[dict], keys: Sequence[dict]) -> list[tuple[dict,
     return [(key, sum(matches(o, key) for o in objects)) for key in keys]
 
 
-def make_question(rng: random.Random, objects: list[dict], kind: str, *, shifted: bool = False
-                  ) -> tuple[str, int, str]:
+def _count_aloud(n: int) -> str:
+    """'I count the objects one by one: 1, 2, 3. That makes 3.'"""
+    if n == 0:
+        return "I see no objects. So there are 0."
+    return f"I count the objects one by one: {', '.join(str(i) for i in range(1, n + 1))}. That makes {n}."
+
+
+def make_question(rng: random.Random, objects: list[dict], kind: str, *, shifted: bool = False,
+                  trace: str = "by_shape") -> tuple[str, int, str]:
     """(question, answer, thinking) for one scene; answer and trace come from the metadata."""
     palette, shapes, _, _ = _style(shifted)
     by_shape = [{"shape": s} for s in shapes]
     if kind == "total":
         answer = len(objects)
-        return rng.choice(TOTAL_QUESTIONS), answer, _enumerate(_count_groups(objects, by_shape), "objects")
+        thinking = _count_aloud(answer) if trace == "count_aloud" else _enumerate(_count_groups(objects, by_shape), "objects")
+        return rng.choice(TOTAL_QUESTIONS), answer, thinking
     if kind == "by_color":
         # Mostly ask about a colour that is present; sometimes any colour (answer may be 0).
         color = rng.choice(objects)["color"] if rng.random() < 0.8 else rng.choice(list(palette))
@@ -265,13 +286,21 @@ def render_scene(objects: list[dict], *, image_size: int = 112, shifted: bool = 
 
 def make_example(seed: int, index: int, *, shifted: bool = False,
                  question_kinds: Sequence[str] = ("total",), count_range: tuple[int, int] = (1, 10),
-                 image_size: int = 112) -> dict:
-    """One row of the example schema (+ metadata). Deterministic in (seed, index, shifted)."""
+                 image_size: int = 112, demonstrator_misses: str | None = None,
+                 trace: str = "by_shape") -> dict:
+    """One row of the example schema (+ metadata). Deterministic in (seed, index, shifted).
+
+    demonstrator_misses: a colour the demonstrator does not see (see the module docstring); the
+    scene and the question are the same as without it, only the answer and the trace change."""
     # A string seed is hashed with SHA-512 by `random`, so it is stable across processes.
     rng = random.Random(f"counting/{seed}/{index}/{int(shifted)}")
     objects = make_scene(rng, shifted=shifted, count_range=count_range, image_size=image_size)
     kind = rng.choice(list(question_kinds))
-    question, answer, thinking = make_question(rng, objects, kind, shifted=shifted)
+    # The demonstrator answers from the objects it sees. Only "total" questions are supported: the
+    # other kinds pick their target from the object list, so a smaller list would change the question.
+    seen = objects if demonstrator_misses is None else [o for o in objects if o["color"] != demonstrator_misses]
+    question, answer, thinking = make_question(rng, seen, kind, shifted=shifted, trace=trace)
+    thinking = None if trace == "none" else thinking
     return {
         "images": [render_scene(objects, image_size=image_size, shifted=shifted)],
         "question": question,
@@ -305,13 +334,24 @@ FEATURES = datasets.Features({
 def make_counting_dataset(num_examples: int, seed: int = 0, *, shifted: bool = False,
                           question_kinds: Sequence[str] = ("total",),
                           count_range: tuple[int, int] = (1, 10),
-                          image_size: int = 112) -> datasets.Dataset:
+                          image_size: int = 112,
+                          demonstrator_misses: str | None = None,
+                          trace: str = "by_shape") -> datasets.Dataset:
     """`num_examples` counting scenes in the example schema (+ count, question_kind, objects, source)."""
     unknown = [k for k in question_kinds if k not in QUESTION_KINDS]
     if unknown or not question_kinds:
         raise ValueError(f"question_kinds {list(question_kinds)} must be a non-empty subset of {QUESTION_KINDS}")
-    rows = [make_example(seed, i, shifted=shifted, question_kinds=question_kinds,
-                         count_range=count_range, image_size=image_size) for i in range(num_examples)]
+    if trace not in TRACES:
+        raise ValueError(f"trace {trace!r} is not one of {TRACES}")
+    if demonstrator_misses is not None:
+        palette = SHIFTED_PALETTE if shifted else PALETTE
+        if demonstrator_misses not in palette:
+            raise ValueError(f"demonstrator_misses {demonstrator_misses!r} is not a colour of these scenes: {list(palette)}")
+        if set(question_kinds) != {"total"}:
+            raise ValueError(f"demonstrator_misses works with question_kinds ('total',) only, got {list(question_kinds)}")
+    rows = [make_example(seed, i, shifted=shifted, question_kinds=question_kinds, count_range=count_range,
+                         image_size=image_size, demonstrator_misses=demonstrator_misses, trace=trace)
+            for i in range(num_examples)]
     columns = {name: [row[name] for row in rows] for name in FEATURES}
     # Encode the PNGs ourselves at compression level 1: 5x faster than datasets' default encode
     # and only ~40% larger (about 6 KB per 112x112 scene).

@@ -116,6 +116,17 @@ class DataArguments:
     count_min: int = _help("Synthetic data: fewest objects in a scene.", default=1)
     count_max: int = _help("Synthetic data: most objects in a scene.", default=10)
     image_size: int = _help("Synthetic data: side of the square scene in pixels.", default=112)
+    synthetic_trace: str = _help(
+        "Synthetic data: how a total question's reasoning trace counts: by_shape (per-shape counts and "
+        "their sum) | count_aloud (one number per object) | none (the answer alone).",
+        default="by_shape",
+    )
+    demonstrator_misses: str | None = _help(
+        "Synthetic data: label the training scenes as a demonstrator blind to this colour would (e.g. "
+        "gray): answers and traces leave those objects out (held-out parts keep the true answers). For "
+        "imperfect SFT demonstrations; total questions only.",
+        default=None,
+    )
     max_prompt_length: int | None = _help(
         "Longest prompt in tokens (image tokens included). Longer prompts are never cut through "
         "their image tokens: they are skipped and counted, or rejected (see --long_prompts).",
@@ -484,6 +495,17 @@ class SFTArguments:
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     eval_steps: int = _help("Validation loss every N steps (0: only at the end).", default=100)
     max_eval_examples: int = _help("Validation examples used for the validation loss.", default=256)
+    eval_accuracy_reward: str = _help(
+        "Also measure greedy validation accuracy at every evaluation, scored by this reward function "
+        "(e.g. count_accuracy; '' = off). Logged as val_accuracy.",
+        default="",
+    )
+    early_stopping_patience: int = _help(
+        "Stop when val_accuracy has not improved by more than --early_stopping_min_delta for this many "
+        "evaluations in a row (0 = never stop early). Needs --eval_accuracy_reward and --eval_steps.",
+        default=0,
+    )
+    early_stopping_min_delta: float = _help("Smallest rise of val_accuracy that counts as an improvement.", default=0.0)
 
     def __post_init__(self):
         _reject_non_finite(self)
@@ -491,6 +513,13 @@ class SFTArguments:
             raise ConfigError("--per_device_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.eval_steps < 0 or self.max_eval_examples < 1:
             raise ConfigError("--eval_steps must be >= 0 and --max_eval_examples >= 1")
+        if self.early_stopping_patience < 0 or not 0.0 <= self.early_stopping_min_delta < 1.0:
+            raise ConfigError("--early_stopping_patience must be >= 0 and --early_stopping_min_delta in [0, 1)")
+        if self.early_stopping_patience and not (self.eval_accuracy_reward and self.eval_steps):
+            raise ConfigError(
+                "--early_stopping_patience watches val_accuracy: also pass --eval_accuracy_reward "
+                "(e.g. count_accuracy) and --eval_steps N > 0"
+            )
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments, GRPOArguments, SFTArguments)

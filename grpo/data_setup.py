@@ -62,6 +62,10 @@ def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pix
             "question_kinds": kinds,
             "count_range": (data_args.count_min, data_args.count_max),
             "image_size": data_args.image_size,
+            # The imperfect demonstrator labels the training part only: held-out parts keep the
+            # true answers, so validation and eval.py measure what is really in the image.
+            "demonstrator_misses": data_args.demonstrator_misses if split == "train" else None,
+            "trace": data_args.synthetic_trace,
         },
         max_pixels=max_pixels,
     )
@@ -70,13 +74,18 @@ def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pix
 def _part(
     data_args, *, part: str, seed: int, num_examples: int | None, max_pixels: int | None = None, allow_empty: bool = False
 ):
-    """'train', 'validation' or 'all' of the configured source, with its load report.
+    """'train', 'validation', 'test' (synthetic only) or 'all' of the configured source, with its load report.
 
     allow_empty: an empty part is returned rather than refused (SFT's validation part under
     --val_fraction 0, which only turns the validation loss off)."""
     if data_args.dataset in SYNTHETIC:
-        split = "validation" if part == "validation" else "train"
+        split = part if part in ("validation", "test") else "train"
         return _load(data_args, split=split, seed=seed, num_examples=num_examples, max_pixels=max_pixels)
+    if part == "test":
+        raise ValueError(
+            f"a 'test' part is drawn only for the built-in synthetic data; for {data_args.dataset} score "
+            "its test split with --split test --eval_part all"
+        )
     dataset, report = _load(data_args, split=data_args.split, seed=seed, num_examples=None, max_pixels=max_pixels)
     if part != "all":
         train, val = train_val_split(dataset, data_args.val_fraction, seed=seed)

@@ -1,22 +1,32 @@
-"""The offline demo: a VLM that cannot count -> SFT warm-up -> GRPO -> evaluation, on a laptop CPU.
+"""The offline demo: does GRPO make a model better than simply training it more? On a laptop CPU.
 
-    python -m grpo.demo                       # the full demo (7.4 min measured on 2 idle CPU cores)
+    python -m grpo.demo                       # one seed (about 10 minutes on 2 CPU cores)
+    python -m grpo.demo --seeds 0,1,2         # three seeds, one report with the mean and spread
     python -m grpo.demo --quick               # a smoke version of the same pipeline, tiny budget
 
-It drives the real command lines, so what it shows is what a user gets:
+The situation it sets up is the one where RL earns its place: the demonstrations are imperfect and
+the answers can be checked. A tiny Qwen2.5-VL learns to count objects in synthetic scenes.
 
-    1. eval.py      the untrained tiny Qwen2.5-VL (in-distribution and shifted scenes)
-    2. train.py     --stage sft on a small set of demonstrations WITH reasoning traces
-    3. eval.py      the SFT checkpoint
-    4. torchrun train.py --stage grpo from the SFT checkpoint, on a larger pool of prompts that
-                    carry only their answers (no traces): the seeds' set-up (37.8k traces for SFT,
-                    70k answer-only prompts for GRPO)
-    5. train.py     the fair baseline: the same SFT run continued (--resume) for as long as GRPO trained
-    6. eval.py      the GRPO and continued-SFT checkpoints
-    7. a table (accuracy with 95% intervals, format rate, wall time per stage), a plot of reward and
-       accuracy over GRPO steps, and report.md, all in --output_dir
+- SFT gets 1,000 demonstrations with reasoning traces, written by a demonstrator with a
+  systematic blind spot: it does not see gray objects on the gray floor, so on every scene that
+  holds one its trace and its answer undercount (about 4 in 10 demonstrations are wrong).
+- GRPO gets 8,000 prompts that carry only their verified answers (no traces), and a reward for the
+  format and for the correct count.
+- The fair baseline is the same SFT run continued on the same demonstrations for as long as GRPO
+  trained. SFT is first trained to its plateau (greedy accuracy on held-out scenes no longer
+  improving), so "SFT had not converged yet" cannot explain the difference.
 
-Nothing in the table is typed in: every number is read from the runs' summary.json / metrics.jsonl.
+The stages drive the real command lines, so what it shows is what a user gets:
+
+    1. eval.py      the untrained model (in-distribution and shifted scenes)
+    2. train.py     --stage sft with early stopping on validation accuracy (its plateau)
+    3. torchrun train.py --stage grpo from the plateau checkpoint
+    4. train.py     --stage sft --resume: the continued-SFT baseline, for GRPO's training time
+    5. eval.py      greedy accuracy of every model on the test scenes, pass@1 and pass@8 of SFT
+                    and GRPO, and accuracy of GRPO's checkpoints on the validation scenes over time
+    6. report.md, a plot and demo.json in --output_dir (one folder per seed under it)
+
+Nothing in the report is typed in: every number is read from what the runs wrote.
 """
 
 from __future__ import annotations
@@ -31,31 +41,67 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MARKER = ".grpo-demo"  # written into every output_dir this demo creates; nothing else is ever deleted
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a tiny budget: checks the pipeline, proves nothing")
-    parser.add_argument("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
-    parser.add_argument("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
-    parser.add_argument("--sft_steps", type=int, default=400)
-    parser.add_argument("--sft_lr", type=float, default=1e-3)
-    parser.add_argument("--grpo_steps", type=int, default=100)
-    parser.add_argument("--grpo_lr", type=float, default=1e-4)
-    parser.add_argument("--grpo_prompts", type=int, default=16, help="prompts per rank per generation batch (B)")
-    parser.add_argument("--num_generations", type=int, default=8, help="G")
-    parser.add_argument("--beta", type=float, default=0.04)
-    parser.add_argument("--eval_examples", type=int, default=500)
-    parser.add_argument("--nproc", type=int, default=1, help="torchrun ranks for the GRPO stage")
-    parser.add_argument("--question_kinds", default="total")
-    parser.add_argument("--count_max", type=int, default=10)
+    add = parser.add_argument
+    add("--output_dir", default="runs/demo")
+    add("--seeds", default="0", help="comma-separated seeds; each runs the whole demo, one report covers all")
+    add("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    add("--quick", action="store_true", help="a tiny budget: checks the pipeline, proves nothing")
+    # data
+    add("--count_max", type=int, default=10, help="most objects in a scene")
+    add("--demonstrator_misses", default="gray", help="the colour the demonstrator does not see ('' = a perfect demonstrator)")
+    add("--trace", default="count_aloud", help="how the demonstrations count: count_aloud | by_shape")
+    add("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
+    add("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
+    add("--val_examples", type=int, default=200, help="held-out scenes for the plateau test and the curves")
+    add("--eval_examples", type=int, default=500, help="test scenes per set for the final table")
+    add("--pass_examples", type=int, default=200, help="test scenes for pass@1 / pass@k (k samples each)")
+    # SFT to its plateau
+    add("--sft_lr", type=float, default=1e-3)
+    add("--sft_max_steps", type=int, default=1500, help="a cap; SFT normally stops at its plateau first")
+    add("--sft_eval_steps", type=int, default=100, help="validation accuracy every N SFT steps")
+    add("--sft_patience", type=int, default=2, help="evaluations without improvement that make a plateau")
+    add("--sft_min_delta", type=float, default=0.01, help="smallest rise of validation accuracy that counts")
+    # GRPO
+    add("--grpo_steps", type=int, default=60)
+    add("--grpo_lr", type=float, default=2e-4)
+    add("--grpo_prompts", type=int, default=8, help="prompts per rank per generation batch (B)")
+    add("--num_generations", type=int, default=8, help="G")
+    add("--beta", type=float, default=0.04)
+    add("--curve_every", type=int, default=20, help="GRPO steps between the checkpoints the curve evaluates")
+    add("--pass_k", type=int, default=8, help="k of pass@k for the SFT and GRPO checkpoints")
+    add("--nproc", type=int, default=2, help="torchrun ranks for the GRPO stage (one per core)")
     args = parser.parse_args(argv)
+    try:
+        args.seed_list = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if not args.seed_list:
+        parser.error("--seeds is empty")
     if args.quick:
-        args.sft_examples, args.grpo_examples, args.sft_steps, args.grpo_steps = 64, 64, 4, 2
-        args.grpo_prompts, args.num_generations, args.eval_examples = 2, 4, 16
+        args.sft_examples, args.grpo_examples, args.val_examples, args.eval_examples, args.pass_examples = 64, 64, 16, 16, 8
+        args.sft_max_steps, args.sft_eval_steps, args.sft_patience = 4, 2, 1
+        args.grpo_steps, args.grpo_prompts, args.num_generations, args.curve_every, args.pass_k = 2, 2, 4, 1, 2
     return args
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Refuse a folder this demo did not create: it would otherwise be emptied."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        print(
+            f"demo: --output_dir {out} already holds files and is not an earlier demo's output "
+            f"(no {MARKER} marker): pick another --output_dir, or empty it yourself",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m grpo.demo; the demo may delete this folder when rerun\n")
 
 
 def run(command: list[str], log_name: str, out: Path, env: dict | None = None) -> float:
@@ -66,122 +112,177 @@ def run(command: list[str], log_name: str, out: Path, env: dict | None = None) -
         process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
         )
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        except BaseException:  # Ctrl-C / SIGTERM of the demo: stop the stage too, never orphan it
+            process.terminate()
+            process.wait()
+            raise
         if process.wait() != 0:
             raise SystemExit(f"demo: stage {log_name} failed (exit {process.returncode}); see {out / log_name}.log")
     return time.perf_counter() - started
 
 
-def common_data_flags(args) -> list[str]:
+def data_flags(args, dataset: str = "synthetic") -> list[str]:
     # No system prompt: the tiny model learns the <think>/<answer> format from SFT, and the R1
-    # prompt would double every sequence (85 of ~165 tokens) on a CPU budget.
-    return [
-        "--dataset", "synthetic", "--question_kinds", args.question_kinds, "--count_max", str(args.count_max),
-        "--system_prompt", "",
-    ]
+    # prompt would more than double every sequence on a CPU budget.
+    return ["--dataset", dataset, "--question_kinds", "total", "--count_max", str(args.count_max),
+            "--synthetic_trace", args.trace, "--system_prompt", ""]
 
 
-def evaluate(args, model: str, name: str, out: Path, seconds: dict) -> dict:
-    """eval.py's command line, run in this process (eight evaluations would otherwise pay eight
-    interpreter start-ups); results are read back from the summary.json it writes."""
+def evaluate(model: str, out_dir: Path, *, seed: int, dataset: str, part: str, num_examples: int, args,
+             num_samples: int = 1) -> dict:
+    """eval.py's command line, run in this process (many evaluations would otherwise pay many
+    interpreter start-ups); the result is read back from the summary.json it writes."""
     import eval as eval_cli
 
-    results = {}
-    for dataset in ("synthetic", "synthetic-shifted"):
-        eval_dir = out / "eval" / f"{name}-{dataset}"
-        flags = common_data_flags(args)
-        flags[flags.index("synthetic")] = dataset
-        argv = [
-            "--model", model, "--output_dir", str(eval_dir), "--seed", str(args.seed), "--num_examples",
-            str(args.eval_examples), "--batch_size", "64", "--max_completion_length", "64", *flags,
-        ]
-        print(f"\n$ python eval.py {' '.join(argv)}", flush=True)
-        started = time.perf_counter()
-        eval_cli.main(argv)
-        seconds[f"eval {name}"] = seconds.get(f"eval {name}", 0.0) + time.perf_counter() - started
-        results[dataset] = json.loads((eval_dir / "summary.json").read_text())
-    return results
+    argv = [
+        "--model", model, "--output_dir", str(out_dir), "--seed", str(seed), "--eval_part", part,
+        "--num_examples", str(num_examples), "--batch_size", "64", "--max_completion_length", "64",
+        "--num_samples", str(num_samples), "--progress_bar", "false", *data_flags(args, dataset),
+    ]
+    print(f"$ python eval.py {' '.join(argv)}", flush=True)
+    eval_cli.main(argv)
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """train.py's name for the checkpoint of one step."""
+    return run_dir / f"checkpoint-{step:08d}"
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    out = Path(args.output_dir).resolve()
-    if out.exists():
-        shutil.rmtree(out)
+def run_seed(args, seed: int, out: Path) -> dict:
+    """The whole demo for one seed, in out/; returns everything the report needs."""
     out.mkdir(parents=True)
-    seconds: dict[str, float] = {}
+    seconds = dict.fromkeys(("sft to plateau", "grpo", "sft continued", "evaluation"), 0.0)
     results: dict[str, dict] = {}
-    seed = ["--seed", str(args.seed)]
-    quiet = ["--progress_bar", "true"]
-    demo_started = time.perf_counter()
+    started = time.perf_counter()
+    common = ["--seed", str(seed), "--progress_bar", "false"]
+
+    def test_eval(model: str, name: str) -> None:
+        t = time.perf_counter()
+        results[name] = {
+            dataset: evaluate(model, out / "eval" / f"{name}-{dataset}", seed=seed, dataset=dataset, part="test",
+                              num_examples=args.eval_examples, args=args)
+            for dataset in ("synthetic", "synthetic-shifted")
+        }
+        seconds["evaluation"] += time.perf_counter() - t
+
+    def pass_at_k(model: str, name: str) -> None:
+        t = time.perf_counter()
+        results[name]["pass@k"] = evaluate(
+            model, out / "eval" / f"{name}-pass{args.pass_k}", seed=seed, dataset="synthetic", part="test",
+            num_examples=args.pass_examples, args=args, num_samples=args.pass_k,
+        )
+        seconds["evaluation"] += time.perf_counter() - t
 
     # --- 1. the untrained model ---
-    results["base"] = evaluate(args, "tiny", "base", out, seconds)
+    test_eval("tiny", "base")
 
-    # --- 2. SFT on a small set of demonstrations with reasoning traces ---
+    # --- 2. SFT on the imperfect demonstrations, until validation accuracy stops improving ---
     sft_dir = out / "sft"
-    sft_flags = [
-        sys.executable, "train.py", "--stage", "sft", "--output_dir", str(sft_dir), "--max_steps", str(args.sft_steps),
-        "--learning_rate", str(args.sft_lr), "--warmup_steps", str(min(50, args.sft_steps // 10)),
-        "--lr_scheduler", "constant", "--per_device_batch_size", "32", "--num_examples", str(args.sft_examples),
-        "--eval_steps", "0", "--max_eval_examples", "64", "--save_steps", "0", *seed, *quiet, *common_data_flags(args),
+    sft_command = [
+        sys.executable, "train.py", "--stage", "sft", "--output_dir", str(sft_dir),
+        "--max_steps", str(args.sft_max_steps), "--learning_rate", str(args.sft_lr),
+        "--warmup_steps", str(min(30, args.sft_max_steps // 10)), "--lr_scheduler", "constant",
+        "--per_device_batch_size", "32", "--num_examples", str(args.sft_examples),
+        "--eval_steps", str(args.sft_eval_steps), "--max_eval_examples", str(args.val_examples),
+        "--eval_accuracy_reward", "count_accuracy", "--early_stopping_patience", str(args.sft_patience),
+        # A checkpoint at every evaluation, so the plateau's best one can be picked afterwards.
+        "--early_stopping_min_delta", str(args.sft_min_delta), "--save_steps", str(args.sft_eval_steps),
+        "--save_total_limit", "1000",
+        *(["--demonstrator_misses", args.demonstrator_misses] if args.demonstrator_misses else []),
+        *common, *data_flags(args),
     ]
-    seconds["sft"] = run(sft_flags, "sft", out)
-    results["sft"] = evaluate(args, str(sft_dir), "sft", out, seconds)
+    seconds["sft to plateau"] = run(sft_command, "sft", out)
+    sft_metrics = read_metrics(sft_dir / "metrics.jsonl")
+    # The SFT model is the plateau's best checkpoint by validation accuracy (what a user would keep):
+    # a later evaluation that dipped by chance must not hand GRPO or the baseline a weaker start.
+    evaluated = [m for m in sft_metrics if "val_accuracy" in m]
+    plateau_step = max(evaluated, key=lambda m: (m["val_accuracy"], -m["step"]))["step"]
+    sft_model = str(checkpoint_dir(sft_dir, plateau_step))
+    test_eval(sft_model, "sft")
+    pass_at_k(sft_model, "sft")
 
-    # --- 3. GRPO from the SFT checkpoint, on answer-only prompts, through torchrun ---
+    # --- 3. GRPO from the plateau checkpoint, on answer-only prompts, through torchrun ---
     grpo_dir = out / "grpo"
     seconds["grpo"] = run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-            "train.py", "--stage", "grpo", "--init_from", str(sft_dir), "--output_dir", str(grpo_dir),
+            "train.py", "--stage", "grpo", "--init_from", sft_model, "--output_dir", str(grpo_dir),
             "--max_steps", str(args.grpo_steps), "--learning_rate", str(args.grpo_lr), "--beta", str(args.beta),
             "--per_device_prompts", str(args.grpo_prompts), "--num_generations", str(args.num_generations),
             "--micro_batch_size", str(args.grpo_prompts * args.num_generations // 2), "--max_completion_length", "64",
             "--num_examples", str(args.grpo_examples), "--reward_functions", "format,count_accuracy",
-            "--reward_weights", "0.5,1.0", "--save_steps", "0", "--sample_log_steps", "10", "--max_grad_norm", "1.0",
-            "--weight_decay", "0.0", *seed, *quiet, *common_data_flags(args),
+            "--reward_weights", "0.5,1.0", "--save_steps", str(args.curve_every), "--save_total_limit", "1000",
+            "--sample_log_steps", "10", "--max_grad_norm", "1.0", "--weight_decay", "0.0", *common, *data_flags(args),
         ],
         # One thread per rank: the sampler's token-by-token decode is many tiny ops, and with two
-        # OpenMP threads each op waits for both. With another job on the machine, measured here, a
-        # 2-thread GRPO step took 15-20 s; single-threaded runs beside the same load took ~1.5 s.
+        # OpenMP threads each op waits for both.
         "grpo", out, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    results["grpo"] = evaluate(args, str(grpo_dir), "grpo", out, seconds)
+    grpo_metrics = read_metrics(grpo_dir / "metrics.jsonl")
+    test_eval(str(grpo_dir), "grpo")
+    pass_at_k(str(grpo_dir), "grpo")
 
-    # --- 4. the fair baseline: SFT continued for GRPO's training time ---
+    # --- 4. the fair baseline: the same SFT continued, on the same demonstrations, for GRPO's time ---
     # Both budgets are the loops' own time from their metrics (GRPO: rollout + update seconds of
-    # every step; SFT: the median step), so start-up and data building count for neither.
-    grpo_train_seconds = sum(m["rollout_seconds"] + m["update_seconds"] for m in read_metrics(grpo_dir / "metrics.jsonl"))
-    step_times = sorted(m["step_seconds"] for m in read_metrics(sft_dir / "metrics.jsonl"))
-    seconds_per_step = step_times[len(step_times) // 2]
-    extra_steps = max(1, round(grpo_train_seconds / seconds_per_step))
-    print(
-        f"\n[demo] GRPO trained for {grpo_train_seconds:.0f} s; at {seconds_per_step:.3f} s per SFT step the "
-        f"baseline gets {extra_steps} more SFT steps",
-        flush=True,
-    )
+    # every step; SFT: its median step), so start-up, evaluation and data building count for neither.
+    grpo_seconds = sum(m["rollout_seconds"] + m["update_seconds"] for m in grpo_metrics)
+    step_times = sorted(m["step_seconds"] for m in sft_metrics if m["step"] <= plateau_step)
+    sft_seconds_per_step = step_times[len(step_times) // 2]
+    extra_steps = max(1, round(grpo_seconds / sft_seconds_per_step))
+    print(f"\n[demo] GRPO trained for {grpo_seconds:.0f} s; at {sft_seconds_per_step:.3f} s per SFT step the "
+          f"baseline gets {extra_steps} more SFT steps", flush=True)
     continued_dir = out / "sft-continued"
     shutil.copytree(sft_dir, continued_dir)
-    continued = list(sft_flags)
+    for later in continued_dir.glob("checkpoint-*"):  # --resume then starts from the plateau's best
+        if int(later.name.split("-")[1]) > plateau_step:
+            shutil.rmtree(later)
+    continued = list(sft_command)
     continued[continued.index(str(sft_dir))] = str(continued_dir)
-    continued[continued.index("--max_steps") + 1] = str(args.sft_steps + extra_steps)
+    continued[continued.index("--max_steps") + 1] = str(plateau_step + extra_steps)
+    continued[continued.index("--early_stopping_patience") + 1] = "0"  # it runs its whole budget
+    continued[continued.index("--eval_steps") + 1] = str(max(1, extra_steps // 5))  # its curve
     seconds["sft continued"] = run([*continued, "--resume"], "sft-continued", out)
-    results["sft-continued"] = evaluate(args, str(continued_dir), "sft-continued", out, seconds)
-    seconds["total"] = time.perf_counter() - demo_started
+    test_eval(str(continued_dir), "sft-continued")
 
-    # --- 5. table, plot, report ---
+    # --- 5. GRPO's accuracy over time: its checkpoints on the validation scenes the SFT curve uses ---
+    t = time.perf_counter()
+    curve = []
+    for checkpoint in sorted(grpo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        step = int(checkpoint.name.split("-")[1])
+        summary = evaluate(str(checkpoint), out / "eval" / f"grpo-val-{step}", seed=seed, dataset="synthetic",
+                           part="validation", num_examples=args.val_examples, args=args)
+        curve.append({"step": step, "accuracy": summary["accuracy"]})
+    seconds["evaluation"] += time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    record = {
+        "seed": seed, "results": results, "seconds": seconds, "plateau_step": plateau_step,
+        "extra_sft_steps": extra_steps, "grpo_curve": curve, "sft_metrics": sft_metrics,
+        "continued_metrics": read_metrics(continued_dir / "metrics.jsonl"), "grpo_metrics": grpo_metrics,
+    }
+    (out / "demo.json").write_text(json.dumps(record))
+    return record
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir).resolve()
+    prepare_output_dir(out)
+    records = [run_seed(args, seed, out / f"seed-{seed}") for seed in args.seed_list]
+
     from grpo.demo_report import write_report
 
-    report = write_report(out, args, results, seconds, read_metrics(grpo_dir / "metrics.jsonl"), extra_steps)
+    report = write_report(out, args, records, argv if argv is not None else sys.argv[1:])
     print("\n" + report, flush=True)
-    return {"results": results, "seconds": seconds}
+    return {"records": records}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from grpo.preflight import sft_preflight
 from grpo.reporting import Reporter
 from grpo.run import NonFiniteGuard, start_run
 from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.validation import EarlyStopping, greedy_accuracy
 
 IGNORE_INDEX = -100
 
@@ -72,7 +73,19 @@ def train_sft(config: Config) -> dict:
     collator = SFTCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(train_set), seed=targs.seed, rank=rank, world_size=world_size)
 
-    step = run.resume(stream)["step"]
+    state = run.resume(stream)
+    step = state["step"]
+    early_stopping = EarlyStopping(
+        sargs.early_stopping_patience, sargs.early_stopping_min_delta, state["extra"].get("early_stopping")
+    )
+    accuracy_reward, prompt_collator = None, None
+    if sargs.eval_accuracy_reward and val_set is not None:
+        from data.collators import GRPOCollator
+        from grpo.rewards import resolve_reward_functions
+
+        [(_, accuracy_reward)] = resolve_reward_functions([sargs.eval_accuracy_reward])
+        prompt_collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
+    stopped_at_plateau = False
     if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/preflight.py)
         sft_preflight(
             model, train_set, collator, batch_size=sargs.per_device_batch_size, device=device,
@@ -125,13 +138,35 @@ def train_sft(config: Config) -> dict:
                 metrics["val_loss"] = validation_loss(
                     model, val_set, collator, device, sargs.max_eval_examples, sargs.per_device_batch_size
                 )
+                if accuracy_reward is not None:
+                    metrics["val_accuracy"] = greedy_accuracy(
+                        model, val_set, prompt_collator, accuracy_reward, tokens=policy.tokens, device=device,
+                        batch_size=4 * sargs.per_device_batch_size, max_new_tokens=config.grpo.max_completion_length,
+                        max_examples=sargs.max_eval_examples, rank=rank, world_size=world_size,
+                    )
+                    # Every rank got the same summed accuracy, so every rank takes the same decision.
+                    stopped_at_plateau = early_stopping.update(step, metrics["val_accuracy"])
+                    metrics["val_accuracy_best"] = early_stopping.best
             reporter.log(step, metrics_logger.log(step, metrics))
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
+            if stopped_at_plateau:
+                if is_main:
+                    print(
+                        f"[sft] early stop at step {step}: val_accuracy has not risen by more than "
+                        f"{sargs.early_stopping_min_delta} for {early_stopping.evaluations_since_best} evaluations "
+                        f"(best {early_stopping.best:.4f} at step {early_stopping.best_step})",
+                        flush=True,
+                    )
+                break
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
-                run.save(step, stream)
+                run.save(step, stream, extra={"early_stopping": early_stopping.state()})
                 last_saved = step
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
         progress.close()
-        return run.finish(step, last_saved=last_saved, stop=stop, save=lambda at: run.save(at, stream), loggers=[metrics_logger, reporter])
+        result = run.finish(
+            step, last_saved=last_saved, stop=stop, loggers=[metrics_logger, reporter],
+            save=lambda at: run.save(at, stream, extra={"early_stopping": early_stopping.state()}),
+        )
+        return {**result, "stopped_at_plateau": stopped_at_plateau}
