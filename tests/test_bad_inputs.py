@@ -186,13 +186,21 @@ def test_a_read_only_output_dir_is_found_before_the_model_loads(tmp_path, capsys
         parent.chmod(0o755)
 
 
+def test_an_output_dir_under_a_file_is_found_before_the_model_loads(tmp_path, capsys, no_model_load):
+    # Runs as root too (root ignores folder permissions): a file where a folder must be.
+    (tmp_path / "taken").write_text("a file")
+    err = _exit_2(train_argv(tmp_path / "taken" / "run"), capsys)
+    assert f"--output_dir {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file, not a folder" in err
+
+
 def test_a_full_disk_during_a_save_names_the_output_dir_and_what_was_kept(tmp_path, train_run, monkeypatch):
     import grpo.checkpoint
 
     real_save, calls = torch.save, []
 
     def save_until_the_disk_fills(obj, path, *args, **kwargs):
-        calls.append(path)
+        if not isinstance(path, io.BytesIO):  # in-memory saves (the loadability check) use no disk
+            calls.append(path)
         if len(calls) >= 2:  # the second checkpoint's trainer state does not fit
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)

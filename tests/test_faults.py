@@ -454,11 +454,13 @@ def test_a_broken_reward_function_is_named(tmp_path, train_run, function, error,
         train_run(tmp_path / "run", "--reward_functions", f"reward_fns:length_reward,reward_fns:{function}")
 
 
-def test_an_unknown_reward_function_fails_at_start(tmp_path, train_run):
-    with pytest.raises(AttributeError, match="module 'reward_fns' has no attribute 'nope'"):
-        train_run(tmp_path / "run", "--reward_functions", "reward_fns:nope")
-    with pytest.raises(ImportError, match="cannot import module 'no_such_module'"):
-        train_run(tmp_path / "run", "--reward_functions", "no_such_module:reward")
+def test_an_unknown_reward_function_fails_at_start(tmp_path, train_run, capsys):
+    # A command-line mistake: exit 2 before the model loads (tests/test_bad_inputs.py checks the order).
+    for spec, message in [("reward_fns:nope", "module 'reward_fns' has no attribute 'nope'"),
+                          ("no_such_module:reward", "cannot import module 'no_such_module'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_run(tmp_path / "run", "--reward_functions", spec)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
 
 
