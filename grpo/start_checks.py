@@ -18,12 +18,13 @@ from pathlib import Path
 from grpo.config import Config, ConfigError
 
 
-def check_reward_specs(flag: str, names: list[str]) -> None:
-    """Import every reward function now (fails on unknown names, modules and attributes)."""
+def check_reward_specs(flag: str, names: list[str], **settings) -> None:
+    """Import every reward function now (fails on unknown names, modules and attributes).
+    settings: what some built-ins need bound (grpo.rewards.resolve_reward_functions)."""
     from grpo.rewards import resolve_reward_functions
 
     try:
-        resolve_reward_functions(names)
+        resolve_reward_functions(names, **settings)
     except (ValueError, ImportError, AttributeError, TypeError) as error:
         message = str(error)
         raise ConfigError(message if message.startswith(flag) else f"{flag}: {message}") from None
@@ -77,7 +78,11 @@ def check_writable(flag: str, output_dir: str) -> None:
 def check_before_loading(config: Config) -> None:
     """Everything about train.py's command line that can be checked without the model or the data."""
     if config.train.stage == "grpo":
-        check_reward_specs("--reward_functions", config.grpo.reward_function_names)
+        grpo = config.grpo
+        check_reward_specs(
+            "--reward_functions", grpo.reward_function_names, max_completion_length=grpo.max_completion_length,
+            overlong_buffer_length=grpo.overlong_buffer_length,
+        )
     check_model_source("--model", config.model.model)
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)

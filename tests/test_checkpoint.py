@@ -166,7 +166,7 @@ def test_exception_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", crash_on_trainer_state)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="(?i)no space left"):  # the save's own message names the folder
         _save(tmp_path, 2, model, optimizer=optimizer)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"

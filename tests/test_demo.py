@@ -51,6 +51,8 @@ def test_quick_demo_runs_every_stage_for_two_seeds(tmp_path):
                  "## Over the seeds", "| seed 0 | seed 1 |", "Machine:", "commit"):
         assert text in report
     assert (out / "demo_curves.png").stat().st_size > 10_000
+    for seed in (0, 1):  # each GRPO run's diagnostics, drawn by grpo/plot.py
+        assert (out / f"seed-{seed}" / "grpo_curves.png").stat().st_size > 10_000
     assert "## Per seed" in result.stdout  # the report was printed at the end
 
 

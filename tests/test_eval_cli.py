@@ -81,9 +81,9 @@ def test_python_eval_py_entry_point(grpo_run_dir, tmp_path):
 
 def test_a_bad_eval_flag_exits_2_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        eval_script.main(["--eval_part", "test", "--output_dir", str(tmp_path / "eval")])
+        eval_script.main(["--eval_part", "holdout", "--output_dir", str(tmp_path / "eval")])
     assert exit_info.value.code == 2
-    assert "eval.py: error: --eval_part 'test': use validation, train or all" in capsys.readouterr().err
+    assert "eval.py: error: --eval_part 'holdout': use validation, test, train or all" in capsys.readouterr().err
 
 
 def test_wilson_interval_holds_its_estimate_at_the_edges():

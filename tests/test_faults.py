@@ -202,7 +202,8 @@ def test_one_non_finite_step_is_skipped_and_logged(tmp_path, train_run, monkeypa
     import grpo.grpo_loop as loop
 
     _nan_loss_on({2}, monkeypatch, loop)  # one micro-batch per step: the 2nd optimizer step's loss
-    out = train_run(tmp_path / "run", "--max_steps", "3", "--save_steps", "0")
+    # (no pre-flight: its loss call would be counted as the first)
+    out = train_run(tmp_path / "run", "--max_steps", "3", "--save_steps", "0", "--skip_preflight")
     assert "step 2: non-finite loss/gradient (nan, nan); step skipped" in capsys.readouterr().out
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]  # the skipped step was redone on the next batch
@@ -217,7 +218,7 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path
     count = _nan_loss_on(None, monkeypatch, loop)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss or gradient; lower --learning_rate"):
-        train_run(tmp_path / "run", "--max_steps", "5", "--max_nonfinite_steps", "2")
+        train_run(tmp_path / "run", "--max_steps", "5", "--max_nonfinite_steps", "2", "--skip_preflight")
     assert count["calls"] == 2
     assert _steps(tmp_path / "run") == []
     # The loop's SIGTERM/SIGINT handlers are gone again although it raised: Ctrl-C works here.

@@ -205,11 +205,6 @@ def test_plot_command_draws_a_runs_curves(grpo_run_dir, tmp_path, capsys):
     data = written.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000  # 7 panels x 2 axes, not a blank image
     assert "wrote" in capsys.readouterr().out
-    # The demo's report draws its GRPO plot with the same code.
-    from grpo.demo_report import plot_grpo
-
-    assert plot_grpo(read_metrics(run_dir), tmp_path / "grpo_curves.png")
-    assert (tmp_path / "grpo_curves.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_plot_command_names_the_missing_metrics_file(tmp_path, capsys):

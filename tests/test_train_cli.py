@@ -28,7 +28,7 @@ GRPO_KEYS = {
     "step", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "grad_norm", "lr",
     "completion_length_mean", "completion_length_max", "truncated_frac", "rollout_seconds", "update_seconds",
     "rollout_tokens_per_second", "skipped_images", "skipped_long_prompts", "sampler_gap_mean", "sampler_gap_max",
-    "reward/total/mean", "reward/total/std",
+    "reward/total/mean", "reward/total/std", "reward/unscored_frac",
     "advantage/frac_zero_std_groups", "advantage/mean", "advantage/std",
 }  # fmt: skip
 SFT_KEYS = {"step", "loss", "grad_norm", "lr", "tokens", "step_seconds", "skipped_images"}
@@ -46,7 +46,8 @@ def test_grpo_two_steps_log_every_metric_and_save_a_plain_transformers_checkpoin
     )  # fmt: skip
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
-    per_function = {f"reward/{name}/{stat}" for name in ("length_reward", "vowel_reward") for stat in ("mean", "std")}
+    per_function = {f"reward/{name}/{stat}" for name in ("length_reward", "vowel_reward")
+                    for stat in ("mean", "std", "unscored_frac")}
     for record in records:
         assert set(record) == GRPO_KEYS | per_function
         assert all(math.isfinite(value) for value in record.values()), record
@@ -204,6 +205,11 @@ def test_shared_prompt_forward_trains_like_the_naive_forward(train_run, tmp_path
     for a, b in zip(got, expected, strict=True):
         assert a.keys() == b.keys()
         for key in a:
+            rounding_gap = 32 * 2**-24 * 10  # 32 float32 roundings of log-probs of size <= ~10
+            if key.startswith("sampler_gap") and a[key] < rounding_gap and b[key] < rounding_gap:
+                # Before the policy moves, sampler and trainer logprobs differ by float32 rounding
+                # only, in either run: two rounding noises, not twins (tests/test_sampler_correction.py).
+                continue
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
     # The two runs' weight updates agree to 0.1% in norm. Not element by element: AdamW divides
     # each gradient by its own running RMS, so an entry whose true gradient is ~0 (an embedding
