@@ -105,12 +105,7 @@ class MetricsLogger:
             kept = [line for line in lines if json.loads(line)["step"] <= step]
             dropped = len(lines) - len(kept)
             if dropped:
-                temporary = self.path.with_name(self.path.name + ".tmp")
-                with open(temporary, "w", encoding="utf-8") as file:
-                    file.writelines(kept)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, self.path)
+                _rewrite_atomically(self.path, kept)
         self._open()
         return dropped
 
@@ -124,6 +119,17 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _rewrite_atomically(path: Path, lines: list[str]) -> None:
+    """Replace the file with `lines`: written to a temporary file, fsynced, then renamed over it,
+    so a crash leaves either the old file or the new one, never half of each."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.writelines(lines)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 _BLOCK_RULE = "-" * 20 + " step {step} " + "-" * 20  # the first line of each sample block
@@ -163,12 +169,7 @@ class SampleLogger:
                 if keeping:
                     kept.append(line)
         if dropped:
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            with open(temporary, "w", encoding="utf-8") as file:
-                file.writelines(kept)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            _rewrite_atomically(self.path, kept)
         return dropped
 
     def maybe_log(
