@@ -238,7 +238,7 @@ def test_completion_logprobs_match_hf_forward_only_with_mm_token_type_ids(model,
     with_mm = _hf_logprobs(model, batch, completion_ids, with_mm_token_type_ids=True)
     without_mm = _hf_logprobs(model, batch, completion_ids, with_mm_token_type_ids=False)
     assert (ours - with_mm)[mask].abs().max() < 1e-5
-    # DESIGN.md: without mm_token_type_ids the image tokens get text positions, silently.
+    # Without mm_token_type_ids the image tokens get text positions, silently.
     assert (ours - without_mm)[mask].abs().max() > 1e-3
 
 
