@@ -98,10 +98,11 @@ def grpo_preflight(model, dataset, collator, *, gargs, tokens, device, world_siz
             model, generation, torch.arange(micro), advantages=torch.ones(rows, device=device), loss_mask=completion_mask,
             old_logprobs=zeros if gargs.num_iterations > 1 else None, ref_logprobs=zeros if gargs.beta > 0 else None,
             gargs=gargs, reuse_images=False, world_size=world_size,
+            sampler_logprobs=zeros,  # as the loop passes the rollout's (the gap metric, --sampler_correction)
         )
 
     what = f"the longest prompt (dataset row {dataset[index].get('source_row', index)}, {prompt_tokens} tokens) + {T} completion tokens x {micro} completions"
-    advice = "Lower --micro_batch_size (now {}), --max_completion_length (now {}), or the longest prompt (--max_pixels, --max_prompt_length)".format(micro, T)
+    advice = f"Lower --micro_batch_size (now {micro}), --max_completion_length (now {T}), or the longest prompt (--max_pixels, --max_prompt_length)"
     _run(model, step, device=device, what=what, advice=advice, is_main=is_main)
 
 

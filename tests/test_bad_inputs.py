@@ -155,7 +155,7 @@ def test_config_file_values_of_the_right_type_still_parse(tmp_path):
 )
 def test_reward_spec_errors_exit_2_before_the_model_loads(tmp_path, capsys, no_model_load, spec, message):
     err = _exit_2(train_argv(tmp_path / "run", "--reward_functions", spec), capsys)
-    assert f"--reward_functions" in err and message in err
+    assert "--reward_functions" in err and message in err
 
 
 def test_a_model_path_that_does_not_exist_says_so(tmp_path, capsys, no_model_load):

@@ -16,7 +16,7 @@ def test_blind_demonstrator_leaves_out_exactly_the_gray_objects_and_keeps_the_sc
     plain = make_counting_dataset(40, 3, count_range=(1, 6))
     blind = make_counting_dataset(40, 3, count_range=(1, 6), demonstrator_misses="gray")
     wrong = 0
-    for a, b in zip(plain, blind):
+    for a, b in zip(plain, blind, strict=True):
         objects = json.loads(a["objects"])
         gray = sum(o["color"] == "gray" for o in objects)
         assert b["images"][0].tobytes() == a["images"][0].tobytes()  # the same scene, pixel for pixel

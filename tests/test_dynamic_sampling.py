@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from grpo.dynamic_sampling import SampledGroups, draw_rounds, merge_groups, sample_generation_batch, select_groups
+from grpo.dynamic_sampling import (
+    SampledGroups,
+    draw_rounds,
+    merge_groups,
+    sample_generation_batch,
+    select_groups,
+)
 
 NAN = float("nan")
 

@@ -299,7 +299,7 @@ def test_none_is_left_out_of_the_function_and_the_weighted_sum():
     """None = unscored: out of its function's statistics (not a 0), skipped in the weighted sum."""
 
     def parses_digits(completions, answers, **columns):  # a checker that cannot read words
-        return [float(text == answer) if text.isdigit() else None for text, answer in zip(completions, answers)]
+        return [float(text == answer) if text.isdigit() else None for text, answer in zip(completions, answers, strict=True)]
 
     def short(completions, answers, **columns):
         return [1.0 if len(text) < 3 else None for text in completions]

@@ -235,3 +235,13 @@ def test_old_logprobs_from_the_sampler_train_like_the_old_policy_forward(train_r
     for a, b in zip(got, expected, strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_preflight_runs_with_every_loss_option(train_run, tmp_path):
+    """The pre-flight step feeds the same step function as the loop; an option that needs an extra
+    input (the sampler correction needs the sampler's logprobs) must get it there too."""
+    out = train_run(
+        tmp_path / "run", "--max_steps", "2", "--save_steps", "0", "--sampler_correction", "token_truncate",
+        "--top_entropy_quantile", "0.5", "--num_iterations", "2",
+    )
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # two inner epochs of one generation batch
