@@ -86,6 +86,10 @@ def train_sft(config: Config) -> dict:
         [(_, accuracy_reward)] = resolve_reward_functions([sargs.eval_accuracy_reward])
         prompt_collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
     stopped_at_plateau = False
+
+    def save(at_step):  # the early-stopping state travels in the checkpoint, so a resume counts on
+        run.save(at_step, stream, extra={"early_stopping": early_stopping.state()})
+
     if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/preflight.py)
         sft_preflight(
             model, train_set, collator, batch_size=sargs.per_device_batch_size, device=device,
@@ -160,13 +164,13 @@ def train_sft(config: Config) -> dict:
                     )
                 break
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
-                run.save(step, stream, extra={"early_stopping": early_stopping.state()})
+                save(step)
                 last_saved = step
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
         progress.close()
         result = run.finish(
             step, last_saved=last_saved, stop=stop, loggers=[metrics_logger, reporter],
-            save=lambda at: run.save(at, stream, extra={"early_stopping": early_stopping.state()}),
+            save=save,
         )
         return {**result, "stopped_at_plateau": stopped_at_plateau}

@@ -83,6 +83,8 @@ def check_before_loading(config: Config) -> None:
             "--reward_functions", grpo.reward_function_names, max_completion_length=grpo.max_completion_length,
             overlong_buffer_length=grpo.overlong_buffer_length,
         )
+    if config.train.stage == "sft" and config.sft.eval_accuracy_reward:
+        check_reward_specs("--eval_accuracy_reward", [config.sft.eval_accuracy_reward])
     check_model_source("--model", config.model.model)
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)

@@ -109,3 +109,13 @@ def test_demo_refuses_a_folder_it_did_not_create(tmp_path):
     (earlier / "old.log").write_text("old")
     prepare_output_dir(earlier)
     assert sorted(p.name for p in earlier.iterdir()) == [MARKER]
+
+
+def test_an_unknown_eval_accuracy_reward_exits_2_before_the_model_loads(tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--stage", "sft", "--output_dir", str(tmp_path / "sft"), "--eval_accuracy_reward", "no_such_reward"])
+    assert stopped.value.code == 2
+    assert "--eval_accuracy_reward" in capsys.readouterr().err
+    assert not (tmp_path / "sft").exists()  # nothing was written: the check ran before loading
