@@ -50,6 +50,10 @@ from PIL import Image, ImageDraw
 
 QUESTION_KINDS = ("total", "by_color", "by_shape", "complex")
 TRACES = ("by_shape", "count_aloud", "none")
+LAYOUTS = ("scatter", "grid")
+# The grid layout's cells per side: 112 px / 4 = 28 px, the side of one merged Qwen2.5-VL image
+# token (14 px patches, 2 x 2 merge), so each object sits inside one image token.
+GRID_CELLS = 4
 
 # CLEVR's palette (RGB values from the CLEVR generator's properties.json).
 PALETTE = {
@@ -103,18 +107,28 @@ def _style(shifted: bool):
 # --------------------------------------------------------------------------- scenes (metadata)
 
 def make_scene(rng: random.Random, *, shifted: bool = False, count_range: tuple[int, int] = (1, 10),
-               image_size: int = 112) -> list[dict]:
-    """Sample objects (attributes + pixel positions) with rejection sampling against overlap."""
+               image_size: int = 112, layout: str = "scatter") -> list[dict]:
+    """Sample objects (attributes + pixel positions).
+
+    layout "scatter": anywhere on the floor, rejection sampling against overlap (CLEVR's way).
+    layout "grid": one object per cell of a GRID_CELLS x GRID_CELLS grid (distinct cells, each
+    object jittered inside its cell): no overlap, and every object inside one image token."""
     palette, shapes, size_fraction, _ = _style(shifted)
     low, high = count_range
     if not 1 <= low <= high:
         raise ValueError(f"count_range must satisfy 1 <= low <= high, got {count_range}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    if layout == "grid" and high > GRID_CELLS**2:
+        raise ValueError(f"the grid layout holds at most {GRID_CELLS**2} objects, got count_range {count_range}")
     count = rng.randint(low, high)
     attributes = [
         {"shape": rng.choice(shapes), "color": rng.choice(list(palette)),
          "size": rng.choice(SIZES), "material": rng.choice(MATERIALS)}
         for _ in range(count)
     ]
+    if layout == "grid":
+        return _place_on_grid(rng, attributes, size_fraction, image_size)
     # Large objects first: they are the hardest to fit. Two centres must be at least 85% of the
     # summed radii apart (light overlap only); every 100 failed tries relax that a little, and the
     # last try is kept regardless, so `count` is always met (measured: ten objects at 112 px never
@@ -131,6 +145,21 @@ def make_scene(rng: random.Random, *, shifted: bool = False, count_range: tuple[
                 break
         placed.append({**attributes[i], "x": round(x, 1), "y": round(y, 1), "radius": round(radius, 2)})
     placed.sort(key=lambda o: o["y"])  # back to front: nearer objects are drawn last
+    return placed
+
+
+def _place_on_grid(rng: random.Random, attributes: list[dict], size_fraction: dict, image_size: int) -> list[dict]:
+    cell = image_size / GRID_CELLS
+    placed = []
+    for attrs, index in zip(attributes, rng.sample(range(GRID_CELLS**2), len(attributes)), strict=True):
+        radius = size_fraction[attrs["size"]] * image_size
+        row, col = divmod(index, GRID_CELLS)
+        # Jitter inside the cell; the shapes' drawings stay within about 1.15 x radius of the centre.
+        slack = max(0.0, cell / 2 - 1.15 * radius - 1)
+        x = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        y = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        placed.append({**attrs, "x": round(x, 1), "y": round(y, 1), "radius": round(radius, 2)})
+    placed.sort(key=lambda o: o["y"])  # back to front
     return placed
 
 
@@ -287,14 +316,14 @@ def render_scene(objects: list[dict], *, image_size: int = 112, shifted: bool = 
 def make_example(seed: int, index: int, *, shifted: bool = False,
                  question_kinds: Sequence[str] = ("total",), count_range: tuple[int, int] = (1, 10),
                  image_size: int = 112, demonstrator_misses: str | None = None,
-                 trace: str = "by_shape") -> dict:
+                 trace: str = "by_shape", layout: str = "scatter") -> dict:
     """One row of the example schema (+ metadata). Deterministic in (seed, index, shifted).
 
     demonstrator_misses: a colour the demonstrator does not see (see the module docstring); the
     scene and the question are the same as without it, only the answer and the trace change."""
     # A string seed is hashed with SHA-512 by `random`, so it is stable across processes.
     rng = random.Random(f"counting/{seed}/{index}/{int(shifted)}")
-    objects = make_scene(rng, shifted=shifted, count_range=count_range, image_size=image_size)
+    objects = make_scene(rng, shifted=shifted, count_range=count_range, image_size=image_size, layout=layout)
     kind = rng.choice(list(question_kinds))
     # The demonstrator answers from the objects it sees. Only "total" questions are supported: the
     # other kinds pick their target from the object list, so a smaller list would change the question.
@@ -336,7 +365,7 @@ def make_counting_dataset(num_examples: int, seed: int = 0, *, shifted: bool = F
                           count_range: tuple[int, int] = (1, 10),
                           image_size: int = 112,
                           demonstrator_misses: str | None = None,
-                          trace: str = "by_shape") -> datasets.Dataset:
+                          trace: str = "by_shape", layout: str = "scatter") -> datasets.Dataset:
     """`num_examples` counting scenes in the example schema (+ count, question_kind, objects, source)."""
     unknown = [k for k in question_kinds if k not in QUESTION_KINDS]
     if unknown or not question_kinds:
@@ -350,7 +379,8 @@ def make_counting_dataset(num_examples: int, seed: int = 0, *, shifted: bool = F
         if set(question_kinds) != {"total"}:
             raise ValueError(f"demonstrator_misses works with question_kinds ('total',) only, got {list(question_kinds)}")
     rows = [make_example(seed, i, shifted=shifted, question_kinds=question_kinds, count_range=count_range,
-                         image_size=image_size, demonstrator_misses=demonstrator_misses, trace=trace)
+                         image_size=image_size, demonstrator_misses=demonstrator_misses, trace=trace,
+                         layout=layout)
             for i in range(num_examples)]
     columns = {name: [row[name] for row in rows] for name in FEATURES}
     # Encode the PNGs ourselves at compression level 1: 5x faster than datasets' default encode

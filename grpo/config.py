@@ -121,6 +121,11 @@ class DataArguments:
         "their sum) | count_aloud (one number per object) | none (the answer alone).",
         default="by_shape",
     )
+    synthetic_layout: str = _help(
+        "Synthetic data: scatter (objects anywhere, CLEVR's way) | grid (one object per cell of a 4 x 4 "
+        "grid, each inside one image token of a 112 px scene).",
+        default="scatter",
+    )
     demonstrator_misses: str | None = _help(
         "Synthetic data: label the training scenes as a demonstrator blind to this colour would (e.g. "
         "gray): answers and traces leave those objects out (held-out parts keep the true answers). For "
@@ -152,6 +157,10 @@ class DataArguments:
             raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
+        if self.synthetic_layout not in ("scatter", "grid"):
+            raise ConfigError(f"--synthetic_layout {self.synthetic_layout!r}: use scatter or grid")
+        if self.synthetic_layout == "grid" and self.count_max > 16:
+            raise ConfigError(f"--count_max {self.count_max}: the grid layout holds at most 16 objects (4 x 4 cells)")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
         if self.num_examples is not None and self.num_examples < 1:

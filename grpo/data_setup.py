@@ -66,6 +66,7 @@ def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pix
             # true answers, so validation and eval.py measure what is really in the image.
             "demonstrator_misses": data_args.demonstrator_misses if split == "train" else None,
             "trace": data_args.synthetic_trace,
+            "layout": data_args.synthetic_layout,
         },
         max_pixels=max_pixels,
     )

@@ -55,6 +55,7 @@ def parse_args(argv=None):
     add("--count_max", type=int, default=10, help="most objects in a scene")
     add("--demonstrator_misses", default="gray", help="the colour the demonstrator does not see ('' = a perfect demonstrator)")
     add("--trace", default="count_aloud", help="how the demonstrations count: count_aloud | by_shape")
+    add("--layout", default="grid", help="scene layout: grid (one object per image token) | scatter")
     add("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
     add("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
     add("--val_examples", type=int, default=200, help="held-out scenes for the plateau test and the curves")
@@ -62,12 +63,13 @@ def parse_args(argv=None):
     add("--pass_examples", type=int, default=200, help="test scenes for pass@1 / pass@k (k samples each)")
     # SFT to its plateau
     add("--sft_lr", type=float, default=1e-3)
-    add("--sft_max_steps", type=int, default=1500, help="a cap; SFT normally stops at its plateau first")
-    add("--sft_eval_steps", type=int, default=100, help="validation accuracy every N SFT steps")
+    add("--sft_schedule", default="cosine", help="SFT learning-rate schedule after warm-up: cosine | constant")
+    add("--sft_max_steps", type=int, default=400, help="the schedule's length; SFT normally stops at its plateau first")
+    add("--sft_eval_steps", type=int, default=50, help="validation accuracy (and a checkpoint) every N SFT steps")
     add("--sft_patience", type=int, default=2, help="evaluations without improvement that make a plateau")
     add("--sft_min_delta", type=float, default=0.01, help="smallest rise of validation accuracy that counts")
     # GRPO
-    add("--grpo_steps", type=int, default=60)
+    add("--grpo_steps", type=int, default=80)
     add("--grpo_lr", type=float, default=2e-4)
     add("--grpo_prompts", type=int, default=8, help="prompts per rank per generation batch (B)")
     add("--num_generations", type=int, default=8, help="G")
@@ -82,6 +84,10 @@ def parse_args(argv=None):
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if not args.seed_list:
         parser.error("--seeds is empty")
+    if args.sft_schedule not in ("cosine", "constant"):
+        parser.error(f"--sft_schedule {args.sft_schedule!r}: use cosine or constant")
+    if args.layout not in ("grid", "scatter"):
+        parser.error(f"--layout {args.layout!r}: use grid or scatter")
     if args.quick:
         args.sft_examples, args.grpo_examples, args.val_examples, args.eval_examples, args.pass_examples = 64, 64, 16, 16, 8
         args.sft_max_steps, args.sft_eval_steps, args.sft_patience = 4, 2, 1
@@ -129,7 +135,7 @@ def data_flags(args, dataset: str = "synthetic") -> list[str]:
     # No system prompt: the tiny model learns the <think>/<answer> format from SFT, and the R1
     # prompt would more than double every sequence on a CPU budget.
     return ["--dataset", dataset, "--question_kinds", "total", "--count_max", str(args.count_max),
-            "--synthetic_trace", args.trace, "--system_prompt", ""]
+            "--synthetic_trace", args.trace, "--synthetic_layout", args.layout, "--system_prompt", ""]
 
 
 def evaluate(model: str, out_dir: Path, *, seed: int, dataset: str, part: str, num_examples: int, args,
@@ -157,6 +163,12 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def best_step(points: list[dict], key: str) -> int:
+    """The step with the best validation accuracy (the earliest among ties): every arm's model is
+    chosen by this one rule, on the same validation scenes; the test scenes choose nothing."""
+    return max(points, key=lambda p: (p[key], -p["step"]))["step"]
+
+
 def run_seed(args, seed: int, out: Path) -> dict:
     """The whole demo for one seed, in out/; returns everything the report needs."""
     out.mkdir(parents=True)
@@ -165,11 +177,11 @@ def run_seed(args, seed: int, out: Path) -> dict:
     started = time.perf_counter()
     common = ["--seed", str(seed), "--progress_bar", "false"]
 
-    def test_eval(model: str, name: str) -> None:
+    def test_eval(model: str, name: str, num_examples: int = args.eval_examples) -> None:
         t = time.perf_counter()
         results[name] = {
             dataset: evaluate(model, out / "eval" / f"{name}-{dataset}", seed=seed, dataset=dataset, part="test",
-                              num_examples=args.eval_examples, args=args)
+                              num_examples=num_examples, args=args)
             for dataset in ("synthetic", "synthetic-shifted")
         }
         seconds["evaluation"] += time.perf_counter() - t
@@ -182,15 +194,15 @@ def run_seed(args, seed: int, out: Path) -> dict:
         )
         seconds["evaluation"] += time.perf_counter() - t
 
-    # --- 1. the untrained model ---
-    test_eval("tiny", "base")
+    # --- 1. the untrained model (fewer scenes: it writes 64 tokens of noise for every one) ---
+    test_eval("tiny", "base", num_examples=min(100, args.eval_examples))
 
     # --- 2. SFT on the imperfect demonstrations, until validation accuracy stops improving ---
     sft_dir = out / "sft"
     sft_command = [
         sys.executable, "train.py", "--stage", "sft", "--output_dir", str(sft_dir),
         "--max_steps", str(args.sft_max_steps), "--learning_rate", str(args.sft_lr),
-        "--warmup_steps", str(min(30, args.sft_max_steps // 10)), "--lr_scheduler", "constant",
+        "--warmup_steps", str(min(30, args.sft_max_steps // 10)), "--lr_scheduler", args.sft_schedule,
         "--per_device_batch_size", "32", "--num_examples", str(args.sft_examples),
         "--eval_steps", str(args.sft_eval_steps), "--max_eval_examples", str(args.val_examples),
         "--eval_accuracy_reward", "count_accuracy", "--early_stopping_patience", str(args.sft_patience),
@@ -204,8 +216,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
     sft_metrics = read_metrics(sft_dir / "metrics.jsonl")
     # The SFT model is the plateau's best checkpoint by validation accuracy (what a user would keep):
     # a later evaluation that dipped by chance must not hand GRPO or the baseline a weaker start.
-    evaluated = [m for m in sft_metrics if "val_accuracy" in m]
-    plateau_step = max(evaluated, key=lambda m: (m["val_accuracy"], -m["step"]))["step"]
+    plateau_step = best_step([m for m in sft_metrics if "val_accuracy" in m], "val_accuracy")
     sft_model = str(checkpoint_dir(sft_dir, plateau_step))
     test_eval(sft_model, "sft")
     pass_at_k(sft_model, "sft")
@@ -228,8 +239,21 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "grpo", out, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     grpo_metrics = read_metrics(grpo_dir / "metrics.jsonl")
-    test_eval(str(grpo_dir), "grpo")
-    pass_at_k(str(grpo_dir), "grpo")
+
+    # GRPO's checkpoints on the validation scenes the SFT curve uses: its curve, and its model by
+    # the same rule as SFT's (the best validation accuracy).
+    t = time.perf_counter()
+    curve = []
+    for checkpoint in sorted(grpo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        step = int(checkpoint.name.split("-")[1])
+        summary = evaluate(str(checkpoint), out / "eval" / f"grpo-val-{step}", seed=seed, dataset="synthetic",
+                           part="validation", num_examples=args.val_examples, args=args)
+        curve.append({"step": step, "accuracy": summary["accuracy"]})
+    seconds["evaluation"] += time.perf_counter() - t
+    grpo_step = best_step(curve, "accuracy")
+    grpo_model = str(checkpoint_dir(grpo_dir, grpo_step))
+    test_eval(grpo_model, "grpo")
+    pass_at_k(grpo_model, "grpo")
 
     # --- 4. the fair baseline: the same SFT continued, on the same demonstrations, for GRPO's time ---
     # Both budgets are the loops' own time from their metrics (GRPO: rollout + update seconds of
@@ -249,24 +273,20 @@ def run_seed(args, seed: int, out: Path) -> dict:
     continued[continued.index(str(sft_dir))] = str(continued_dir)
     continued[continued.index("--max_steps") + 1] = str(plateau_step + extra_steps)
     continued[continued.index("--early_stopping_patience") + 1] = "0"  # it runs its whole budget
-    continued[continued.index("--eval_steps") + 1] = str(max(1, extra_steps // 5))  # its curve
+    # Its curve, and a checkpoint at each point of it, as many as GRPO's.
+    every = max(1, extra_steps // max(1, args.grpo_steps // args.curve_every))
+    continued[continued.index("--eval_steps") + 1] = str(every)
+    continued[continued.index("--save_steps") + 1] = str(every)
     seconds["sft continued"] = run([*continued, "--resume"], "sft-continued", out)
-    test_eval(str(continued_dir), "sft-continued")
-
-    # --- 5. GRPO's accuracy over time: its checkpoints on the validation scenes the SFT curve uses ---
-    t = time.perf_counter()
-    curve = []
-    for checkpoint in sorted(grpo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-        step = int(checkpoint.name.split("-")[1])
-        summary = evaluate(str(checkpoint), out / "eval" / f"grpo-val-{step}", seed=seed, dataset="synthetic",
-                           part="validation", num_examples=args.val_examples, args=args)
-        curve.append({"step": step, "accuracy": summary["accuracy"]})
-    seconds["evaluation"] += time.perf_counter() - t
+    continued_metrics = read_metrics(continued_dir / "metrics.jsonl")
+    continued_step = best_step([m for m in continued_metrics if "val_accuracy" in m and m["step"] > plateau_step],
+                               "val_accuracy")
+    test_eval(str(checkpoint_dir(continued_dir, continued_step)), "sft-continued")
     seconds["total"] = time.perf_counter() - started
     record = {
         "seed": seed, "results": results, "seconds": seconds, "plateau_step": plateau_step,
-        "extra_sft_steps": extra_steps, "grpo_curve": curve, "sft_metrics": sft_metrics,
-        "continued_metrics": read_metrics(continued_dir / "metrics.jsonl"), "grpo_metrics": grpo_metrics,
+        "extra_sft_steps": extra_steps, "grpo_curve": curve, "sft_metrics": sft_metrics, "grpo_step": grpo_step,
+        "continued_step": continued_step, "continued_metrics": continued_metrics, "grpo_metrics": grpo_metrics,
     }
     (out / "demo.json").write_text(json.dumps(record))
     return record

@@ -209,24 +209,30 @@ def write_report(out: Path, args, records: list[dict], argv: list[str]) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
         f"{info['transformers']}, Python {info['python']}; commit {info['commit']}.",
         "",
-        f"Set-up: SFT on {args.sft_examples} demonstrations with `{args.trace}` traces from a demonstrator "
+        f"Set-up: scenes of 1 to {args.count_max} objects ({args.layout} layout). SFT on {args.sft_examples} "
+        f"demonstrations with `{args.trace}` traces from a demonstrator "
         + (f"that does not see {args.demonstrator_misses} objects" if args.demonstrator_misses else "without errors")
-        + f", lr {args.sft_lr}, batch 32, until greedy accuracy on {args.val_examples} validation scenes rose by no more "
-        f"than {args.sft_min_delta} for {args.sft_patience} evaluations in a row (every {args.sft_eval_steps} steps). "
-        f"GRPO from that checkpoint: {args.grpo_steps} steps of {args.grpo_prompts} prompts x G={args.num_generations} "
-        f"from {args.grpo_examples} answer-only prompts, lr {args.grpo_lr}, beta {args.beta}. Continued SFT: the "
-        "same SFT run resumed on the same demonstrations for GRPO's training time. Test: "
+        + f", lr {args.sft_lr} ({args.sft_schedule} over {args.sft_max_steps} steps), batch 32, until greedy accuracy "
+        f"on {args.val_examples} validation scenes rose by no more than {args.sft_min_delta} for {args.sft_patience} "
+        f"evaluations in a row (every {args.sft_eval_steps} steps). "
+        f"GRPO from SFT's best checkpoint: {args.grpo_steps} steps of {args.nproc} ranks x {args.grpo_prompts} prompts "
+        f"x G={args.num_generations} from {args.grpo_examples} answer-only prompts, lr {args.grpo_lr}, beta {args.beta}. "
+        "Continued SFT: the same SFT run resumed from that checkpoint on the same demonstrations for GRPO's "
+        "training time. Every arm's model is its checkpoint with the best accuracy on the validation scenes "
+        f"(SFT every {args.sft_eval_steps} steps, GRPO every {args.curve_every}, continued SFT as often). Test: "
         f"{args.eval_examples} held-out scenes per set, greedy decoding; pass@{args.pass_k} samples at temperature 1.",
         "",
         "## Per seed",
         "",
         seed_table(records, args.pass_k),
         "",
-        "| seed | SFT stopped at step | its best checkpoint (the SFT model) | validation accuracy there | continued SFT |",
-        "|---|---|---|---|---|",
+        "| seed | SFT stopped at step | its best checkpoint (the SFT model) | validation accuracy there "
+        "| continued SFT (its best checkpoint) | GRPO's best checkpoint |",
+        "|---|---|---|---|---|---|",
         *[f"| {r['seed']} | {r['sft_metrics'][-1]['step']} | {r['plateau_step']} | "
           f"{_pct(next(m['val_accuracy'] for m in r['sft_metrics'] if m['step'] == r['plateau_step']))} | "
-          f"+{r['extra_sft_steps']} steps |" for r in records],
+          f"+{r['extra_sft_steps']} steps (step {r['continued_step']}) | step {r['grpo_step']} of "
+          f"{r['grpo_metrics'][-1]['step']} |" for r in records],
         "",
         "## Over the seeds",
         "",

@@ -135,3 +135,24 @@ def test_objects_are_drawn_where_the_metadata_says():
 def test_unknown_question_kind_is_rejected():
     with pytest.raises(ValueError, match="question_kinds"):
         make_counting_dataset(1, question_kinds=("colour",))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_grid_layout_puts_each_object_in_its_own_image_token(shifted):
+    # Grid cells are 112 / 4 = 28 px, one merged Qwen2.5-VL image token each; the drawing of an
+    # object stays within 1.15 x radius of its centre (the cube's depth offset is the widest).
+    cell = 112 / synthetic.GRID_CELLS
+    dataset = make_counting_dataset(40, seed=1, shifted=shifted, layout="grid", count_range=(1, 16))
+    assert max(dataset["count"]) > 10
+    for row in dataset:
+        objects = json.loads(row["objects"])
+        cells = [(int(o["y"] // cell), int(o["x"] // cell)) for o in objects]
+        assert len(set(cells)) == len(objects)  # distinct cells
+        for o, (r, c) in zip(objects, cells, strict=True):
+            reach = 1.15 * o["radius"]
+            assert c * cell <= o["x"] - reach and o["x"] + reach <= (c + 1) * cell, o
+            assert r * cell <= o["y"] - reach and o["y"] + reach <= (r + 1) * cell, o
+    with pytest.raises(ValueError, match="at most 16"):
+        make_counting_dataset(1, layout="grid", count_range=(1, 17))
+    with pytest.raises(ValueError, match="layout"):
+        make_counting_dataset(1, layout="rows")

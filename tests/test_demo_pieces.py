@@ -119,3 +119,12 @@ def test_an_unknown_eval_accuracy_reward_exits_2_before_the_model_loads(tmp_path
     assert stopped.value.code == 2
     assert "--eval_accuracy_reward" in capsys.readouterr().err
     assert not (tmp_path / "sft").exists()  # nothing was written: the check ran before loading
+
+
+def test_every_arm_is_chosen_by_its_best_validation_accuracy():
+    from grpo.demo import best_step
+
+    points = [{"step": 20, "accuracy": 0.70}, {"step": 40, "accuracy": 0.81},
+              {"step": 60, "accuracy": 0.81}, {"step": 80, "accuracy": 0.78}]
+    assert best_step(points, "accuracy") == 40  # the best; the earliest of a tie (40 and 60)
+    assert best_step(points[2:], "accuracy") == 60
