@@ -36,3 +36,24 @@ def logsumexp_error(n: int, result_magnitude: float = 0.0) -> float:
     sum_error(n, 1) + u. The final additions round at the result's magnitude: a few ulps of it.
     """
     return sum_error(n, 1.0) + U32 + 4 * U32 * result_magnitude
+
+
+# Allowance for everything a network's forward adds to one sum's rounding: the condition number
+# of each sum (sum|x_i| / |sum x_i|, ~sqrt(K) for random-sign terms) and the growth of earlier
+# layers' errors through later ones (normalised residual layers keep it near 1).
+NETWORK_GROWTH = 2.0**10
+
+
+def network_error(path_terms: int, magnitude: float, dtype: torch.dtype = torch.float64) -> float:
+    """Bound on the gap between two evaluation orders (batched or not, cached KV or not) of one network.
+
+    path_terms counts the terms of every sum on the deepest input-to-output path (each matmul's
+    inner dimension, each attention's keys, each norm's width, the final logsumexp's vocabulary).
+    Each sum of n terms rounds with a relative error of at most n * u (Higham sec. 3.1, any order),
+    and, with no cancellation between them and NETWORK_GROWTH for conditioning and error growth,
+    the output moves by at most path_terms * u * NETWORK_GROWTH * magnitude. Pessimistic by design:
+    the tests that compare computation orders of a whole model run it in float64, where this is
+    ~1e-9 at magnitude 10 (a wrong position, mask or row moves logprobs by > 1e-3); in float32 the
+    same bound is ~1, which is why those tests do not run in float32.
+    """
+    return path_terms * UNIT_ROUNDOFF[dtype] * NETWORK_GROWTH * magnitude
