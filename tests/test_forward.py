@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import network_error
+from tolerances import float64_throughout, network_error
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from grpo.forward import (
@@ -115,41 +115,11 @@ def batch():
     return make_batch(TWO_PROMPTS)
 
 
-def float64_throughout():
-    """A context in which HF's Qwen2.5-VL keeps float64 activations in float64.
-
-    Its RMSNorm and vision rotary embedding compute in float32 whatever the input dtype, which
-    leaves float32 roundings (and float32 sums in their backward) inside a float64 model. These
-    twins compute in promote_types(input, float32) instead: the same ops, bit-identical to HF's for
-    float32 and bfloat16 inputs, and float64 for float64 ones.
-    """
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
-
-    def rms_norm(self, hidden_states):
-        dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-        x = hidden_states.to(dtype)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(hidden_states.dtype)
-
-    def rotary_vision(q, k, cos, sin):
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
-        q_embed = (q.to(dtype) * cos) + (hf.rotate_half(q.to(dtype)) * sin)
-        k_embed = (k.to(dtype) * cos) + (hf.rotate_half(k.to(dtype)) * sin)
-        return q_embed.to(q.dtype), k_embed.to(k.dtype)
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(hf.Qwen2_5_VLRMSNorm, "forward", rms_norm)
-    patch.setattr(hf, "apply_rotary_pos_emb_vision", rotary_vision)
-    return patch
-
-
 @pytest.fixture(scope="module")
 def model64():
     """The same model in float64 throughout, for the tests that compare two computation orders of it."""
-    patch = float64_throughout()
-    yield build_model().double()
-    patch.undo()
+    with float64_throughout():
+        yield build_model().double()
 
 
 @pytest.fixture(scope="module")
