@@ -347,11 +347,28 @@ def _start_subprocess(output_dir):
     return process, wait
 
 
+def _saved_past(output_dir, step: int, process, timeout: float = 60.0) -> None:
+    """Wait until the loop has completed a save past `step` (or fail if it died first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        latest = latest_checkpoint(output_dir)
+        if latest is not None and int(latest.name.split("-")[1]) > step:
+            return
+        alive = process.is_alive() if isinstance(process, multiprocessing.Process) else process.poll() is None
+        assert alive, "the saving process died before its first save"
+        assert time.monotonic() < deadline, f"no checkpoint past step {step} within {timeout:.0f} s"
+        time.sleep(0.01)
+
+
 def _kill_during_saves(output_dir, start, rounds=3):
     delays, last_step = [], 0
     for _ in range(rounds):  # each round resumes from what the previous kill left
         process, wait = start(output_dir)
-        delays.append(random.uniform(0.05, 0.4))
+        # Wait for this round's first completed save (a condition, not a fixed sleep: a loaded
+        # machine can take longer than any fixed delay to write one), then kill at a random point
+        # of the saves that follow.
+        _saved_past(output_dir, last_step, process)
+        delays.append(random.uniform(0.0, 0.2))
         time.sleep(delays[-1])
         os.kill(process.pid, signal.SIGKILL)
         wait()
@@ -361,9 +378,9 @@ def _kill_during_saves(output_dir, start, rounds=3):
         weights = load_file(latest / "model" / "model.safetensors")["linear.weight"]
         assert torch.all(weights == state["step"]), f"weights and step disagree after kills at {delays}"
         assert state["data_state"] == {"index": state["step"]}
-        assert state["step"] >= last_step
+        assert state["step"] > last_step  # this round's completed save survived the kill
         last_step = state["step"]
-    assert last_step >= 2, f"the loop saved too few checkpoints to test anything (kills at {delays})"
+    assert last_step >= rounds, f"the loop saved too few checkpoints to test anything (kills at {delays})"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
