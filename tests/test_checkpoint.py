@@ -354,10 +354,10 @@ def _saved_past(output_dir, step: int, process, timeout: float = 60.0) -> None:
         latest = latest_checkpoint(output_dir)
         if latest is not None and int(latest.name.split("-")[1]) > step:
             return
-        alive = process.is_alive() if isinstance(process, multiprocessing.Process) else process.poll() is None
+        alive = process.is_alive() if hasattr(process, "is_alive") else process.poll() is None  # fork or Popen
         assert alive, "the saving process died before its first save"
         assert time.monotonic() < deadline, f"no checkpoint past step {step} within {timeout:.0f} s"
-        time.sleep(0.01)
+        time.sleep(0.05)
 
 
 def _kill_during_saves(output_dir, start, rounds=3):
