@@ -40,19 +40,13 @@ from conftest import (
     without_timings,
 )
 from test_torchrun import _build_problem, _free_port, _grpo_args, _join_as_rank
-from tolerances import TINY_PATH_TERMS, UNIT_ROUNDOFF, float64_throughout, network_error, sum_error
+from tolerances import TINY_PATH_TERMS, UNIT_ROUNDOFF, network_error, sum_error
 
 AGGREGATION = "token"
 LEARNING_RATE = 1e-2
 MAX_GRAD_NORM = 0.05  # below the gradient's norm, so clipping acts and its norm must be right
 U64 = UNIT_ROUNDOFF[torch.float64]
 
-
-@pytest.fixture
-def float64_hf():
-    """_build_problem's model runs in float64 throughout (see tests/test_torchrun.py)."""
-    with float64_throughout():
-        yield
 
 
 def _untie(problem: dict) -> dict:

@@ -37,7 +37,7 @@ from conftest import (
     run_command,
     train_argv,
 )
-from tolerances import TINY_PATH_TERMS, float64_throughout, network_error
+from tolerances import TINY_PATH_TERMS, network_error
 
 AGGREGATIONS = ("token", "sequence", "constant")
 G = 2  # completions per prompt
@@ -49,11 +49,6 @@ REWARDS = [1.0, 0.0, 0.2, 0.9, 0.0, 1.0, 0.7, 0.3]
 # One process and two ranks are two computation orders (other micro-batches, other padding, an
 # all-reduce), so the problem runs in float64 throughout (tolerances.network_error).
 
-
-@pytest.fixture
-def float64_hf():
-    with float64_throughout():
-        yield
 
 
 def _free_port() -> int:
