@@ -187,3 +187,12 @@ def grpo_run_dir(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("grpo-run") / "run"
     train.main(train_argv(output_dir, "--max_steps", "2", "--beta", "0.04"))
     return output_dir
+
+
+@pytest.fixture
+def float64_hf():
+    """HF's Qwen2.5-VL keeps float64 activations in float64 during the test (tests/tolerances.py)."""
+    from tolerances import float64_throughout
+
+    with float64_throughout():
+        yield

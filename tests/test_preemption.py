@@ -85,8 +85,11 @@ def test_plain_torchrun_kills_a_step_longer_than_its_grace(tmp_path, background,
     6-second step, so nothing is saved and the job fails."""
     out, log, marker = tmp_path / "run", tmp_path / "torchrun.log", tmp_path / "sleeping"
     monkeypatch.setenv("SLOW_REWARD_MARKER", str(marker))
+    # A 120-second step: the SIGKILL comes 2 s after the SIGTERM whatever the machine's load (with
+    # 6 s, a test that signals more than 4 s late would see the step end and a checkpoint saved).
+    monkeypatch.setenv("SLOW_REWARD_SECONDS", "120")
     process = background(_launch("torchrun", out, "--shutdown_timeout", "2"), log)
-    _wait_for(marker.exists, process, log, timeout=150)  # rank 0 is 6 s from the end of step 2
+    _wait_for(marker.exists, process, log, timeout=150)  # rank 0 is 120 s from the end of step 2
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
     assert (

@@ -9,10 +9,8 @@ the others): OMP_NUM_THREADS=1 python -m pytest tests/test_reporting.py -q [-m s
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from conftest import REPO, TORCHRUN, read_metrics, subprocess_env, train_argv
+from conftest import TORCHRUN, read_metrics, run_command, train_argv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # TensorBoard stores scalars as float32: rounding to nearest changes a value by at most 2^-24 of it.
@@ -228,7 +226,9 @@ def test_two_ranks_print_lines_and_write_events_from_rank_0_only(tmp_path):
         "--logging_steps", "1", "--no_progress_bar",
     )  # fmt: skip
     command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "--log-dir", str(logs), "--redirects", "3", "train.py", *argv]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # run_command: on a hang it stops the ranks too (subprocess.run would leave them loading the
+    # machine); 900 s is a hang guard, not a speed check, as for the other torchrun tests.
+    result = run_command(command, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     def rank_output(rank: int, stream: str) -> str:

@@ -45,7 +45,10 @@ def test_resumed_run_repeats_the_straight_run(train_run, tmp_path, case):
     expected = [without_timings(r) for r in read_metrics(straight)]
     got = [without_timings(r) for r in read_metrics(resumed)]
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # each step once, in order
-    assert got == expected  # the same floats, not merely close
+    # The same floats, not merely close: the resumed run reloads bit-exact weights, moments, RNG and
+    # data stream and then runs the same ops on the same shapes in the same order as the straight
+    # run, so this holds on whichever kernel path torch picks (both runs take the same one).
+    assert got == expected
     assert expected[2]["loss"] != expected[3]["loss"]  # the steps differ, so the match means something
     if "--dynamic_sampling" in flags:  # extra rounds happened, so the stream moved unevenly
         assert sum(r["dynamic/extra_rounds"] for r in expected) > 0

@@ -17,10 +17,13 @@ from test_forward import (
     IMAGE_PAD,
     MERGE,
     PAD,
+    PATH_TERMS,
     TWO_PROMPTS,
+    VOCAB,
     build_model,
     make_batch,
 )
+from tolerances import U32, float64_throughout, logsumexp_error, network_error
 
 from grpo.forward import completion_logprobs, image_inputs_for_rows
 from grpo.masks import completion_mask as grpo_completion_mask
@@ -34,14 +37,48 @@ from grpo.rollout import (
 )
 
 
+# The sampler is compared with generate(), the training forward and its own static twin: other
+# computation orders of the model. In float64 throughout, two orders' logits differ by at most
+# network_error (~1e-9), so a greedy token can differ only at a near tie (guarded below), and a
+# sampled one only if a float32 cast of a logit flips (chance ~1e-9 / 2^-24 a logit) and the draw
+# then lands within that ulp of a CDF boundary (chance ~2^-24): far below 1e-6 for these tests.
 @pytest.fixture(scope="module")
-def model():
-    return build_model()
+def float64_model():
+    with float64_throughout():
+        yield build_model
+
+
+@pytest.fixture(scope="module")
+def model(float64_model):
+    return float64_model().double()
 
 
 @pytest.fixture(scope="module")
 def batch():
-    return make_batch(TWO_PROMPTS)
+    batch = make_batch(TWO_PROMPTS)
+    return {**batch, "pixel_values": batch["pixel_values"].double()}
+
+
+@torch.no_grad()
+def _teacher_forced_logits(model, batch, completion_ids, group_size):
+    """The plain HF forward over prompt + completion: logits [R, T, V] that predict completion_ids."""
+    rows = repeat_batch_per_group(batch, group_size, image_token_id=IMAGE_PAD, spatial_merge_size=MERGE)
+    model.model.rope_deltas = None  # the HF forward caches this between calls
+    logits = model(
+        input_ids=torch.cat([rows["input_ids"], completion_ids], 1),  # [R, P+T]
+        attention_mask=torch.cat([rows["attention_mask"], torch.ones_like(completion_ids)], 1),
+        mm_token_type_ids=torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
+        pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
+    ).logits  # [R, P+T, V]
+    return logits[:, rows["input_ids"].shape[1] - 1 : -1]  # [R, T, V]
+
+
+def _greedy_margin(model, batch, completion_ids, group_size, eos_ids=(EOS,)):
+    """Smallest gap between the best and second-best logit over the real steps of greedy rows."""
+    logits = _teacher_forced_logits(model, batch, completion_ids, group_size)  # [R, T, V]
+    top2 = logits.topk(2, dim=-1).values  # [R, T, 2]
+    mask = grpo_completion_mask(completion_ids, list(eos_ids))[0].bool()  # [R, T]
+    return (top2[..., 0] - top2[..., 1])[mask].min().item(), logits.abs().max().item()
 
 
 def _sample(model, batch, seed=0, **kwargs):
@@ -60,6 +97,9 @@ def test_greedy_tokens_identical_to_generate(model, batch):
         model, batch, group_size=2, max_new_tokens=12, eos_token_ids=[EOS], pad_token_id=PAD,
         do_sample=False,
     )  # [B*G, T]
+    # Equal tokens need every step's best logit to lead by more than the two orders can move it.
+    margin, largest = _greedy_margin(model, batch, rollout.completion_ids, group_size=2)
+    assert margin > 2 * network_error(PATH_TERMS, largest), f"a near tie (margin {margin:.1e})"
     assert torch.equal(rollout.completion_ids, naive)
     # The G copies of a greedy prompt are the same; the two prompts differ.
     assert torch.equal(rollout.completion_ids[0], rollout.completion_ids[1])
@@ -72,11 +112,10 @@ def test_greedy_tokens_identical_to_generate(model, batch):
     [(1.0, 1.0, 0), (0.7, 1.0, 0), (0.7, 0.9, 20), (0.0, 1.0, 0)],
 )
 @torch.no_grad()
-def test_sampler_logprobs_equal_completion_logprobs(batch, attn, temperature, top_p, top_k):
-    # Measured: max gap <= 1e-6 for both attention kernels (float32 rounding between a one-token
-    # decode step with a KV cache and one full-sequence forward). A larger gap means a position
-    # or mask bug, not noise.
-    model = build_model(attn=attn)
+def test_sampler_logprobs_equal_completion_logprobs(float64_model, batch, attn, temperature, top_p, top_k):
+    # A one-token decode step with a KV cache vs one full-sequence forward; a larger gap than the
+    # bound below means a position or mask bug, not noise.
+    model = float64_model(attn=attn).double()
     group_size = 4
     # Every 10th id ends a row, so rows stop at different steps (or run to max_new_tokens) and
     # the padding after EOS is exercised.
@@ -95,7 +134,13 @@ def test_sampler_logprobs_equal_completion_logprobs(batch, attn, temperature, to
         image_embeds, grid, temperature=temperature,
     )  # [R, T]
     gap = ((logprobs - rollout.sampler_logprobs) * completion_mask).abs().max()
-    assert gap < 1e-5, f"max |sampler - training| logprob gap {gap:.2e}"
+    # The float64 orders (network_error), then the sampler's float32 cast of each logit (moves
+    # log p by <= 2 u |z|) and float32 log-softmax over V (logsumexp_error).
+    largest_logit = _teacher_forced_logits(model, batch, rollout.completion_ids, group_size).abs().max().item()
+    tau = temperature if temperature > 0 else 1.0
+    m = logprobs.abs().max().item()
+    bound = network_error(PATH_TERMS, m) + 2 * U32 * largest_logit / tau + logsumexp_error(VOCAB, m)
+    assert gap < bound, f"max |sampler - training| logprob gap {gap:.2e} (bound {bound:.2e})"
     assert (rollout.sampler_logprobs[completion_mask == 0] == 0).all()
     assert completion_mask.sum() > 2 * group_size  # not only one-token completions
 
@@ -107,6 +152,7 @@ def test_same_seed_same_rollouts(model, batch):
     first = _sample(model, batch, seed=7)
     second = _sample(model, batch, seed=7)
     other = _sample(model, batch, seed=8)
+    # Same inputs, shapes and seed: the same kernels in the same order, equal to the last bit.
     assert torch.equal(first.completion_ids, second.completion_ids)
     assert torch.equal(first.sampler_logprobs, second.sampler_logprobs)
     assert not torch.equal(first.completion_ids, other.completion_ids)
@@ -134,7 +180,8 @@ def test_rows_stop_at_eos_and_pad_afterwards(model, batch):
     assert (stopped.completion_ids[0, first_eos + 1 :] == PAD).all()
     assert (stopped.sampler_logprobs[0, first_eos + 1 :] == 0).all()
     assert stopped.is_eos_terminated[0]
-    # Before the EOS, the rows are those of the free run.
+    # Before the EOS, the rows are those of the free run: until a row ends the two runs compute
+    # the same ops on the same shapes, so they agree to the last bit.
     assert torch.equal(stopped.completion_ids[0, : first_eos + 1], free_run.completion_ids[0, : first_eos + 1])
     # num_generated_tokens counts each row through its EOS (or to the end when cut).
     ends = stopped.completion_ids == eos  # [R, T]
@@ -158,6 +205,10 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(model, batch, sampling_method):
     greedy = _sample(model, batch, temperature=0.0)
     top_k_1 = _sample(model, batch, temperature=0.7, top_k=1, seed=3, sampling_method=sampling_method)
     top_p_0 = _sample(model, batch, temperature=1.0, top_p=1e-6, seed=4, sampling_method=sampling_method)
+    # Same decode, same logits to the last bit; top-k 1 and top-p 1e-6 keep only the best of the
+    # float32-cast z / tau unless two logits land within a float32 ulp of each other: guarded.
+    margin, largest = _greedy_margin(model, batch, greedy.completion_ids, group_size=3)
+    assert margin > 4 * U32 * largest / 0.7, f"a near tie (margin {margin:.1e})"
     assert torch.equal(top_k_1.completion_ids, greedy.completion_ids)
     assert torch.equal(top_p_0.completion_ids, greedy.completion_ids)
 
@@ -193,6 +244,7 @@ def test_repeat_batch_per_group_keeps_each_prompts_images(batch):
 def test_sampling_runs_in_eval_mode_and_restores_the_mode(model, batch):
     model.train()
     try:
+        # The sampler switches to eval itself: the same computation both times, bit-equal.
         assert torch.equal(_sample(model, batch, temperature=0.0).completion_ids,
                            _sample(model.eval(), batch, temperature=0.0).completion_ids)
         model.train()
@@ -235,9 +287,19 @@ def test_static_decoding_equals_the_dynamic_loop(model, batch, options):
     dynamic = _sample(model, batch, decode="dynamic", eos_token_ids=[eos], **options)
     static = _sample(model, batch, decode="static", eos_token_ids=[eos], **options)
     assert dynamic.is_eos_terminated.any()
+    # Fixed-size KV buffers vs growing ones: other shapes, other orders (see the float64 note at
+    # the top); greedy needs a margin over the bound.
+    logits = _teacher_forced_logits(model, batch, dynamic.completion_ids, group_size=3)  # [R, T, V]
+    largest, tau = logits.abs().max().item(), options["temperature"] or 1.0
+    if options["temperature"] == 0.0:
+        margin, _ = _greedy_margin(model, batch, dynamic.completion_ids, group_size=3, eos_ids=[eos])
+        assert margin > 2 * network_error(PATH_TERMS, largest), f"a near tie (margin {margin:.1e})"
     assert torch.equal(static.completion_ids, dynamic.completion_ids)
     assert torch.equal(static.is_eos_terminated, dynamic.is_eos_terminated)
-    torch.testing.assert_close(static.sampler_logprobs, dynamic.sampler_logprobs, atol=1e-5, rtol=0)
+    # float64 orders, then each side's float32 cast of z / tau (2 u |z| / tau) and log-softmax.
+    m = dynamic.sampler_logprobs.abs().max().item()
+    atol = network_error(PATH_TERMS, m) + 4 * U32 * largest / tau + 2 * logsumexp_error(VOCAB, m)
+    torch.testing.assert_close(static.sampler_logprobs, dynamic.sampler_logprobs, atol=atol, rtol=0)
 
 
 def test_decode_mode_by_device_and_its_errors(model, batch):
@@ -251,8 +313,8 @@ def test_decode_mode_by_device_and_its_errors(model, batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the lent GPU machine)")
-def test_cuda_graph_decoding_equals_the_dynamic_loop_on_a_gpu(batch):
-    gpu_model = build_model().cuda()
+def test_cuda_graph_decoding_equals_the_dynamic_loop_on_a_gpu(float64_model, batch):
+    gpu_model = float64_model().double().cuda()
     gpu_batch = {k: v.cuda() for k, v in batch.items()}
     for options in (dict(temperature=0.0), dict(temperature=1.0)):
         runs = {
@@ -262,7 +324,12 @@ def test_cuda_graph_decoding_equals_the_dynamic_loop_on_a_gpu(batch):
             )
             for decode in ("dynamic", "cuda_graph")
         }
+        # float64 on the GPU too (see the note at the top): the same bound as the static decode's.
+        logits = _teacher_forced_logits(gpu_model, gpu_batch, runs["dynamic"].completion_ids, group_size=3)
+        largest, m = logits.abs().max().item(), runs["dynamic"].sampler_logprobs.abs().max().item()
+        if options["temperature"] == 0.0:
+            margin, _ = _greedy_margin(gpu_model, gpu_batch, runs["dynamic"].completion_ids, group_size=3)
+            assert margin > 2 * network_error(PATH_TERMS, largest), f"a near tie (margin {margin:.1e})"
         assert torch.equal(runs["cuda_graph"].completion_ids, runs["dynamic"].completion_ids)
-        torch.testing.assert_close(
-            runs["cuda_graph"].sampler_logprobs, runs["dynamic"].sampler_logprobs, atol=1e-4, rtol=0
-        )
+        atol = network_error(PATH_TERMS, m) + 4 * U32 * largest + 2 * logsumexp_error(VOCAB, m)
+        torch.testing.assert_close(runs["cuda_graph"].sampler_logprobs, runs["dynamic"].sampler_logprobs, atol=atol, rtol=0)

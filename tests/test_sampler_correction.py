@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from test_loss import ADVANTAGES, MASK, worked_example_logprobs
+from tolerances import TINY_PATH_TERMS, U32, logsumexp_error, network_error
 
 from grpo.loss import grpo_loss
 from grpo.sampler_correction import importance_weights, sampler_logprob_gap
@@ -39,14 +40,17 @@ def test_weights_and_loss_by_hand(mode, weights, loss):
     logprobs, old_logprobs = worked_example_logprobs()
     sampler_logprobs = old_logprobs - SAMPLER_RATIOS.log()  # so that exp(old - sampler) = SAMPLER_RATIOS
     got, over_cap = importance_weights(old_logprobs, sampler_logprobs, MASK, mode, cap=3.0)
-    # float32 exp/log round trips of values of size <= 4: a few ulps of 4 (2^-22); 1e-6 leaves margin.
-    torch.testing.assert_close(got, torch.tensor(weights), atol=1e-6, rtol=0)
+    # float32: d = old - (old - ln r) carries <= 8 roundings of size u * 4 (ln r, two subtractions of
+    # values <= 4), exp(d) <= 4 turns them into 8 u * 4 absolute, plus its own rounding.
+    weight_tol = 8 * U32 * 4 + 4 * U32
+    torch.testing.assert_close(got, torch.tensor(weights), atol=weight_tol, rtol=0)
     assert over_cap.sum() == 1 and not got.requires_grad
     corrected, metrics = grpo_loss(
         logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="token", normaliser=5.0,
         sampler_logprobs=sampler_logprobs, sampler_correction=mode, sampler_correction_cap=3.0,
     )  # fmt: skip
-    assert corrected.item() == pytest.approx(loss, abs=1e-6)
+    # Each weight's error times |A * ratio| <= 1.5, then a mean of 5 terms of size <= 1.2 (5 u * 1.2).
+    assert corrected.item() == pytest.approx(loss, abs=1.5 * weight_tol + 5 * U32 * 1.2)
     # one token over the cap (token modes), or completion 1's 3 tokens (sequence modes), of 5
     assert metrics["sampler_over_cap_frac"] == pytest.approx(0.2 if mode.startswith("token") else 0.6)
 
@@ -57,8 +61,11 @@ def test_gap_by_hand():
     trainer = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])  # [R, T]
     sampler = trainer - torch.tensor([[math.log(2), -math.log(2), 7.0], [math.log(4), 0.0, 0.0]])  # [R, T]
     gap_sum, gap_max = sampler_logprob_gap(trainer, sampler, MASK)
-    assert (gap_sum / 5).item() == pytest.approx(0.5545177, abs=1e-6)
-    assert gap_max.item() == pytest.approx(1.3862944, abs=1e-6)
+    # float32 ln of values <= 4 and two subtractions of values <= 3.4: <= 4 roundings of u * 4 per
+    # gap (a mean keeps that), plus the 7-decimal rounding of the hand values.
+    atol = 4 * U32 * 4 + 5e-8
+    assert (gap_sum / 5).item() == pytest.approx(0.5545177, abs=atol)
+    assert gap_max.item() == pytest.approx(1.3862944, abs=atol)
 
 
 def test_errors():
@@ -69,9 +76,13 @@ def test_errors():
         importance_weights(zeros, zeros, torch.ones(1, 1), "token_mask", cap=0.0)
 
 
-def test_on_cpu_the_sampler_and_the_trainer_agree():
-    """A real rollout of the tiny model in float32 on CPU: pi_sampler equals the training forward's
-    pi to float32 rounding, so every correction weight is 1 and the corrected loss is the plain one."""
+def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
+    """A real rollout of the tiny model on CPU: pi_sampler equals the training forward's pi to the
+    sampler's float32 rounding, so every correction weight is 1 and the corrected loss is the plain one.
+
+    The model runs in float64 throughout, so the two paths' orders (one decode step on a KV cache vs
+    one full forward) leave only network_error between them; the sampler's float32 log-softmax is
+    then the whole gap, a bound derived below instead of a count of float32 roundings per layer."""
     from data.collators import GRPOCollator
     from data.sources import load_examples
     from grpo.generation_batch import GenerationBatch
@@ -80,11 +91,13 @@ def test_on_cpu_the_sampler_and_the_trainer_agree():
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)
-    model, processor = load_policy("tiny", dtype=torch.float32, device="cpu", seed=0)
+    model, processor = load_policy("tiny", dtype=torch.float64, device="cpu", seed=0)
     tokens = special_token_ids(model, processor)
     examples, _ = load_examples("synthetic", num_examples=2, seed=0)
     batch = GRPOCollator(processor)([examples[0], examples[1]])
     G = 3
+    head_outputs = []  # |z| of the training forward's logits, for the float32 cast below
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: head_outputs.append(output.abs().max()))
     rollout = sample_rollouts(
         model, batch, group_size=G, max_new_tokens=12, eos_token_ids=tokens.eos_token_ids,
         pad_token_id=tokens.pad_token_id, temperature=1.0, top_p=1.0, top_k=0,
@@ -98,15 +111,17 @@ def test_on_cpu_the_sampler_and_the_trainer_agree():
         group_size=G, temperature=1.0, spatial_merge_size=model.config.vision_config.spatial_merge_size,
     )  # fmt: skip
     logprobs = generation.logprobs(model, torch.arange(2 * G), reuse_rollout_images=False)  # [B*G, T]
+    hook.remove()
     sampler_logprobs = rollout.sampler_logprobs[:, : logprobs.shape[1]]  # [B*G, T]
     mask = mask[:, : logprobs.shape[1]].float()  # [B*G, T]
     assert mask.sum() > 2 * G  # not only one-token completions
 
-    # The two paths (one decode step on a KV cache vs one full forward) round differently: a
-    # log-prob of size m = max |logp| carries ~32 roundings of size 2^-24 * m between them (2 layers
-    # of attention, MLP and norms, then the log-softmax), so the gap is below 32 * 2^-24 * m.
+    # The float64 orders (network_error), then the sampler's float32 cast of each logit (moves
+    # log p by <= 2 u |z|) and float32 log-softmax over V (logsumexp_error).
     m = float((logprobs.detach().abs() * mask).max())
-    tol = 32 * 2**-24 * max(m, 1.0)
+    largest_logit = float(max(head_outputs))
+    vocab = model.config.get_text_config().vocab_size
+    tol = network_error(TINY_PATH_TERMS, m) + 2 * U32 * largest_logit + logsumexp_error(vocab, m)
     gap_sum, gap_max = sampler_logprob_gap(logprobs, sampler_logprobs, mask)
     assert gap_max.item() < tol, f"max gap {gap_max.item():.2e} >= {tol:.2e}"
 
