@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
+from grpo.engine.rollout import DECODE_MODES
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
-from grpo.rollout import DECODE_MODES
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
 
 SCHEDULES = ("constant", "cosine")

@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from grpo.advantages import zero_spread_groups
-from grpo.distributed import all_reduce_sum
+from grpo.engine.rollout import Rollout
 from grpo.masks import completion_mask
-from grpo.rollout import Rollout
+from grpo.runtime.distributed import all_reduce_sum
 
 
 @dataclass

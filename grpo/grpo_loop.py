@@ -4,7 +4,7 @@
 
 One generation batch, per rank (B prompts, G completions each):
 
-    1. rollout: sample G completions per prompt with the hand-written sampler (grpo/rollout.py)
+    1. rollout: sample G completions per prompt with the hand-written sampler (grpo/engine/rollout.py)
     2. rewards: decode, score with each reward function, weighted sum       r        [B*G]
     3. advantages: z-score within each group of G                           A        [B*G]
     4. old logprobs (only when num_iterations > 1; from the sampler with --old_logprobs_from_sampler)
@@ -32,21 +32,26 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from data.index_stream import IndexStream
 from grpo.advantages import group_advantages, zero_spread_groups
 from grpo.config import Config, GRPOArguments
-from grpo.distributed import all_gather_object, all_reduce_max, all_reduce_sum
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
-from grpo.generation_batch import GenerationBatch
+from grpo.engine.generation_batch import GenerationBatch
+from grpo.engine.rollout import sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
-from grpo.metrics import MetricsLogger, SampleLogger
-from grpo.preflight import grpo_preflight
-from grpo.reporting import Reporter
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
-from grpo.rollout import sample_rollouts
-from grpo.run import NonFiniteGuard, start_run
-from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.runtime.distributed import (
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    sync_gradients,
+)
+from grpo.runtime.metrics import MetricsLogger, SampleLogger
+from grpo.runtime.preflight import grpo_preflight
+from grpo.runtime.reporting import Reporter
+from grpo.runtime.run import NonFiniteGuard, StopRequest, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
@@ -204,7 +209,7 @@ def train_grpo(config: Config) -> dict:
     targs, gargs = config.train, config.grpo
     G = gargs.num_generations
 
-    # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/run.py) ---
+    # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "grpo", with_reference=gargs.beta > 0)
     rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
     policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
@@ -213,7 +218,7 @@ def train_grpo(config: Config) -> dict:
 
     # --- data: each rank draws its own prompts ---
     from data.collators import GRPOCollator
-    from grpo.data_setup import load_prompt_dataset
+    from data.loading import load_prompt_dataset
 
     dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
     collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
@@ -259,7 +264,7 @@ def train_grpo(config: Config) -> dict:
     if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
         generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
 
-    if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/preflight.py)
+    if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
             model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
             merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=is_main,
@@ -407,6 +412,6 @@ def train_grpo(config: Config) -> dict:
                 save(step)
                 last_saved = step
 
-        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
         progress.close()
         return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger, reporter])

@@ -19,14 +19,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from data.index_stream import IndexStream
 from grpo.config import Config
-from grpo.distributed import all_reduce_sum
 from grpo.logprobs import token_logprobs
-from grpo.metrics import MetricsLogger
-from grpo.preflight import sft_preflight
-from grpo.reporting import Reporter
-from grpo.run import NonFiniteGuard, start_run
-from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.runtime.distributed import all_reduce_sum, sync_gradients
+from grpo.runtime.metrics import MetricsLogger
+from grpo.runtime.preflight import sft_preflight
+from grpo.runtime.reporting import Reporter
+from grpo.runtime.run import NonFiniteGuard, StopRequest, start_run
 from grpo.validation import EarlyStopping, greedy_accuracy
 
 IGNORE_INDEX = -100
@@ -60,14 +60,14 @@ def validation_loss(model, dataset, collator, device, max_examples: int, batch_s
 def train_sft(config: Config) -> dict:
     targs, sargs = config.train, config.sft
 
-    # --- ranks, run directory, policy, AdamW (grpo/run.py) ---
+    # --- ranks, run directory, policy, AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "sft", with_reference=False)
     rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
     policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
     model, processor = policy.model, policy.processor
 
     from data.collators import SFTCollator
-    from grpo.data_setup import load_sft_datasets
+    from data.loading import load_sft_datasets
 
     train_set, val_set, data_report = load_sft_datasets(config, is_main=is_main)
     collator = SFTCollator(processor, system_prompt=config.data.system_prompt_text)
@@ -90,7 +90,7 @@ def train_sft(config: Config) -> dict:
     def save(at_step):  # the early-stopping state travels in the checkpoint, so a resume counts on
         run.save(at_step, stream, extra={"early_stopping": early_stopping.state()})
 
-    if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/preflight.py)
+    if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/runtime/preflight.py)
         sft_preflight(
             model, train_set, collator, batch_size=sargs.per_device_batch_size, device=device,
             loss_fn=sft_token_losses, is_main=is_main,
@@ -167,7 +167,7 @@ def train_sft(config: Config) -> dict:
                 save(step)
                 last_saved = step
 
-        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
         progress.close()
         result = run.finish(
             step, last_saved=last_saved, stop=stop, loggers=[metrics_logger, reporter],

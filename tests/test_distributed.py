@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from grpo import distributed
-from grpo.distributed import DistInfo
+from grpo.runtime import distributed
+from grpo.runtime.distributed import DistInfo
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo.metrics import MetricsLogger, SampleLogger, read_metrics, summarize
+from grpo.runtime.metrics import MetricsLogger, SampleLogger, read_metrics, summarize
 
 
 def test_metrics_logger_writes_one_float_line_per_step(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for grpo/rollout.py: the hand-written sampler against generate() and the scoring forward.
+"""Tests for grpo/engine/rollout.py: the hand-written sampler against generate() and the scoring forward.
 
 Uses the tiny random Qwen2.5-VL and the hand-built batches of tests/test_forward.py: two left
 padded prompts of different lengths, the first with two images.
@@ -22,9 +22,8 @@ from test_forward import (
     make_batch,
 )
 
-from grpo.forward import completion_logprobs, image_inputs_for_rows
-from grpo.masks import completion_mask as grpo_completion_mask
-from grpo.rollout import (
+from grpo.engine.forward import completion_logprobs, image_inputs_for_rows
+from grpo.engine.rollout import (
     StaticKVCache,
     default_decode,
     generate_rollouts_naive,
@@ -32,6 +31,7 @@ from grpo.rollout import (
     sample_next_token,
     sample_rollouts,
 )
+from grpo.masks import completion_mask as grpo_completion_mask
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,9 @@ def test_on_cpu_the_sampler_and_the_trainer_agree():
     pi to float32 rounding, so every correction weight is 1 and the corrected loss is the plain one."""
     from data.collators import GRPOCollator
     from data.sources import load_examples
-    from grpo.generation_batch import GenerationBatch
+    from grpo.engine.generation_batch import GenerationBatch
+    from grpo.engine.rollout import sample_rollouts
     from grpo.masks import completion_mask
-    from grpo.rollout import sample_rollouts
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.forward import (
+from grpo.engine.forward import (
     can_share_prompt,
     completion_logprobs,
     completion_logprobs_shared_prompt,

@@ -21,11 +21,11 @@ Where it departs from `model.generate()` on G repeated prompts:
   - on CUDA each decode step is replayed from one CUDA graph captured per rollout, on fixed-shape
     buffers (`StaticDecoder`, `StaticKVCache`); the plain loop (`DynamicDecoder`) runs elsewhere
     and is the twin the tests compare it with (`decode`, `default_decode`);
-  - positions are explicit (`grpo.forward.mrope_position_ids`) instead of the model's cached
+  - positions are explicit (`grpo.engine.forward.mrope_position_ids`) instead of the model's cached
     `rope_deltas`, so nothing depends on hidden state of the model object;
   - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
     tempered vocabulary, before top-k / top-p truncation. That is the distribution the loss
-    optimises (grpo/forward.py: truncation is ignored there too), so these numbers equal
+    optimises (grpo/engine/forward.py: truncation is ignored there too), so these numbers equal
     `completion_logprobs` on the same tokens and can serve as old-policy logprobs. Greedy
     (tau = 0) records logprobs at tau = 1.
 
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from grpo.forward import (
+from grpo.engine.forward import (
     build_inputs_embeds,
     cache_kwarg_name,
     count_images_per_prompt,
@@ -68,7 +68,7 @@ class Rollout:
     """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens)."""
     image_embeds: Tensor | None
     """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
-    when the vision tower is frozen (expand with grpo.forward.image_inputs_for_rows)."""
+    when the vision tower is frozen (expand with grpo.engine.forward.image_inputs_for_rows)."""
     images_per_prompt: list[int]
     """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
     num_generated_tokens: int
@@ -364,7 +364,7 @@ def _sample_rollouts(
     if pixel_values is not None and pixel_values.numel() > 0:  # a text-only batch has no images
         image_embeds = encode_images(model, pixel_values, image_grid_thw)  # [N, D]
 
-    # --- prefill: once per prompt (explicit positions; see grpo.forward.prefill_prompts) ---
+    # --- prefill: once per prompt (explicit positions; see grpo.engine.forward.prefill_prompts) ---
     last_logits, cache, next_position = prefill_prompts(
         model, input_ids, prompt_mask, image_embeds, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
     )  # [B, V], KV of B rows, [B]

@@ -1,6 +1,6 @@
 """The one model forward: images encoded once, explicit 3-D positions, logits only where needed.
 
-Every pass over the policy goes through this file: the sampler's prefill (grpo/rollout.py), the
+Every pass over the policy goes through this file: the sampler's prefill (grpo/engine/rollout.py), the
 training forward, and the no-grad old-policy and reference passes. GRPO (DeepSeekMath, arXiv
 2402.03300) needs log pi(o_t | q, o_<t) for each completion token o_t; this module computes it for
 Qwen2.5-VL so that the sampler and the trainer see exactly the same numbers.
