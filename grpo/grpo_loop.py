@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from data.index_stream import IndexStream
 from grpo.advantages import group_advantages, zero_spread_groups
@@ -46,12 +45,10 @@ from grpo.runtime.distributed import (
     all_gather_object,
     all_reduce_max,
     all_reduce_sum,
-    sync_gradients,
 )
-from grpo.runtime.metrics import MetricsLogger, SampleLogger
+from grpo.runtime.metrics import SampleLogger
 from grpo.runtime.preflight import grpo_preflight
-from grpo.runtime.reporting import Reporter
-from grpo.runtime.run import NonFiniteGuard, StopRequest, start_run
+from grpo.runtime.run import StopRequest, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
@@ -205,18 +202,64 @@ def rollout_metrics(
     }
 
 
+STEP_SUMS = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
+             "sampler_over_cap", "selected_tokens")  # fmt: skip
+
+
+def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) -> dict[str, float]:
+    """One optimizer step's loss and token metrics over every rank: one all-reduce of the sums.
+
+    sums: accumulate_step_gradients' per-rank sums (token-weighted); returns the job's means.
+    """
+    totals = all_reduce_sum(torch.tensor([sums.get(name, 0.0) for name in STEP_SUMS], dtype=torch.float64))
+    total = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
+    tokens = max(total["tokens"], 1.0)
+    metrics = {
+        # Each rank's loss is its share divided by (global count / world_size); undo that.
+        "loss": total["loss"] / world_size,
+        "kl": total["kl"] / tokens,
+        "clip_frac_low": total["clip_low"] / tokens,
+        "clip_frac_high": total["clip_high"] / tokens,
+        "ratio_mean": total["ratio"] / tokens,
+        "entropy": total["entropy"] / tokens,
+        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
+        "sampler_gap_mean": total["sampler_gap"] / tokens,
+        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
+    }
+    if gargs.sampler_correction != "none":
+        metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
+        metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
+    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
+        metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
+        metrics["entropy_threshold"] = sums["entropy_threshold"]
+    return metrics
+
+
+@torch.no_grad()
+def frozen_logprobs(
+    model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
+) -> torch.Tensor:
+    """[B*G, T] logprobs of the rollout's completions under a model that does not train now
+    (the old policy before the update, or the reference), one micro-batch at a time."""
+    num_rows, T = generation.completion_ids.shape
+    logprobs = torch.zeros(num_rows, T, device=generation.completion_ids.device)  # [B*G, T]
+    for rows in torch.arange(num_rows).split(micro_batch_size):
+        values = generation.logprobs(model, rows, reuse_rollout_images=reuse_images)  # [R, T_rows]
+        logprobs[rows, : values.shape[1]] = values
+    return logprobs
+
+
 def train_grpo(config: Config) -> dict:
     targs, gargs = config.train, config.grpo
-    G = gargs.num_generations
+    G, micro = gargs.num_generations, gargs.micro_batch_size
 
     # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "grpo", with_reference=gargs.beta > 0)
     rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
-    policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
-    model, processor, tokens = policy.model, policy.processor, policy.tokens
+    policy, model, processor, tokens = run.policy, run.policy.model, run.policy.processor, run.policy.tokens
     merge_size = model.config.vision_config.spatial_merge_size
 
-    # --- data: each rank draws its own prompts ---
+    # --- data: each rank draws its own prompts; rewards ---
     from data.collators import GRPOCollator
     from data.loading import load_prompt_dataset
 
@@ -227,13 +270,17 @@ def train_grpo(config: Config) -> dict:
         gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
         overlong_buffer_length=gargs.overlong_buffer_length,
     )  # fmt: skip
-    reward_weights = gargs.reward_weight_values
+    reward_names, reward_weights = [name for name, _ in reward_functions], gargs.reward_weight_values
+
+    # --- settings derived once, before the loop ---
     # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
     # weights with collectives on every call (not captured into a graph here: not tested).
     decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
+    # The rollout encoded each prompt's images once; whenever the vision tower cannot change
+    # (frozen) every later forward reuses those features instead of re-encoding.
+    reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
     # The sampler's own generator: seeded per rank so ranks explore differently.
     generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
-
     round_seconds: list[float] = []  # each rollout round's time: collate + sample
 
     def draw_round() -> SampledGroups:
@@ -247,7 +294,7 @@ def train_grpo(config: Config) -> dict:
             eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
             temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
             decode=decode_mode,
-        )
+        )  # fmt: skip
         round_seconds.append(time.perf_counter() - t_round)
         completions = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         rewards, per_function, _ = compute_rewards(
@@ -258,26 +305,21 @@ def train_grpo(config: Config) -> dict:
         )  # [B*G] (NaN: no function scored it), [B*G, F]
         return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
 
+    # --- resume, preflight, logs ---
     state = run.resume(stream)
-    step = state["step"]
+    step = last_saved = state["step"]
     sampler_states = state["extra"].get("sampler_generators", [])
     if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
         generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
-
     if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
             model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
             merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=is_main,
-        )
-    metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
-    metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+        )  # fmt: skip
+    run.open_logs(step)  # metrics.jsonl, the metrics line and --report_to, the progress bar
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
     if sample_logger is not None:
-        sample_logger.truncate_after(step)  # the same for samples (all of them for a fresh run)
-    reporter = Reporter(config, "grpo", start_step=step, enabled=is_main)  # the metrics line, --report_to
-    progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
-    nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
-    last_saved = step
+        sample_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
 
     def save(at_step):
         # Each rank's sampler stream too, so a resumed rank samples what it would have.
@@ -294,116 +336,72 @@ def train_grpo(config: Config) -> dict:
                 max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
                 pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
             )  # fmt: skip
-            batch, batch_on_device, rollout = sampled.batch, sampled.batch_on_device, sampled.rollout
-            completion_ids = rollout.completion_ids  # [B*G, T]
-            rollout_seconds = sum(round_seconds)
+            batch, rollout, rollout_seconds = sampled.batch, sampled.rollout, sum(round_seconds)
 
             # --- rewards (scored in draw_round) and advantages ---
-            completions, rewards, per_function = sampled.completions, sampled.rewards, sampled.per_function  # [B*G], [B*G, F]
-            advantages, _ = generation_advantages(rewards, G, gargs.advantage_scale, world_size)  # [B*G]
+            advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
-            completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
+            completion_mask, is_truncated = build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation_metrics = rollout_metrics(
-                per_function, [name for name, _ in reward_functions], reward_weights, advantages,
-                completion_mask, is_truncated, G, world_size,
-            ) | sampling_metrics
-
-            # --- inputs shared by every forward of this generation batch ---
+                sampled.per_function, reward_names, reward_weights, advantages, completion_mask, is_truncated,
+                G, world_size,
+            ) | sampling_metrics  # fmt: skip
             generation = GenerationBatch(
-                prompt_ids=batch_on_device["input_ids"], prompt_mask=batch_on_device["attention_mask"],
-                pixel_values=batch_on_device["pixel_values"], image_grid_thw=batch_on_device["image_grid_thw"],
-                images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
-                completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
-                temperature=gargs.temperature, spatial_merge_size=merge_size,
-                shared_prompt=gargs.shared_prompt_forward,
-            )
-            # The rollout encoded each prompt's images once; whenever the vision tower cannot change
-            # (frozen) every later forward reuses those features instead of re-encoding.
-            reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
-            num_rows, T = completion_ids.shape
-            micro = gargs.micro_batch_size
+                prompt_ids=sampled.batch_on_device["input_ids"], prompt_mask=sampled.batch_on_device["attention_mask"],
+                pixel_values=sampled.batch_on_device["pixel_values"],
+                image_grid_thw=sampled.batch_on_device["image_grid_thw"], images_per_prompt=batch["images_per_prompt"],
+                completion_ids=rollout.completion_ids, completion_mask=completion_mask,
+                rollout_image_embeds=rollout.image_embeds, group_size=G, temperature=gargs.temperature,
+                spatial_merge_size=merge_size, shared_prompt=gargs.shared_prompt_forward,
+            )  # the inputs shared by every forward of this generation batch
 
-            # --- old and reference logprobs (only when they are needed) ---
+            # --- old and reference logprobs, no grad (only when they are needed) ---
             t_update = time.perf_counter()
             old_logprobs = ref_logprobs = None
-            with torch.no_grad():
-                if gargs.num_iterations > 1 and gargs.old_logprobs_from_sampler:
-                    # log pi_old of each drawn token, recorded by the sampler (0 after EOS, masked anyway).
-                    old_logprobs = rollout.sampler_logprobs.to(device)  # [B*G, T]
-                elif gargs.num_iterations > 1:
-                    # The policy has not moved since the rollout, so its image features are exact here.
-                    old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                    for rows in torch.arange(num_rows).split(micro):
-                        values = generation.logprobs(model, rows, reuse_rollout_images=True)  # [R, T_rows]
-                        old_logprobs[rows, : values.shape[1]] = values
-                if gargs.beta > 0:
-                    ref_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                    for rows in torch.arange(num_rows).split(micro):
-                        values = generation.logprobs(policy.reference, rows, reuse_rollout_images=reuse_images)
-                        ref_logprobs[rows, : values.shape[1]] = values
+            if gargs.num_iterations > 1 and gargs.old_logprobs_from_sampler:
+                # log pi_old of each drawn token, recorded by the sampler (0 after EOS, masked anyway).
+                old_logprobs = rollout.sampler_logprobs.to(device)  # [B*G, T]
+            elif gargs.num_iterations > 1:  # the policy has not moved since the rollout: its image features are exact
+                old_logprobs = frozen_logprobs(model, generation, micro_batch_size=micro, reuse_images=True)
+            if gargs.beta > 0:
+                ref_logprobs = frozen_logprobs(policy.reference, generation, micro_batch_size=micro, reuse_images=reuse_images)
 
             # --- policy update: num_iterations epochs x steps_per_generation optimizer steps ---
             model.train()
-            mini_batch_rows = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
-            for _epoch in range(gargs.num_iterations):
-                for mini_rows in mini_batch_rows:
-                    sums = accumulate_step_gradients(
-                        model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
-                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
-                        reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
-                    )
-                    if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
-                        sync_gradients(trainable, world_size)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
-                    # Each rank's loss is its share divided by (global count / world_size); undo that.
-                    loss_total = all_reduce_sum(sums["loss"]) / world_size
-                    if not nonfinite.step_is_finite(step + 1, loss_total, grad_norm, optimizer):
-                        continue  # skipped: a NaN step would poison the weights and Adam's moments
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
+            num_rows = rollout.completion_ids.shape[0]
+            mini_batches = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
+            for mini_rows in [rows for _epoch in range(gargs.num_iterations) for rows in mini_batches]:
+                sums = accumulate_step_gradients(
+                    model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
+                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
+                    reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
+                )  # fmt: skip
+                metrics = step_metrics(sums, gargs, world_size)
+                grad_norm = run.optimizer_step(step, metrics["loss"])  # ranks' average, clip, AdamW
+                if grad_norm is None:
+                    continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
+                step += 1
 
-                    # --- metrics ---
-                    tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
-                    metrics = {
-                        "loss": loss_total,
-                        "kl": all_reduce_sum(sums["kl"]) / tokens_step,
-                        "clip_frac_low": all_reduce_sum(sums["clip_low"]) / tokens_step,
-                        "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
-                        "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
-                        "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
-                        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
-                        "sampler_gap_mean": all_reduce_sum(sums["sampler_gap"]) / tokens_step,
-                        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
-                        "grad_norm": float(grad_norm),
-                        "lr": scheduler.get_last_lr()[0],
-                        "rollout_seconds": rollout_seconds,
-                        "update_seconds": time.perf_counter() - t_update,
-                        # this rank's sampler throughput (each rank samples in parallel)
-                        "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
-                        "skipped_images": data_report.skipped_images,
-                        "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
-                        **generation_metrics,
-                    }
-                    if gargs.sampler_correction != "none":
-                        metrics["sampler_weight_mean"] = all_reduce_sum(sums["sampler_weight"]) / tokens_step
-                        metrics["sampler_over_cap_frac"] = all_reduce_sum(sums["sampler_over_cap"]) / tokens_step
-                    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
-                        metrics["entropy_selected_frac"] = all_reduce_sum(sums["selected_tokens"]) / tokens_step
-                        metrics["entropy_threshold"] = sums["entropy_threshold"]
-                    reporter.log(step, metrics_logger.log(step, metrics))
-                    if sample_logger is not None:
-                        sample_text = sample_logger.maybe_log(
-                            step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
-                            rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
-                        )
-                        reporter.log_sample(step, sample_text)
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-                    if step >= targs.max_steps:
-                        break
+                # --- metrics ---
+                metrics |= {
+                    "grad_norm": float(grad_norm),
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "rollout_seconds": rollout_seconds,
+                    "update_seconds": time.perf_counter() - t_update,
+                    # this rank's sampler throughput (each rank samples in parallel)
+                    "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
+                    "skipped_images": data_report.skipped_images,
+                    "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
+                    **generation_metrics,
+                }
+                run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                if sample_logger is not None:
+                    run.reporter.log_sample(step, sample_logger.maybe_log(
+                        step, question=batch["questions"][0], answer=batch["answers"][0],
+                        completion=sampled.completions[0],
+                        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
+                    ))  # fmt: skip
                 if step >= targs.max_steps:
                     break
 
@@ -413,5 +411,4 @@ def train_grpo(config: Config) -> dict:
                 last_saved = step
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
-        progress.close()
-        return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger, reporter])
+        return run.finish(step, last_saved=last_saved, stop=stop, save=save)

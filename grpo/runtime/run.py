@@ -7,6 +7,10 @@ file holds that once, so each loop file shows only its own algorithm:
     state = run.resume(stream)                              # step, data position, RNG, adapters
     ...
     run.save(step, stream, extra={...})                     # every rank calls it; rank 0 writes
+    run.open_logs(step)                                     # metrics.jsonl, --report_to, progress bar
+    ...
+    grad_norm = run.optimizer_step(step, loss)              # all-reduce, clip, AdamW (None: skipped)
+    run.log(step, metrics, loss=...)                        # one record, the console line, the bar
     ...
     return run.finish(step, ...)  # inside the loop's `with StopRequest()`: the final save, the end
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from data.index_stream import IndexStream
 from grpo.config import Config
@@ -44,7 +49,9 @@ from grpo.runtime.distributed import (
     broadcast_parameters,
     cleanup,
     init_distributed,
+    sync_gradients,
 )
+from grpo.runtime.metrics import MetricsLogger
 from grpo.runtime.optimizer import build_optimizer, build_scheduler
 from grpo.runtime.policy import (
     Policy,
@@ -55,6 +62,7 @@ from grpo.runtime.policy import (
     restore_adapters,
     shard_policy,
 )
+from grpo.runtime.reporting import Reporter
 from grpo.runtime.run_lock import OutputDirInUse, OutputDirLock, acquire_output_dir_lock
 
 
@@ -71,6 +79,10 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_from: Path | None
     lock: OutputDirLock | None = None  # rank 0's lock on output_dir (grpo/runtime/run_lock.py)
+    nonfinite: NonFiniteGuard | None = None  # set by start_run
+    metrics_logger: MetricsLogger | None = None  # set by open_logs, with reporter and progress
+    reporter: Reporter | None = None
+    progress: tqdm | None = None
 
     @property
     def is_main(self) -> bool:
@@ -111,19 +123,55 @@ class TrainingRun:
                 keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 
-    def finish(
-        self, step: int, *, last_saved: int, stop: StopRequest, save: Callable[[int], None], loggers: list = ()
-    ) -> dict:
+    def open_logs(self, step: int) -> None:
+        """metrics.jsonl, the console line and --report_to backends, the progress bar (rank 0 writes)."""
+        targs = self.config.train
+        self.metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=self.is_main)
+        self.metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+        self.reporter = Reporter(self.config, self.stage, start_step=step, enabled=self.is_main)
+        self.progress = tqdm(
+            total=targs.max_steps, initial=step, desc=self.stage, disable=not (self.is_main and targs.progress_bar)
+        )
+
+    def log(self, step: int, metrics: dict, **postfix: str) -> None:
+        """One optimizer step's record: metrics.jsonl, the console line and backends, the progress bar."""
+        self.reporter.log(step, self.metrics_logger.log(step, metrics))
+        self.progress.update(1)
+        self.progress.set_postfix(**postfix)
+
+    def optimizer_step(self, step: int, loss: float) -> torch.Tensor | None:
+        """Average the gradients over ranks, clip their norm, step AdamW and the schedule.
+
+        step: the optimizer steps taken so far; loss: this step's loss summed over ranks (the
+        guard's input). Returns the gradient norm before clipping, or None when the step was skipped
+        because the loss or the gradient was not finite (NonFiniteGuard).
+        """
+        targs = self.config.train
+        if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
+            sync_gradients(self.trainable, self.dist.world_size)
+        max_norm = targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if not self.nonfinite.step_is_finite(step + 1, loss, grad_norm, self.optimizer):
+            return None  # skipped: a NaN step would poison the weights and Adam's moments
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def finish(self, step: int, *, last_saved: int, stop: StopRequest, save: Callable[[int], None]) -> dict:
         """The end of both loops: the final save, the stop message, the lock, leaving the ranks.
 
         Call it inside the loop's `with StopRequest()`: a SIGTERM or Ctrl-C that lands during the
         final save then only sets the flag, as during the loop, instead of killing the process
         while it writes the checkpoint that holds the whole run (a second Ctrl-C still stops at once).
         """
+        if self.progress is not None:
+            self.progress.close()
         if step > last_saved or self.resume_from is None:
             save(step)
-        for logger in loggers:
-            logger.close()
+        for logger in (self.metrics_logger, self.reporter):
+            if logger is not None:
+                logger.close()
         output_dir = self.config.train.output_dir
         if stop.requested and self.is_main:
             print(
@@ -187,7 +235,8 @@ def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRu
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(policy.model, targs)  # after sharding: AdamW must see the shards
     scheduler = build_scheduler(optimizer, targs)
-    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from, lock)
+    nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, stage)
+    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from, lock, nonfinite)
 
 
 class NonFiniteGuard:
