@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import repeat
 from torch import Tensor
 from transformers import GenerationConfig
 
@@ -371,9 +372,9 @@ def _sample_rollouts(
 
     # --- copy to the G rows of each group: rows are [p0 x G, p1 x G, ...] ---
     cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
-    logits = last_logits.repeat_interleave(group_size, dim=0)  # [B*G, V]
-    next_position = next_position.repeat_interleave(group_size)  # [B*G]
-    row_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [R, P]
+    logits = repeat(last_logits, "b v -> (b g) v", g=group_size)  # [B*G, V]
+    next_position = repeat(next_position, "b -> (b g)", g=group_size)  # [B*G]
+    row_mask = repeat(prompt_mask, "b p -> (b g) p", g=group_size)  # [R, P]
     num_rows = logits.shape[0]  # R = B*G
     decode = decode or default_decode(device)
     if decode == "dynamic":
@@ -424,11 +425,11 @@ def repeat_batch_per_group(batch: dict, group_size: int, *, image_token_id: int,
     """
     input_ids = batch["input_ids"]  # [B, P]
     out = {
-        "input_ids": input_ids.repeat_interleave(group_size, dim=0),  # [B*G, P]
-        "attention_mask": batch["attention_mask"].repeat_interleave(group_size, dim=0),  # [B*G, P]
+        "input_ids": repeat(input_ids, "b p -> (b g) p", g=group_size),  # [B*G, P]
+        "attention_mask": repeat(batch["attention_mask"], "b p -> (b g) p", g=group_size),  # [B*G, P]
     }
     if batch.get("mm_token_type_ids") is not None:
-        out["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(group_size, dim=0)  # [B*G, P]
+        out["mm_token_type_ids"] = repeat(batch["mm_token_type_ids"], "b p -> (b g) p", g=group_size)  # [B*G, P]
     grid = batch.get("image_grid_thw")  # [num_images, 3]
     if grid is None:
         return out
