@@ -15,7 +15,7 @@ One generation batch, per rank (B prompts, G completions each):
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
-       stage's starting point (as in TRL and the seeds).
+       stage's starting point (as in TRL and the blog post).
     2. With num_iterations == 1 no old-policy forward runs: old_logprobs = logprobs.detach(), so
        the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
     3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
@@ -202,6 +202,72 @@ def rollout_metrics(
     }
 
 
+class RolloutRounds:
+    """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
+
+    sample_generation_batch calls it once, or (--dynamic_sampling) until B groups carry a reward
+    spread; `seconds` keeps each round's time (collate + sample) for the step's metrics.
+    """
+
+    def __init__(self, model, processor, dataset, collator, stream, *, gargs: GRPOArguments, tokens,
+                 decode_mode: str | None, device: torch.device, seed: int):  # fmt: skip
+        self.model, self.processor, self.dataset, self.collator, self.stream = model, processor, dataset, collator, stream
+        self.gargs, self.tokens, self.decode_mode, self.device = gargs, tokens, decode_mode, device
+        self.reward_functions = resolve_reward_functions(
+            gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
+            overlong_buffer_length=gargs.overlong_buffer_length,
+        )  # fmt: skip
+        self.reward_names = [name for name, _ in self.reward_functions]
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # the sampler's; a checkpoint keeps its state
+        self.seconds: list[float] = []
+
+    def __call__(self) -> SampledGroups:
+        gargs, tokens, G = self.gargs, self.tokens, self.gargs.num_generations
+        started = time.perf_counter()
+        examples = [self.dataset[i] for i in self.stream.take(gargs.per_device_prompts)]
+        batch = self.collator(examples)
+        batch_on_device = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
+            self.model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=self.generator,
+            decode=self.decode_mode,
+        )  # fmt: skip
+        self.seconds.append(time.perf_counter() - started)
+        completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards, per_function, _ = compute_rewards(
+            self.reward_functions, gargs.reward_weight_values, completions,
+            [answer for answer in batch["answers"] for _ in range(G)],
+            questions=[question for question in batch["questions"] for _ in range(G)],
+            completion_lengths=build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)[0].sum(1).tolist(),
+        )  # [B*G] (NaN: no function scored it), [B*G, F]
+        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
+
+
+def log_first_sample(sample_logger: SampleLogger, step: int, sampled: SampledGroups, reward_names: list[str]):
+    """samples.log on its steps: the generation batch's first prompt and completion, each reward."""
+    return sample_logger.maybe_log(
+        step, question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0],
+        completion=sampled.completions[0],
+        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
+    )  # fmt: skip
+
+
+def generation_inputs(
+    sampled: SampledGroups, completion_mask: torch.Tensor, gargs: GRPOArguments, merge_size: int
+) -> GenerationBatch:
+    """The inputs every forward of one generation batch shares (prompts, images, completions)."""
+    on_device = sampled.batch_on_device
+    return GenerationBatch(
+        prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
+        pixel_values=on_device["pixel_values"], image_grid_thw=on_device["image_grid_thw"],
+        images_per_prompt=sampled.batch["images_per_prompt"], completion_ids=sampled.rollout.completion_ids,
+        completion_mask=completion_mask, rollout_image_embeds=sampled.rollout.image_embeds,
+        group_size=gargs.num_generations, temperature=gargs.temperature, spatial_merge_size=merge_size,
+        shared_prompt=gargs.shared_prompt_forward,
+    )  # fmt: skip
+
+
 STEP_SUMS = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
              "sampler_over_cap", "selected_tokens")  # fmt: skip
 
@@ -259,18 +325,13 @@ def train_grpo(config: Config) -> dict:
     policy, model, processor, tokens = run.policy, run.policy.model, run.policy.processor, run.policy.tokens
     merge_size = model.config.vision_config.spatial_merge_size
 
-    # --- data: each rank draws its own prompts; rewards ---
+    # --- data: each rank draws its own prompts ---
     from data.collators import GRPOCollator
     from data.loading import load_prompt_dataset
 
     dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
     collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
-    reward_functions = resolve_reward_functions(
-        gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
-        overlong_buffer_length=gargs.overlong_buffer_length,
-    )  # fmt: skip
-    reward_names, reward_weights = [name for name, _ in reward_functions], gargs.reward_weight_values
 
     # --- settings derived once, before the loop ---
     # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
@@ -279,38 +340,17 @@ def train_grpo(config: Config) -> dict:
     # The rollout encoded each prompt's images once; whenever the vision tower cannot change
     # (frozen) every later forward reuses those features instead of re-encoding.
     reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
-    # The sampler's own generator: seeded per rank so ranks explore differently.
-    generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
-    round_seconds: list[float] = []  # each rollout round's time: collate + sample
-
-    def draw_round() -> SampledGroups:
-        """One round of the rollout: B prompts from the stream, G completions each, scored."""
-        t_round = time.perf_counter()
-        examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
-        batch = collator(examples)
-        batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
-            model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
-            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
-            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
-            decode=decode_mode,
-        )  # fmt: skip
-        round_seconds.append(time.perf_counter() - t_round)
-        completions = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards, per_function, _ = compute_rewards(
-            reward_functions, reward_weights, completions,
-            [answer for answer in batch["answers"] for _ in range(G)],
-            questions=[question for question in batch["questions"] for _ in range(G)],
-            completion_lengths=build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)[0].sum(1).tolist(),
-        )  # [B*G] (NaN: no function scored it), [B*G, F]
-        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
+    rounds = RolloutRounds(
+        model, processor, dataset, collator, stream, gargs=gargs, tokens=tokens, decode_mode=decode_mode,
+        device=device, seed=targs.seed * 7919 + rank,  # the sampler's own stream: ranks explore differently
+    )  # fmt: skip
 
     # --- resume, preflight, logs ---
     state = run.resume(stream)
     step = last_saved = state["step"]
     sampler_states = state["extra"].get("sampler_generators", [])
     if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
-        generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
+        rounds.generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
     if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
             model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
@@ -323,38 +363,31 @@ def train_grpo(config: Config) -> dict:
 
     def save(at_step):
         # Each rank's sampler stream too, so a resumed rank samples what it would have.
-        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(generator.get_state())})
+        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(rounds.generator.get_state())})
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
     with StopRequest() as stop:
         while step < targs.max_steps and not stop.requested_on_any_rank():
             # --- rollout (with --dynamic_sampling: more rounds until B groups with a reward spread) ---
-            round_seconds.clear()
+            rounds.seconds.clear()
             sampled, sampling_metrics = sample_generation_batch(
-                draw_round, enabled=gargs.dynamic_sampling, needed=gargs.per_device_prompts, group_size=G,
+                rounds, enabled=gargs.dynamic_sampling, needed=gargs.per_device_prompts, group_size=G,
                 max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
                 pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
             )  # fmt: skip
-            batch, rollout, rollout_seconds = sampled.batch, sampled.rollout, sum(round_seconds)
+            rollout, rollout_seconds = sampled.rollout, sum(rounds.seconds)
 
-            # --- rewards (scored in draw_round) and advantages ---
+            # --- rewards (scored by RolloutRounds) and advantages ---
             advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
             completion_mask, is_truncated = build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation_metrics = rollout_metrics(
-                sampled.per_function, reward_names, reward_weights, advantages, completion_mask, is_truncated,
-                G, world_size,
+                sampled.per_function, rounds.reward_names, gargs.reward_weight_values, advantages, completion_mask,
+                is_truncated, G, world_size,
             ) | sampling_metrics  # fmt: skip
-            generation = GenerationBatch(
-                prompt_ids=sampled.batch_on_device["input_ids"], prompt_mask=sampled.batch_on_device["attention_mask"],
-                pixel_values=sampled.batch_on_device["pixel_values"],
-                image_grid_thw=sampled.batch_on_device["image_grid_thw"], images_per_prompt=batch["images_per_prompt"],
-                completion_ids=rollout.completion_ids, completion_mask=completion_mask,
-                rollout_image_embeds=rollout.image_embeds, group_size=G, temperature=gargs.temperature,
-                spatial_merge_size=merge_size, shared_prompt=gargs.shared_prompt_forward,
-            )  # the inputs shared by every forward of this generation batch
+            generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
 
             # --- old and reference logprobs, no grad (only when they are needed) ---
             t_update = time.perf_counter()
@@ -396,12 +429,8 @@ def train_grpo(config: Config) -> dict:
                     **generation_metrics,
                 }
                 run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-                if sample_logger is not None:
-                    run.reporter.log_sample(step, sample_logger.maybe_log(
-                        step, question=batch["questions"][0], answer=batch["answers"][0],
-                        completion=sampled.completions[0],
-                        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
-                    ))  # fmt: skip
+                if sample_logger is not None:  # every --sample_log_steps: the batch's first completion
+                    run.reporter.log_sample(step, log_first_sample(sample_logger, step, sampled, rounds.reward_names))
                 if step >= targs.max_steps:
                     break
 
