@@ -8,10 +8,10 @@ r_1 .. r_G, and uses the group as its own baseline (DeepSeekMath, arXiv 2402.033
 
 Every token of completion i gets the same A_i. Choices where papers and code differ:
 
-1. std is the *unbiased* sample std (divide by G - 1), as `torch.std` and the seed code compute
+1. std is the *unbiased* sample std (divide by G - 1), as `torch.std` and the blog post's code compute
    it; the paper does not say. With G = 2 and rewards {1, 0} that gives A = +-0.707, not +-1.
    It needs G >= 2.
-2. eps = 1e-4 (the seed's value) keeps the division finite when the std is tiny.
+2. eps = 1e-4 (the blog post's value) keeps the division finite when the std is tiny.
 3. A group whose rewards are all exactly equal carries no signal: all its advantages are set to
    exactly 0 (not (r - mean) / eps, which floating-point rounding of the mean can make
    nonzero), and it is counted in `frac_zero_std_groups` (DAPO's dynamic sampling,
