@@ -83,8 +83,8 @@ def default_sampling_method(device: torch.device) -> str:
     """`multinomial` on CUDA (one fast kernel there), `inverse_cdf` elsewhere.
 
     On CPU `torch.multinomial(probs, 1)` draws an exponential random number for EVERY vocabulary
-    entry; inverse CDF draws one uniform per row. At the tiny preset's V = 927 and R = 32 rows that
-    is 0.6 ms vs 0.05 ms a step, at Qwen's V = 151,936 about 100 ms vs 5 ms (bench/sampling_cost.py).
+    entry; inverse CDF draws one uniform per row, and the gap grows with V (bench/sampling_cost.py;
+    the figures are in docs/benchmarks.md, section 2).
     """
     return "multinomial" if torch.device(device).type == "cuda" else "inverse_cdf"
 
@@ -173,9 +173,8 @@ def default_decode(device: torch.device) -> str:
     """`cuda_graph` on CUDA, `dynamic` elsewhere.
 
     A decode step runs R rows x 1 token through every layer: on a GPU that is hundreds of small
-    kernels, and launching them from Python costs more than running them (Qwen2.5-VL-3B, 32 rows,
-    H100: 36 ms a step in eager PyTorch against a 2.3 ms memory-bandwidth bound, docs/benchmarks.md
-    section 5). Replaying the step from a CUDA graph removes the launches. On CPU the kernels
+    kernels, and launching them from Python costs more than running them (docs/benchmarks.md,
+    section 5: an eager step far above its memory-bandwidth bound). Replaying the step from a CUDA graph removes the launches. On CPU the kernels
     themselves dominate, and the plain loop stays (it is also the naive twin the tests use).
     """
     return "cuda_graph" if torch.device(device).type == "cuda" else "dynamic"

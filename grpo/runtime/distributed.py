@@ -144,14 +144,6 @@ def all_reduce_max(value: float) -> float:
     return buffer.item()
 
 
-def all_reduce_mean(value: T) -> T:
-    """Mean of `value` over ranks (the sum divided by world_size). No-op in a single process."""
-    if not is_initialized():
-        return value
-    total = all_reduce_sum(value)
-    return total / get_world_size()
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj` on every rank (e.g. a resume decision made on rank 0)."""
     if not is_initialized():

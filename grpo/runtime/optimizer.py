@@ -19,8 +19,8 @@ def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CUDA and CPU, plain tensors and FSDP's DTensor shards alike) updates every
     # parameter in one pass and needs no temporary copies of the moments (CUDA's default foreach
-    # path holds ~one extra copy during the step: 7.5 GB at 3B in bf16); on CPU it is 8x faster
-    # than the default loop (18 vs 143 ms a step at 27 M parameters). TRL's Trainer uses it too.
+    # path holds about one extra copy of them during the step); on CPU it is several times faster
+    # than the default loop (docs/benchmarks.md, section 4). TRL's Trainer uses it too.
     fused = all(p.device.type in ("cuda", "cpu") for p in trainable)
     return torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=True if fused else None
