@@ -1,0 +1,10 @@
+"""The engine: everything that talks to the Qwen2.5-VL model (skippable on a first read).
+
+    forward.py           the model forward every pass uses: images encoded once, inputs_embeds,
+                         explicit 3-D (mRoPE) positions, logits only for the completion positions
+    rollout.py           the hand-written sampler: prefill once per prompt, KV cache copied G ways,
+                         decode steps (plain, or replayed from a CUDA graph); `generate` as its twin
+    generation_batch.py  one generation batch's inputs, shared by the old, reference and policy forwards
+
+The algorithm (grpo/*.py) calls these; they never import the loops or the runtime.
+"""
