@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
-from grpo.engine.rollout import DECODE_MODES
+from grpo.engine.decoders import DECODE_MODES
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
 from grpo.sampler_correction import SAMPLER_CORRECTIONS

@@ -94,7 +94,7 @@ def test_bad_numbers_exit_2_naming_the_flag(tmp_path, capsys, no_model_load, fla
 
 
 def test_a_non_finite_logit_stops_the_sampler_with_a_message_that_says_so():
-    from grpo.engine.rollout import sample_next_token
+    from grpo.engine.sampling import sample_next_token
 
     logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])  # [R=2, V=3], row 1 broken
     for method in ("inverse_cdf", "multinomial"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.engine.rollout import default_sampling_method, inverse_cdf_draw, sample_next_token
+from grpo.engine.sampling import default_sampling_method, inverse_cdf_draw, sample_next_token
 
 # --- inverse CDF by hand ---
 

@@ -3,7 +3,9 @@
     forward.py           the model forward every pass uses: images encoded once, inputs_embeds,
                          explicit 3-D (mRoPE) positions, logits only for the completion positions
     rollout.py           the hand-written sampler: prefill once per prompt, KV cache copied G ways,
-                         decode steps (plain, or replayed from a CUDA graph); `generate` as its twin
+                         the decode loop; `generate` as its twin
+    sampling.py          one token per row: temperature, top-k, top-p, greedy, inverse CDF on CPU
+    decoders.py          the decode step: HF's growing cache, or fixed buffers replayed from a CUDA graph
     generation_batch.py  one generation batch's inputs, shared by the old, reference and policy forwards
 
 The algorithm (grpo/*.py) calls these; they never import the loops or the runtime.

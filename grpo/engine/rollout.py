@@ -17,10 +17,10 @@ Where it departs from `model.generate()` on G repeated prompts:
   - tokens are drawn by inverse CDF (one uniform per row: the first token whose cumulative
     probability exceeds u) instead of `torch.multinomial`, which on CPU draws a random number per
     vocabulary entry; on CUDA, where its kernel is fast, multinomial stays (`sampling_method`).
-    Same distribution; a given seed draws other tokens than multinomial would;
+    Same distribution; a given seed draws other tokens than multinomial would (grpo/engine/sampling.py);
   - on CUDA each decode step is replayed from one CUDA graph captured per rollout, on fixed-shape
     buffers (`StaticDecoder`, `StaticKVCache`); the plain loop (`DynamicDecoder`) runs elsewhere
-    and is the twin the tests compare it with (`decode`, `default_decode`);
+    and is the twin the tests compare it with (`decode`, `default_decode`; grpo/engine/decoders.py);
   - positions are explicit (`grpo.engine.forward.mrope_position_ids`) instead of the model's cached
     `rope_deltas`, so nothing depends on hidden state of the model object;
   - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
@@ -44,16 +44,15 @@ from einops import repeat
 from torch import Tensor
 from transformers import GenerationConfig
 
+from grpo.engine.decoders import DECODE_MODES, DynamicDecoder, StaticDecoder, default_decode
 from grpo.engine.forward import (
-    build_inputs_embeds,
-    cache_kwarg_name,
     count_images_per_prompt,
     encode_images,
     image_token_id_of,
-    output_cache,
     prefill_prompts,
     spatial_merge_size_of,
 )
+from grpo.engine.sampling import sample_next_token
 from grpo.masks import completion_mask
 
 
@@ -74,229 +73,6 @@ class Rollout:
     """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
     num_generated_tokens: int
     """Tokens generated over all rows, each row counted through its first EOS."""
-
-
-SAMPLING_METHODS = ("inverse_cdf", "multinomial")
-
-
-def default_sampling_method(device: torch.device) -> str:
-    """`multinomial` on CUDA (one fast kernel there), `inverse_cdf` elsewhere.
-
-    On CPU `torch.multinomial(probs, 1)` draws an exponential random number for EVERY vocabulary
-    entry; inverse CDF draws one uniform per row, and the gap grows with V (bench/sampling_cost.py;
-    the figures are in docs/benchmarks.md, section 2).
-    """
-    return "multinomial" if torch.device(device).type == "cuda" else "inverse_cdf"
-
-
-def inverse_cdf_draw(probs: Tensor, uniform: Tensor) -> Tensor:
-    """Token per row of probs [R, V] (need not sum to 1) for uniforms [R, 1] in [0, 1): [R].
-
-    Row i of probs covers [0, total) with one interval per token, [cdf[j-1], cdf[j]); the token is
-    the one whose interval holds u * total, i.e. the FIRST j with cdf[j] > u * total
-    (searchsorted with right=True). A token of probability 0 has an empty interval
-    (cdf[j] == cdf[j-1] exactly: adding 0.0 is exact), so it is never chosen, even when u * total
-    lands exactly on a boundary: with right=False, u = 0 would pick token 0 when p_0 = 0.
-    The partial sums are float32, so each boundary carries float32 rounding; a zero stays a zero.
-    """
-    cdf = probs.cumsum(dim=-1)  # [R, V] non-decreasing: every term is >= 0
-    total = cdf[:, -1:]  # [R, 1] > 0: softmax keeps at least the best token
-    # u < 1, so u * total < total in exact arithmetic; keep it strictly below after rounding too,
-    # so some cdf[j] > target always exists and the result can never be V (no clamp needed).
-    target = torch.minimum(uniform.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))  # [R, 1]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [R]
-
-
-def sample_next_token(
-    logits: Tensor,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    generator: torch.Generator | None,
-    method: str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One sampling step from last-position logits [R, V] -> (token [R], logprob [R] float32).
-
-    The logprob is of the full tempered distribution, before top-k / top-p (see module docstring).
-    `method` draws from the truncated distribution: "inverse_cdf" (one uniform per row) or
-    "multinomial" (`torch.multinomial`, the naive twin; tests check they agree); None picks by
-    device (`default_sampling_method`). Both use `generator`, which must live on the logits' device.
-    """
-    method = method or default_sampling_method(logits.device)
-    if method not in SAMPLING_METHODS:  # checked before the greedy branch too, so a typo never hides
-        raise ValueError(f"sampling method {method!r}: expected one of {SAMPLING_METHODS}")
-    # A NaN or inf logit makes the draw meaningless (the inverse CDF then returns index V, which
-    # fails later as an out-of-range token id): stop here and say why. One reduction and one sync
-    # per decode step, next to the all-finished check the loop already syncs on.
-    rows_bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
-    if rows_bad:
-        raise FloatingPointError(
-            f"the sampler got non-finite logits (NaN or inf) in {rows_bad} of {logits.shape[0]} rows: the "
-            "policy's weights or activations are no longer finite (a learning rate too high, an fp16 "
-            "overflow, a broken checkpoint); resume from an earlier checkpoint with a lower --learning_rate "
-            "or use --dtype bfloat16 / float32"
-        )
-    if temperature == 0:  # greedy; scored at tau = 1
-        token = logits.argmax(dim=-1)  # [R]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-        return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
-    # Divide in the logits' dtype, as completion_logprobs does, then go to float32.
-    scaled = (logits / temperature).float()  # [R, V]
-    logprobs = torch.log_softmax(scaled, dim=-1)  # [R, V] the policy the loss optimises
-    filtered = scaled  # [R, V] truncated copy used only to draw the token
-    if top_k > 0:
-        kth_best = torch.topk(filtered, min(top_k, filtered.shape[-1]), dim=-1).values[:, -1:]  # [R, 1]
-        filtered = filtered.masked_fill(filtered < kth_best, float("-inf"))  # [R, V]
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)  # [R, V]
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [R, V]
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V]
-        # Keep the smallest prefix whose mass reaches top_p; the best token always survives
-        # (its mass_before is 0), so a row can never be left with nothing to sample.
-        drop_sorted = mass_before >= top_p  # [R, V]
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # [R, V] back in vocabulary order
-        filtered = filtered.masked_fill(drop, float("-inf"))  # [R, V]
-    probs = torch.softmax(filtered, dim=-1)  # [R, V] exactly 0 where truncated (exp(-inf))
-    if method == "inverse_cdf":
-        uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)  # [R, 1] in [0, 1)
-        token = inverse_cdf_draw(probs, uniform)  # [R]
-    else:  # multinomial
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [R]
-    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)  # [R], [R]
-
-
-DECODE_MODES = ("dynamic", "static", "cuda_graph")
-
-
-def default_decode(device: torch.device) -> str:
-    """`cuda_graph` on CUDA, `dynamic` elsewhere.
-
-    A decode step runs R rows x 1 token through every layer: on a GPU that is hundreds of small
-    kernels, and launching them from Python costs more than running them (docs/benchmarks.md,
-    section 5: an eager step far above its memory-bandwidth bound). Replaying the step from a CUDA graph removes the launches. On CPU the kernels
-    themselves dominate, and the plain loop stays (it is also the naive twin the tests use).
-    """
-    return "cuda_graph" if torch.device(device).type == "cuda" else "dynamic"
-
-
-class DynamicDecoder:
-    """The plain decode step: HF's growing KV cache, the attention mask sliced to P + step + 1."""
-
-    def __init__(self, model, cache, row_mask: Tensor, next_position: Tensor, max_new_tokens: int):
-        self.model, self.cache, self.next_position = model, cache, next_position  # next_position [R]
-        self.cache_kwarg = cache_kwarg_name(model)
-        num_rows, self.prompt_length = row_mask.shape  # R, P
-        # The whole decode mask at once: the prompt's mask, then ones for every generated column.
-        # Step s passes the first P+s+1 columns (a view), instead of concatenating a column per step.
-        # Finished rows keep 1s: they still run (emitting pad) and are masked out of the loss later.
-        self.attention_mask = row_mask.new_ones(num_rows, self.prompt_length + max_new_tokens)  # [R, P+T]
-        self.attention_mask[:, : self.prompt_length] = row_mask  # [R, P]
-
-    def step(self, token: Tensor, step: int) -> Tensor:
-        """Run `token` [R] (generated token number `step`) through the model: next logits [R, V]."""
-        num_rows = token.shape[0]
-        # The new token is a text token: same position on the three axes, one past the last.
-        position_ids = (self.next_position + step).view(1, num_rows, 1).expand(3, -1, -1)  # [3, R, 1]
-        output = self.model(
-            inputs_embeds=build_inputs_embeds(self.model, token[:, None], None),  # [R, 1, D]
-            attention_mask=self.attention_mask[:, : self.prompt_length + step + 1],  # [R, P+step+1]
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: self.cache},
-        )
-        self.cache = output_cache(output)
-        return output.logits[:, -1, :]  # [R, V]
-
-
-class StaticKVCache:
-    """Every layer's K and V in one preallocated buffer [R, H_kv, P+T, d]; the slot the next token
-    is written to is a device tensor (`position`), so a step has fixed shapes and no host values:
-    what a CUDA graph needs. Only `update` is called by the model (the attention mask is passed
-    ready-made, so HF's mask builder, which would query the cache, never runs)."""
-
-    def __init__(self, prefill_cache, max_length: int):
-        self.keys, self.values = [], []  # per layer [R, H_kv, P+T, d]
-        for layer in prefill_cache.layers:  # transformers 5.x DynamicLayer: .keys / .values [R, H_kv, P, d]
-            prompt_length = layer.keys.shape[2]
-            for store, prefill in ((self.keys, layer.keys), (self.values, layer.values)):
-                buffer = prefill.new_zeros(*prefill.shape[:2], max_length, prefill.shape[3])
-                buffer[:, :, :prompt_length] = prefill
-                store.append(buffer)
-        self.position = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)  # [1] next slot
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        """Write this step's K, V [R, H_kv, 1, d] at `position`; return the whole buffers."""
-        self.keys[layer_idx].index_copy_(2, self.position, key_states)
-        self.values[layer_idx].index_copy_(2, self.position, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-
-class StaticDecoder:
-    """The decode step on fixed-shape buffers, optionally replayed from one CUDA graph.
-
-    Buffers: the token [R], the 3-D positions [3, R, 1], a boolean attention mask [R, 1, 1, P+T]
-    (True = attend: the prompt's real tokens, then one more column per step) and the
-    `StaticKVCache`. A step writes its inputs into them, then runs (or replays) the same forward;
-    every slot after the current one is masked, so the zeros or stale values there are never read.
-    With cuda_graph, the forward is captured once per rollout after two warm-up runs (which write
-    into slots P and P+1: the real steps overwrite those before any query may attend to them).
-    """
-
-    def __init__(self, model, prefill_cache, row_mask: Tensor, next_position: Tensor, max_new_tokens: int,
-                 *, cuda_graph: bool):
-        text_config = getattr(model, "module", model).config.get_text_config()
-        if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ["full_attention"]):
-            raise ValueError("static decoding supports full-attention layers only; use decode='dynamic'")
-        num_rows, self.prompt_length = row_mask.shape  # R, P
-        max_length = self.prompt_length + max_new_tokens
-        self.model, self.next_position = model, next_position  # [R]
-        self.cache = StaticKVCache(prefill_cache, max_length)
-        self.cache_kwarg = cache_kwarg_name(model)
-        self.token = torch.zeros(num_rows, dtype=torch.long, device=row_mask.device)  # [R]
-        self.position_ids = torch.zeros(3, num_rows, 1, dtype=torch.long, device=row_mask.device)  # [3, R, 1]
-        self.mask = torch.zeros(num_rows, 1, 1, max_length, dtype=torch.bool, device=row_mask.device)  # [R, 1, 1, P+T]
-        self.mask[:, 0, 0, : self.prompt_length] = row_mask.bool()
-        self.graph = None
-        if cuda_graph:
-            if row_mask.device.type != "cuda":
-                raise ValueError("decode='cuda_graph' needs the model on a CUDA device; use 'static' or 'dynamic'")
-            self._set_inputs(self.token, 0)
-            side = torch.cuda.Stream(device=row_mask.device)
-            side.wait_stream(torch.cuda.current_stream(row_mask.device))
-            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream(row_mask.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()  # [R, V] lives in the graph's memory pool
-
-    def _set_inputs(self, token: Tensor, step: int) -> None:
-        self.token.copy_(token)
-        self.position_ids.copy_((self.next_position + step).view(1, -1, 1).expand(3, -1, -1))
-        self.cache.position.fill_(self.prompt_length + step)
-        self.mask[:, 0, 0, self.prompt_length + step] = True
-
-    def _forward(self) -> Tensor:
-        output = self.model(
-            inputs_embeds=build_inputs_embeds(self.model, self.token[:, None], None),  # [R, 1, D]
-            attention_mask={"full_attention": self.mask},  # ready-made: HF builds no mask
-            position_ids=self.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: self.cache},
-        )
-        return output.logits[:, -1, :]  # [R, V]
-
-    def step(self, token: Tensor, step: int) -> Tensor:
-        """Run `token` [R] (generated token number `step`) through the model: next logits [R, V]."""
-        self._set_inputs(token, step)
-        if self.graph is None:
-            return self._forward()
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites the graph's output buffer
 
 
 @torch.no_grad()
