@@ -25,11 +25,8 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.engine.forward import (
-    completion_logprobs,
-    completion_logprobs_shared_prompt,
-    encode_images,
-)
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.inputs import encode_images
 from grpo.engine.rollout import sample_rollouts
 from models.loading import load_policy, special_token_ids
 

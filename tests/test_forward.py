@@ -14,11 +14,10 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from grpo.engine.forward import (
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.hf_compat import can_share_prompt
+from grpo.engine.inputs import (
     build_inputs_embeds,
-    can_share_prompt,
-    completion_logprobs,
-    completion_logprobs_shared_prompt,
     count_images_per_prompt,
     encode_images,
     expand_image_embeds,

@@ -23,7 +23,8 @@ from test_forward import (
 )
 
 from grpo.engine.decoders import StaticKVCache, default_decode
-from grpo.engine.forward import completion_logprobs, image_inputs_for_rows
+from grpo.engine.forward import completion_logprobs
+from grpo.engine.inputs import image_inputs_for_rows
 from grpo.engine.rollout import generate_rollouts_naive, repeat_batch_per_group, sample_rollouts
 from grpo.engine.sampling import sample_next_token
 from grpo.masks import completion_mask as grpo_completion_mask

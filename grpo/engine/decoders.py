@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grpo.engine.forward import build_inputs_embeds, cache_kwarg_name, output_cache
+from grpo.engine.hf_compat import cache_kwarg_name, output_cache
+from grpo.engine.inputs import build_inputs_embeds
 
 DECODE_MODES = ("dynamic", "static", "cuda_graph")
 

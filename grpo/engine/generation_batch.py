@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.engine.forward import (
-    can_share_prompt,
-    completion_logprobs,
-    completion_logprobs_shared_prompt,
-    encode_images,
-    image_inputs_for_rows,
-)
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.hf_compat import can_share_prompt
+from grpo.engine.inputs import encode_images, image_inputs_for_rows
 
 
 @dataclass

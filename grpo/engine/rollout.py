@@ -21,7 +21,7 @@ Where it departs from `model.generate()` on G repeated prompts:
   - on CUDA each decode step is replayed from one CUDA graph captured per rollout, on fixed-shape
     buffers (`StaticDecoder`, `StaticKVCache`); the plain loop (`DynamicDecoder`) runs elsewhere
     and is the twin the tests compare it with (`decode`, `default_decode`; grpo/engine/decoders.py);
-  - positions are explicit (`grpo.engine.forward.mrope_position_ids`) instead of the model's cached
+  - positions are explicit (`grpo.engine.inputs.mrope_position_ids`) instead of the model's cached
     `rope_deltas`, so nothing depends on hidden state of the model object;
   - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
     tempered vocabulary, before top-k / top-p truncation. That is the distribution the loss
@@ -45,13 +45,9 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from grpo.engine.decoders import DECODE_MODES, DynamicDecoder, StaticDecoder, default_decode
-from grpo.engine.forward import (
-    count_images_per_prompt,
-    encode_images,
-    image_token_id_of,
-    prefill_prompts,
-    spatial_merge_size_of,
-)
+from grpo.engine.forward import prefill_prompts
+from grpo.engine.hf_compat import image_token_id_of, spatial_merge_size_of
+from grpo.engine.inputs import count_images_per_prompt, encode_images
 from grpo.engine.sampling import sample_next_token
 from grpo.masks import completion_mask
 
@@ -68,7 +64,7 @@ class Rollout:
     """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens)."""
     image_embeds: Tensor | None
     """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
-    when the vision tower is frozen (expand with grpo.engine.forward.image_inputs_for_rows)."""
+    when the vision tower is frozen (expand with grpo.engine.inputs.image_inputs_for_rows)."""
     images_per_prompt: list[int]
     """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
     num_generated_tokens: int
