@@ -371,11 +371,14 @@ def train_grpo(config: Config) -> dict:
         while step < targs.max_steps and not stop.requested_on_any_rank():
             # --- rollout (with --dynamic_sampling: more rounds until B groups with a reward spread) ---
             rounds.seconds.clear()
-            sampled, sampling_metrics = sample_generation_batch(
-                rounds, enabled=gargs.dynamic_sampling, needed=gargs.per_device_prompts, group_size=G,
-                max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
-                pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
-            )  # fmt: skip
+            if not gargs.dynamic_sampling:
+                sampled, sampling_metrics = rounds(), {}  # one round: B prompts, G completions each, scored
+            else:  # DAPO (grpo/dynamic_sampling.py)
+                sampled, sampling_metrics = sample_generation_batch(
+                    rounds, enabled=True, needed=gargs.per_device_prompts, group_size=G,
+                    max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
+                    pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
+                )  # fmt: skip
             rollout, rollout_seconds = sampled.rollout, sum(rounds.seconds)
 
             # --- rewards (scored by RolloutRounds) and advantages ---
