@@ -38,7 +38,6 @@ from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.generation_batch import GenerationBatch
 from grpo.engine.rollout import sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
-from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
 from grpo.runtime.distributed import (
@@ -239,7 +238,7 @@ class RolloutRounds:
             self.reward_functions, gargs.reward_weight_values, completions,
             [answer for answer in batch["answers"] for _ in range(G)],
             questions=[question for question in batch["questions"] for _ in range(G)],
-            completion_lengths=build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)[0].sum(1).tolist(),
+            completion_lengths=rollout.completion_mask.sum(1).tolist(),
         )  # [B*G] (NaN: no function scored it), [B*G, F]
         return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
 
@@ -384,7 +383,7 @@ def train_grpo(config: Config) -> dict:
             # --- rewards (scored by RolloutRounds) and advantages ---
             advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
-            completion_mask, is_truncated = build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
+            completion_mask, is_truncated = rollout.completion_mask, ~rollout.is_eos_terminated  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation_metrics = rollout_metrics(
                 sampled.per_function, rounds.reward_names, gargs.reward_weight_values, advantages, completion_mask,

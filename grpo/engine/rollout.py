@@ -60,8 +60,11 @@ class Rollout:
     """[B*G, T] sampled tokens; pad_token_id after each row's first EOS; T = longest row."""
     sampler_logprobs: Tensor
     """[B*G, T] float32 log softmax(logits / tau) of each chosen token (tau = 1 when greedy); 0 after EOS."""
+    completion_mask: Tensor
+    """[B*G, T] float32: 1 through each row's first EOS (EOS included), 0 after (grpo/masks.py);
+    computed once here, used by the rewards, the loss and the metrics."""
     is_eos_terminated: Tensor
-    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens)."""
+    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens; `is_truncated` of grpo/masks.py negated)."""
     image_embeds: Tensor | None
     """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
     when the vision tower is frozen (expand with grpo.engine.inputs.image_inputs_for_rows)."""
@@ -179,6 +182,7 @@ def _sample_rollouts(
     return Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
+        completion_mask=mask,
         is_eos_terminated=finished,
         image_embeds=None if image_embeds is None else image_embeds.detach(),
         images_per_prompt=count_images_per_prompt(
