@@ -76,7 +76,7 @@ def sample_next_token(
             "overflow, a broken checkpoint); resume from an earlier checkpoint with a lower --learning_rate "
             "or use --dtype bfloat16 / float32"
         )
-    if temperature == 0:  # greedy; scored at tau = 1
+    if temperature == 0:  # greedy; scored at tau = 1, as the trainer scores it (forward.py, _score)
         token = logits.argmax(dim=-1)  # [R]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
         return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
