@@ -6,7 +6,7 @@
 
 --model takes what train.py writes (a run's output_dir, a checkpoint-N folder, or its model/
 folder), a hub id or local Qwen2.5-VL folder, or 'tiny'. The completions come from the same
-sampler GRPO trains with (grpo/rollout.py). Writes, into --output_dir:
+sampler GRPO trains with (grpo/engine/rollout.py). Writes, into --output_dir:
     samples.jsonl   one line per example: question, gold, outputs, extracted answers, correct
     summary.json    accuracy with its 95% interval, format rate, pass@k with its own interval, counts
 
@@ -120,11 +120,12 @@ def clustered_wilson_interval(correct_per_prompt: list[int], k: int, z: float = 
 @torch.no_grad()
 def evaluate(args: EvalArguments, data_args) -> dict:
     from data.collators import GRPOCollator
-    from grpo.data_setup import check_gold_answers, load_eval_dataset
+    from data.loading import check_gold_answers, load_eval_dataset
+    from grpo.engine.rollout import sample_rollouts
     from grpo.rewards import extract_answer, resolve_reward_functions
-    from grpo.rollout import sample_rollouts
-    from grpo.setup import resolve_device, resolve_dtype, resolve_model_path, seed_everything
-    from models.loading import load_policy, special_token_ids
+    from grpo.runtime.device import resolve_device, seed_everything
+    from grpo.runtime.policy import resolve_model_path
+    from models.loading import load_policy, resolve_dtype, special_token_ids
 
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -135,7 +136,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     )
     model.eval()
     tokens = special_token_ids(model, processor)
-    # The same --max_pixels downscaling of the images as train.py applies (grpo/data_setup.py).
+    # The same --max_pixels downscaling of the images as train.py applies (data/loading.py).
     dataset, report = load_eval_dataset(data_args, part=args.eval_part, seed=args.seed, max_pixels=args.max_pixels)
     check_gold_answers(dataset, [args.accuracy_reward], data_args.dataset)  # fail now, not at the batch that holds it
     collator = GRPOCollator(processor, system_prompt=data_args.system_prompt_text)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((EvalArguments, DataArguments))
     try:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        from grpo.start_checks import check_model_source, check_reward_specs, check_writable
+        from grpo.runtime.start_checks import check_model_source, check_reward_specs, check_writable
 
         check_model_source("--model", args.model)
         check_reward_specs("--accuracy_reward", [args.accuracy_reward])

@@ -17,7 +17,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict:
     from grpo.config import ConfigError, parse_config
-    from grpo.start_checks import check_before_loading
+    from grpo.runtime.start_checks import check_before_loading
 
     try:
         config = parse_config(argv)

@@ -1,4 +1,4 @@
-"""Rollout throughput: our sampler (`grpo.rollout.sample_rollouts`) vs `model.generate` on G copies.
+"""Rollout throughput: our sampler (`grpo.engine.rollout.sample_rollouts`) vs `model.generate` on G copies.
 
 For each model preset, one batch of B synthetic counting prompts (data/synthetic.py, collated by
 data/collators.py), G completions per prompt, exactly `--max_new_tokens` tokens each:
@@ -20,7 +20,7 @@ ratios mean anything). One torch thread by default (--threads). Each round also 
 rollouts, which splits the time into "prefill" (vision + prefill + one sampling step) and "decode
 step" ((t(T) - t(1)) / (T - 1)); --no_breakdown skips them.
 
-Ours draws tokens by inverse CDF on CPU (grpo/rollout.py); `--sampling_method multinomial` times
+Ours draws tokens by inverse CDF on CPU (grpo/engine/rollout.py); `--sampling_method multinomial` times
 it with `torch.multinomial`, as `generate` draws them (and as ours did before the sampler change).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rollout_throughput.py          # ~1-1.5 min on 2 cores
@@ -36,12 +36,8 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.rollout import (
-    SAMPLING_METHODS,
-    default_sampling_method,
-    generate_rollouts_naive,
-    sample_rollouts,
-)
+from grpo.engine.rollout import generate_rollouts_naive, sample_rollouts
+from grpo.engine.sampling import SAMPLING_METHODS, default_sampling_method
 from models.loading import load_policy, special_token_ids
 
 

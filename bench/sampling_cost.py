@@ -1,11 +1,11 @@
 """The cost of drawing one token per row on CPU: torch.multinomial vs inverse CDF (adopted).
 
 `model.generate` draws each decode step's tokens with `torch.multinomial(probs, 1)` on [R, V]
-probabilities, and so did our sampler until inverse CDF replaced it on CPU (grpo/rollout.py
+probabilities, and so did our sampler until inverse CDF replaced it on CPU (grpo/engine/rollout.py
 `sample_next_token`, `default_sampling_method`). On CPU that kernel draws an exponential random
 number for EVERY vocabulary entry (it samples by argmax(p / Exp(1)) internally), so its cost grows
 with V: at Qwen's V = 151,936 and R = 32 rows it is by far the most expensive op of a decode step
-for small models. Inverse CDF (`grpo.rollout.inverse_cdf_draw`) draws ONE uniform per row:
+for small models. Inverse CDF (`grpo.engine.sampling.inverse_cdf_draw`) draws ONE uniform per row:
 
     cdf = probs.cumsum(-1)                                  # [R, V]
     target = torch.rand(R, 1) * cdf[:, -1:]                 # [R, 1] u times the row's total
@@ -29,7 +29,7 @@ import time
 import torch
 from common import machine_info, median
 
-from grpo.rollout import inverse_cdf_draw
+from grpo.engine.sampling import inverse_cdf_draw
 
 
 def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The training forward with the prompt computed once per group, against G times (the naive twin).
 
-Every completion row run as [prompt ; completion] (grpo/forward.py `completion_logprobs`, the
+Every completion row run as [prompt ; completion] (grpo/engine/forward.py `completion_logprobs`, the
 naive twin) puts each prompt's P tokens through the language model G times per forward and G
 times more in the backward: with the synthetic demo's prompts (P = 122: R1 system prompt + 16
 image tokens + question) and T = 32, 79% of the tokens are prompt copies.
@@ -25,8 +25,9 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.forward import completion_logprobs, completion_logprobs_shared_prompt, encode_images
-from grpo.rollout import sample_rollouts
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.inputs import encode_images
+from grpo.engine.rollout import sample_rollouts
 from models.loading import load_policy, special_token_ids
 
 

@@ -255,9 +255,9 @@ def run_ours(args, output_dir: str, gate: Gate) -> dict:
 
     # The loop's helpers are patched where the loop looks them up (the module that imported
     # them by name), which has moved between files as the loop evolved: patch every holder.
-    patch_everywhere("build_policy", build_policy_wrapper, ("grpo.grpo_loop", "grpo.run", "grpo.setup"))
-    patch_everywhere("sample_rollouts", sample_rollouts_wrapper, ("grpo.grpo_loop", "grpo.run"))
-    patch_everywhere("MetricsLogger", metrics_logger_wrapper, ("grpo.grpo_loop", "grpo.run"))
+    patch_everywhere("build_policy", build_policy_wrapper, ("grpo.grpo_loop", "grpo.runtime.run", "grpo.runtime.policy"))
+    patch_everywhere("sample_rollouts", sample_rollouts_wrapper, ("grpo.grpo_loop", "grpo.runtime.run"))
+    patch_everywhere("MetricsLogger", metrics_logger_wrapper, ("grpo.grpo_loop", "grpo.runtime.run"))
 
     # The collator runs once per generation batch, first thing: the gate goes there.
     original_collate = data.collators.GRPOCollator.__call__
@@ -276,10 +276,10 @@ def trl_dataset(args):
     """The prompts our loop draws, in the order it draws them, in TRL's conversational format."""
     import datasets
 
+    from data.index_stream import IndexStream
+    from data.loading import load_prompt_dataset
     from data.prompts import build_messages
     from grpo.config import parse_config
-    from grpo.data_setup import load_prompt_dataset
-    from grpo.setup import IndexStream
     from models.loading import load_policy
 
     config = parse_config(our_argv(args, tempfile.mkdtemp()))

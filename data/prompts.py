@@ -1,4 +1,4 @@
-"""Prompts: the R1 system prompt from the seed write-ups, the chat messages and the SFT target.
+"""Prompts: the R1 system prompt of the blog post and the TRL recipe, the chat messages and the SFT target.
 
 `build_messages(example)` gives the conversation `processor.apply_chat_template` renders (system,
 then user: one image item per image, then the question); `format_target(example)` is the
@@ -21,7 +21,7 @@ SYSTEM_PROMPT = (
 def format_target(example: dict) -> str:
     """The SFT target (what the assistant turn says): R1 format, think then answer.
 
-    With a trace:     "<think>{thinking}</think>\\n<answer>{answer}</answer>", the layout the seed's
+    With a trace:     "<think>{thinking}</think>\\n<answer>{answer}</answer>", the layout the blog post's
                       strict format reward matches (r"^<think>...</think>\\n<answer>...</answer>$").
     Without a trace:  "<answer>{answer}</answer>". We do not invent an empty <think></think>: a row
                       without a trace teaches the answer only (the format reward then has to teach

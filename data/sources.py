@@ -5,7 +5,7 @@
 Sources (the `source` argument):
     "synthetic", "synthetic-shifted"          built-in counting scenes (data/synthetic.py)
     a Hugging Face Hub name                    through `datasets.load_dataset` (needs network); the
-                                               seeds' datasets have known column names:
+                                               datasets of the blog post and the TRL recipe have known column names:
         MMInstruction/Clevr_CoGenT_TrainA_R1           image, problem, thinking, solution
         MMInstruction/Clevr_CoGenT_TrainA_70K_Complex  image, problem, solution
         lmms-lab/multimodal-open-r1-8k-verified        image, problem, solution (+ original_*)
@@ -58,7 +58,7 @@ CANDIDATES = {
     "answer": ("answer", "solution", "ground_truth", "label"),
     "thinking": ("thinking", "reasoning", "rationale"),
 }
-# The seeds' datasets (matched on the part after the owner, case-insensitively).
+# The datasets of the blog post and the TRL recipe (matched on the part after the owner, case-insensitively).
 KNOWN_SOURCES = {
     "clevr_cogent_traina_r1": {"image": "image", "question": "problem", "answer": "solution",
                                "thinking": "thinking"},

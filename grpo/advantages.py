@@ -8,10 +8,10 @@ r_1 .. r_G, and uses the group as its own baseline (DeepSeekMath, arXiv 2402.033
 
 Every token of completion i gets the same A_i. Choices where papers and code differ:
 
-1. std is the *unbiased* sample std (divide by G - 1), as `torch.std` and the seed code compute
+1. std is the *unbiased* sample std (divide by G - 1), as `torch.std` and the blog post's code compute
    it; the paper does not say. With G = 2 and rewards {1, 0} that gives A = +-0.707, not +-1.
    It needs G >= 2.
-2. eps = 1e-4 (the seed's value) keeps the division finite when the std is tiny.
+2. eps = 1e-4 (the blog post's value) keeps the division finite when the std is tiny.
 3. A group whose rewards are all exactly equal carries no signal: all its advantages are set to
    exactly 0 (not (r - mean) / eps, which floating-point rounding of the mean can make
    nonzero), and it is counted in `frac_zero_std_groups` (DAPO's dynamic sampling,
@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -51,7 +52,7 @@ def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
     rewards: [B*G], NaN = unscored. A group with fewer than 2 scored completions has no spread
     either. These are the groups `group_advantages` gives A = 0 and dynamic sampling drops.
     """
-    grouped = rewards.detach().float().view(-1, group_size)  # [B, G]
+    grouped = rearrange(rewards.detach().float(), "(b g) -> b g", g=group_size)  # [B, G]: a group's G adjacent
     is_scored = ~torch.isnan(grouped)  # [B, G]
     highest = torch.where(is_scored, grouped, -math.inf).amax(dim=1)  # [B]
     lowest = torch.where(is_scored, grouped, math.inf).amin(dim=1)  # [B]
@@ -106,7 +107,7 @@ def group_advantages(
     if num_infinite:
         raise ValueError(f"rewards contain {num_infinite} inf values; fix the reward function")
 
-    grouped = rewards.view(-1, group_size)  # [B, G]
+    grouped = rearrange(rewards, "(b g) -> b g", g=group_size)  # [B, G]: a prompt's G completions adjacent
     is_scored = ~torch.isnan(grouped)  # [B, G]
     num_scored = is_scored.sum(dim=1, keepdim=True)  # [B, 1]
     # Unscored rewards are replaced by their group's mean of scored rewards: they then add 0 to
@@ -133,9 +134,10 @@ def group_advantages(
 
     # Zero-spread groups and unscored completions get exactly 0. torch.where also hides the
     # 0/0 = NaN a zero-spread group would give with eps = 0 (its deviation is ~0 and so is its std).
-    advantages = torch.where(
-        is_zero_spread | ~is_scored, torch.zeros_like(deviation), deviation / denominator
-    ).view(-1)  # [B*G]
+    advantages = rearrange(
+        torch.where(is_zero_spread | ~is_scored, torch.zeros_like(deviation), deviation / denominator),
+        "b g -> (b g)",
+    )  # [B*G]
 
     scored = rewards[~torch.isnan(rewards)]  # [scored rows]; empty only when nothing is scored
     metrics = {

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
+from grpo.engine.decoders import DECODE_MODES
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
-from grpo.rollout import DECODE_MODES
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
+from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
 
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
-FREEZE_POLICIES = ("full", "language", "seed", "lora")
 REPORT_TO = ("tensorboard", "wandb")  # the import name is the package name for both
 
 
@@ -69,14 +69,15 @@ class ModelArguments:
     )
     dtype: str = _help("float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU).", default="auto")
     attn_implementation: str = _help("sdpa | eager | flash_attention_2.", default="sdpa")
-    max_pixels: int | None = _help("Largest image area the processor keeps (the seed uses 65536 = 256*256).", default=None)
+    max_pixels: int | None = _help("Largest image area the processor keeps (the blog post uses 65536 = 256*256).", default=None)
     min_pixels: int | None = _help("Smallest image area the processor keeps.", default=None)
     freeze_policy: str = _help(
-        "Which parameters train: full | language (vision frozen) | seed (merger.mlp.2, embeddings "
-        "and the first --num_trainable_layers language layers) | lora.",
+        "Which parameters train: full | language (vision frozen) | projector_embeddings_first_layers (the blog post's "
+        "recipe: the vision merger's output projection merger.mlp.2, the embeddings and the first "
+        "--num_trainable_layers language layers; old name: seed) | lora.",
         default="full",
     )
-    num_trainable_layers: int = _help("Language layers that train under --freeze_policy seed.", default=5)
+    num_trainable_layers: int = _help("Language layers that train under --freeze_policy projector_embeddings_first_layers.", default=5)
     lora_r: int = _help("LoRA rank (--freeze_policy lora).", default=8)
     lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", default=32.0)
     lora_dropout: float = _help("Dropout on the LoRA input.", default=0.0)
@@ -85,6 +86,7 @@ class ModelArguments:
 
     def __post_init__(self):
         _reject_non_finite(self)
+        self.freeze_policy = canonical_freeze_policy(self.freeze_policy)  # "seed" still works, with a warning
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -138,11 +140,11 @@ class DataArguments:
         default=None,
     )
     long_prompts: str = _help("What to do with prompts over --max_prompt_length: skip | error.", default="skip")
-    system_prompt: str | None = _help("System prompt; default: the R1 prompt of the seeds. '' for none.", default=None)
+    system_prompt: str | None = _help("System prompt; default: the R1 prompt of the blog post and the TRL recipe. '' for none.", default=None)
 
     @property
     def system_prompt_text(self) -> str | None:
-        """The system prompt to use: the seeds' R1 prompt by default, none when given ''."""
+        """The system prompt to use: the R1 prompt of the blog post and the TRL recipe by default, none when given ''."""
         if self.system_prompt is None:
             from data.prompts import SYSTEM_PROMPT
 
@@ -383,7 +385,7 @@ class GRPOArguments:
         if self.num_generations < 2:
             raise ConfigError(
                 f"--num_generations {self.num_generations}: GRPO compares completions within a group, "
-                "so it needs at least 2 (the seeds use 2-8)"
+                "so it needs at least 2 (the blog post and the TRL recipe use 2-8)"
             )
         for name in ("per_device_prompts", "steps_per_generation", "micro_batch_size", "num_iterations", "max_completion_length"):
             if getattr(self, name) < 1:
@@ -492,10 +494,6 @@ class GRPOArguments:
                 f"{len(self.reward_function_names)} functions; give one weight per function"
             )
         return weights
-
-    @property
-    def optimizer_steps_per_generation(self) -> int:
-        return self.num_iterations * self.steps_per_generation
 
 
 @dataclass

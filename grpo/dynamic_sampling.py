@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from grpo.advantages import zero_spread_groups
-from grpo.distributed import all_reduce_sum
+from grpo.engine.rollout import Rollout
 from grpo.masks import completion_mask
-from grpo.rollout import Rollout
+from grpo.runtime.distributed import all_reduce_sum
 
 
 @dataclass
@@ -144,13 +144,15 @@ def merge_groups(
     if all(rounds[r].rollout.image_embeds is not None for r, _ in chosen):
         blocks = {r: _image_embeds_per_prompt(rounds[r], merge_size) for r in {r for r, _ in chosen}}
         image_embeds = torch.cat([blocks[r][g] for r, g in chosen])  # [N, D]
+    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T] through the first EOS
     rollout = Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
+        completion_mask=mask,
         is_eos_terminated=torch.stack([rounds[r].rollout.is_eos_terminated[i] for r, i in rows]),  # [B*G]
         image_embeds=image_embeds,
         images_per_prompt=[rounds[r].rollout.images_per_prompt[g] for r, g in chosen],
-        num_generated_tokens=int(completion_mask(completion_ids, list(eos_token_ids))[0].sum()),
+        num_generated_tokens=int(mask.sum()),
     )
     examples = [rounds[r].examples[g] for r, g in chosen]
     batch = collate(examples)

@@ -4,7 +4,7 @@
 
 One generation batch, per rank (B prompts, G completions each):
 
-    1. rollout: sample G completions per prompt with the hand-written sampler (grpo/rollout.py)
+    1. rollout: sample G completions per prompt with the hand-written sampler (grpo/engine/rollout.py)
     2. rewards: decode, score with each reward function, weighted sum       r        [B*G]
     3. advantages: z-score within each group of G                           A        [B*G]
     4. old logprobs (only when num_iterations > 1; from the sampler with --old_logprobs_from_sampler)
@@ -15,7 +15,7 @@ One generation batch, per rank (B prompts, G completions each):
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
-       stage's starting point (as in TRL and the seeds).
+       stage's starting point (as in TRL and the blog post).
     2. With num_iterations == 1 no old-policy forward runs: old_logprobs = logprobs.detach(), so
        the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
     3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
@@ -30,23 +30,24 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
+from data.index_stream import IndexStream
 from grpo.advantages import group_advantages, zero_spread_groups
 from grpo.config import Config, GRPOArguments
-from grpo.distributed import all_gather_object, all_reduce_max, all_reduce_sum
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
-from grpo.generation_batch import GenerationBatch
+from grpo.engine.generation_batch import GenerationBatch
+from grpo.engine.rollout import sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
-from grpo.masks import completion_mask as build_completion_mask
 from grpo.masks import mask_truncated
-from grpo.metrics import MetricsLogger, SampleLogger
-from grpo.preflight import grpo_preflight
-from grpo.reporting import Reporter
 from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
-from grpo.rollout import sample_rollouts
-from grpo.run import NonFiniteGuard, start_run
-from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.runtime.distributed import (
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+)
+from grpo.runtime.metrics import SampleLogger
+from grpo.runtime.preflight import grpo_preflight
+from grpo.runtime.run import StopRequest, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
@@ -200,205 +201,238 @@ def rollout_metrics(
     }
 
 
+class RolloutRounds:
+    """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
+
+    sample_generation_batch calls it once, or (--dynamic_sampling) until B groups carry a reward
+    spread; `seconds` keeps each round's time (collate + sample) for the step's metrics.
+    """
+
+    def __init__(self, model, processor, dataset, collator, stream, *, gargs: GRPOArguments, tokens,
+                 decode_mode: str | None, device: torch.device, seed: int):  # fmt: skip
+        self.model, self.processor, self.dataset, self.collator, self.stream = model, processor, dataset, collator, stream
+        self.gargs, self.tokens, self.decode_mode, self.device = gargs, tokens, decode_mode, device
+        self.reward_functions = resolve_reward_functions(
+            gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
+            overlong_buffer_length=gargs.overlong_buffer_length,
+        )  # fmt: skip
+        self.reward_names = [name for name, _ in self.reward_functions]
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # the sampler's; a checkpoint keeps its state
+        self.seconds: list[float] = []
+
+    def __call__(self) -> SampledGroups:
+        gargs, tokens, G = self.gargs, self.tokens, self.gargs.num_generations
+        started = time.perf_counter()
+        examples = [self.dataset[i] for i in self.stream.take(gargs.per_device_prompts)]
+        batch = self.collator(examples)
+        batch_on_device = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
+            self.model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=self.generator,
+            decode=self.decode_mode,
+        )  # fmt: skip
+        self.seconds.append(time.perf_counter() - started)
+        completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards, per_function, _ = compute_rewards(
+            self.reward_functions, gargs.reward_weight_values, completions,
+            [answer for answer in batch["answers"] for _ in range(G)],
+            questions=[question for question in batch["questions"] for _ in range(G)],
+            completion_lengths=rollout.completion_mask.sum(1).tolist(),
+        )  # [B*G] (NaN: no function scored it), [B*G, F]
+        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
+
+
+def log_first_sample(sample_logger: SampleLogger, step: int, sampled: SampledGroups, reward_names: list[str]):
+    """samples.log on its steps: the generation batch's first prompt and completion, each reward."""
+    return sample_logger.maybe_log(
+        step, question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0],
+        completion=sampled.completions[0],
+        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
+    )  # fmt: skip
+
+
+def generation_inputs(
+    sampled: SampledGroups, completion_mask: torch.Tensor, gargs: GRPOArguments, merge_size: int
+) -> GenerationBatch:
+    """The inputs every forward of one generation batch shares (prompts, images, completions)."""
+    on_device = sampled.batch_on_device
+    return GenerationBatch(
+        prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
+        pixel_values=on_device["pixel_values"], image_grid_thw=on_device["image_grid_thw"],
+        images_per_prompt=sampled.batch["images_per_prompt"], completion_ids=sampled.rollout.completion_ids,
+        completion_mask=completion_mask, rollout_image_embeds=sampled.rollout.image_embeds,
+        group_size=gargs.num_generations, temperature=gargs.temperature, spatial_merge_size=merge_size,
+        shared_prompt=gargs.shared_prompt_forward,
+    )  # fmt: skip
+
+
+STEP_SUMS = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
+             "sampler_over_cap", "selected_tokens")  # fmt: skip
+
+
+def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) -> dict[str, float]:
+    """One optimizer step's loss and token metrics over every rank: one all-reduce of the sums.
+
+    sums: accumulate_step_gradients' per-rank sums (token-weighted); returns the job's means.
+    """
+    totals = all_reduce_sum(torch.tensor([sums.get(name, 0.0) for name in STEP_SUMS], dtype=torch.float64))
+    total = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
+    tokens = max(total["tokens"], 1.0)
+    metrics = {
+        # Each rank's loss is its share divided by (global count / world_size); undo that.
+        "loss": total["loss"] / world_size,
+        "kl": total["kl"] / tokens,
+        "clip_frac_low": total["clip_low"] / tokens,
+        "clip_frac_high": total["clip_high"] / tokens,
+        "ratio_mean": total["ratio"] / tokens,
+        "entropy": total["entropy"] / tokens,
+        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
+        "sampler_gap_mean": total["sampler_gap"] / tokens,
+        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
+    }
+    if gargs.sampler_correction != "none":
+        metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
+        metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
+    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
+        metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
+        metrics["entropy_threshold"] = sums["entropy_threshold"]
+    return metrics
+
+
+@torch.no_grad()
+def frozen_logprobs(
+    model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
+) -> torch.Tensor:
+    """[B*G, T] logprobs of the rollout's completions under a model that does not train now
+    (the old policy before the update, or the reference), one micro-batch at a time."""
+    num_rows, T = generation.completion_ids.shape
+    logprobs = torch.zeros(num_rows, T, device=generation.completion_ids.device)  # [B*G, T]
+    for rows in torch.arange(num_rows).split(micro_batch_size):
+        values = generation.logprobs(model, rows, reuse_rollout_images=reuse_images)  # [R, T_rows]
+        logprobs[rows, : values.shape[1]] = values
+    return logprobs
+
+
 def train_grpo(config: Config) -> dict:
     targs, gargs = config.train, config.grpo
-    G = gargs.num_generations
+    G, micro = gargs.num_generations, gargs.micro_batch_size
 
-    # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/run.py) ---
+    # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "grpo", with_reference=gargs.beta > 0)
     rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
-    policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
-    model, processor, tokens = policy.model, policy.processor, policy.tokens
+    policy, model, processor, tokens = run.policy, run.policy.model, run.policy.processor, run.policy.tokens
     merge_size = model.config.vision_config.spatial_merge_size
 
     # --- data: each rank draws its own prompts ---
     from data.collators import GRPOCollator
-    from grpo.data_setup import load_prompt_dataset
+    from data.loading import load_prompt_dataset
 
     dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
     collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
-    reward_functions = resolve_reward_functions(
-        gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
-        overlong_buffer_length=gargs.overlong_buffer_length,
-    )  # fmt: skip
-    reward_weights = gargs.reward_weight_values
+
+    # --- settings derived once, before the loop ---
     # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
     # weights with collectives on every call (not captured into a graph here: not tested).
     decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
-    # The sampler's own generator: seeded per rank so ranks explore differently.
-    generator = torch.Generator(device=device).manual_seed(targs.seed * 7919 + rank)
+    # The rollout encoded each prompt's images once; whenever the vision tower cannot change
+    # (frozen) every later forward reuses those features instead of re-encoding.
+    reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
+    rounds = RolloutRounds(
+        model, processor, dataset, collator, stream, gargs=gargs, tokens=tokens, decode_mode=decode_mode,
+        device=device, seed=targs.seed * 7919 + rank,  # the sampler's own stream: ranks explore differently
+    )  # fmt: skip
 
-    round_seconds: list[float] = []  # each rollout round's time: collate + sample
-
-    def draw_round() -> SampledGroups:
-        """One round of the rollout: B prompts from the stream, G completions each, scored."""
-        t_round = time.perf_counter()
-        examples = [dataset[i] for i in stream.take(gargs.per_device_prompts)]
-        batch = collator(examples)
-        batch_on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
-            model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
-            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
-            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=generator,
-            decode=decode_mode,
-        )
-        round_seconds.append(time.perf_counter() - t_round)
-        completions = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards, per_function, _ = compute_rewards(
-            reward_functions, reward_weights, completions,
-            [answer for answer in batch["answers"] for _ in range(G)],
-            questions=[question for question in batch["questions"] for _ in range(G)],
-            completion_lengths=build_completion_mask(rollout.completion_ids, tokens.eos_token_ids)[0].sum(1).tolist(),
-        )  # [B*G] (NaN: no function scored it), [B*G, F]
-        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
-
+    # --- resume, preflight, logs ---
     state = run.resume(stream)
-    step = state["step"]
+    step = last_saved = state["step"]
     sampler_states = state["extra"].get("sampler_generators", [])
     if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
-        generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
-
-    if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/preflight.py)
+        rounds.generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
+    if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
             model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
             merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=is_main,
-        )
-    metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
-    metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+        )  # fmt: skip
+    run.open_logs(step)  # metrics.jsonl, the metrics line and --report_to, the progress bar
     sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
     if sample_logger is not None:
-        sample_logger.truncate_after(step)  # the same for samples (all of them for a fresh run)
-    reporter = Reporter(config, "grpo", start_step=step, enabled=is_main)  # the metrics line, --report_to
-    progress = tqdm(total=targs.max_steps, initial=step, desc="grpo", disable=not (is_main and targs.progress_bar))
-    nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, "grpo")
-    last_saved = step
+        sample_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
 
     def save(at_step):
         # Each rank's sampler stream too, so a resumed rank samples what it would have.
-        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(generator.get_state())})
+        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(rounds.generator.get_state())})
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
     with StopRequest() as stop:
         while step < targs.max_steps and not stop.requested_on_any_rank():
             # --- rollout (with --dynamic_sampling: more rounds until B groups with a reward spread) ---
-            round_seconds.clear()
-            sampled, sampling_metrics = sample_generation_batch(
-                draw_round, enabled=gargs.dynamic_sampling, needed=gargs.per_device_prompts, group_size=G,
-                max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
-                pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
-            )  # fmt: skip
-            batch, batch_on_device, rollout = sampled.batch, sampled.batch_on_device, sampled.rollout
-            completion_ids = rollout.completion_ids  # [B*G, T]
-            rollout_seconds = sum(round_seconds)
+            rounds.seconds.clear()
+            if not gargs.dynamic_sampling:
+                sampled, sampling_metrics = rounds(), {}  # one round: B prompts, G completions each, scored
+            else:  # DAPO (grpo/dynamic_sampling.py)
+                sampled, sampling_metrics = sample_generation_batch(
+                    rounds, enabled=True, needed=gargs.per_device_prompts, group_size=G,
+                    max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
+                    pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
+                )  # fmt: skip
+            rollout, rollout_seconds = sampled.rollout, sum(rounds.seconds)
 
-            # --- rewards (scored in draw_round) and advantages ---
-            completions, rewards, per_function = sampled.completions, sampled.rewards, sampled.per_function  # [B*G], [B*G, F]
-            advantages, _ = generation_advantages(rewards, G, gargs.advantage_scale, world_size)  # [B*G]
+            # --- rewards (scored by RolloutRounds) and advantages ---
+            advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
-            completion_mask, is_truncated = build_completion_mask(completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
+            completion_mask, is_truncated = rollout.completion_mask, ~rollout.is_eos_terminated  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation_metrics = rollout_metrics(
-                per_function, [name for name, _ in reward_functions], reward_weights, advantages,
-                completion_mask, is_truncated, G, world_size,
-            ) | sampling_metrics
+                sampled.per_function, rounds.reward_names, gargs.reward_weight_values, advantages, completion_mask,
+                is_truncated, G, world_size,
+            ) | sampling_metrics  # fmt: skip
+            generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
 
-            # --- inputs shared by every forward of this generation batch ---
-            generation = GenerationBatch(
-                prompt_ids=batch_on_device["input_ids"], prompt_mask=batch_on_device["attention_mask"],
-                pixel_values=batch_on_device["pixel_values"], image_grid_thw=batch_on_device["image_grid_thw"],
-                images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids,
-                completion_mask=completion_mask, rollout_image_embeds=rollout.image_embeds, group_size=G,
-                temperature=gargs.temperature, spatial_merge_size=merge_size,
-                shared_prompt=gargs.shared_prompt_forward,
-            )
-            # The rollout encoded each prompt's images once; whenever the vision tower cannot change
-            # (frozen) every later forward reuses those features instead of re-encoding.
-            reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
-            num_rows, T = completion_ids.shape
-            micro = gargs.micro_batch_size
-
-            # --- old and reference logprobs (only when they are needed) ---
+            # --- old and reference logprobs, no grad (only when they are needed) ---
             t_update = time.perf_counter()
             old_logprobs = ref_logprobs = None
-            with torch.no_grad():
-                if gargs.num_iterations > 1 and gargs.old_logprobs_from_sampler:
-                    # log pi_old of each drawn token, recorded by the sampler (0 after EOS, masked anyway).
-                    old_logprobs = rollout.sampler_logprobs.to(device)  # [B*G, T]
-                elif gargs.num_iterations > 1:
-                    # The policy has not moved since the rollout, so its image features are exact here.
-                    old_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                    for rows in torch.arange(num_rows).split(micro):
-                        values = generation.logprobs(model, rows, reuse_rollout_images=True)  # [R, T_rows]
-                        old_logprobs[rows, : values.shape[1]] = values
-                if gargs.beta > 0:
-                    ref_logprobs = torch.zeros(num_rows, T, device=device)  # [B*G, T]
-                    for rows in torch.arange(num_rows).split(micro):
-                        values = generation.logprobs(policy.reference, rows, reuse_rollout_images=reuse_images)
-                        ref_logprobs[rows, : values.shape[1]] = values
+            if gargs.num_iterations > 1 and gargs.old_logprobs_from_sampler:
+                # log pi_old of each drawn token, recorded by the sampler (0 after EOS, masked anyway).
+                old_logprobs = rollout.sampler_logprobs.to(device)  # [B*G, T]
+            elif gargs.num_iterations > 1:  # the policy has not moved since the rollout: its image features are exact
+                old_logprobs = frozen_logprobs(model, generation, micro_batch_size=micro, reuse_images=True)
+            if gargs.beta > 0:
+                ref_logprobs = frozen_logprobs(policy.reference, generation, micro_batch_size=micro, reuse_images=reuse_images)
 
             # --- policy update: num_iterations epochs x steps_per_generation optimizer steps ---
             model.train()
-            mini_batch_rows = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
-            for _epoch in range(gargs.num_iterations):
-                for mini_rows in mini_batch_rows:
-                    sums = accumulate_step_gradients(
-                        model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
-                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
-                        reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
-                    )
-                    if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
-                        sync_gradients(trainable, world_size)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
-                    # Each rank's loss is its share divided by (global count / world_size); undo that.
-                    loss_total = all_reduce_sum(sums["loss"]) / world_size
-                    if not nonfinite.step_is_finite(step + 1, loss_total, grad_norm, optimizer):
-                        continue  # skipped: a NaN step would poison the weights and Adam's moments
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
+            num_rows = rollout.completion_ids.shape[0]
+            mini_batches = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
+            for mini_rows in [rows for _epoch in range(gargs.num_iterations) for rows in mini_batches]:
+                sums = accumulate_step_gradients(
+                    model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
+                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
+                    reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
+                )  # fmt: skip
+                metrics = step_metrics(sums, gargs, world_size)
+                grad_norm = run.optimizer_step(step, metrics["loss"])  # ranks' average, clip, AdamW
+                if grad_norm is None:
+                    continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
+                step += 1
 
-                    # --- metrics ---
-                    tokens_step = max(all_reduce_sum(sums["tokens"]), 1.0)
-                    metrics = {
-                        "loss": loss_total,
-                        "kl": all_reduce_sum(sums["kl"]) / tokens_step,
-                        "clip_frac_low": all_reduce_sum(sums["clip_low"]) / tokens_step,
-                        "clip_frac_high": all_reduce_sum(sums["clip_high"]) / tokens_step,
-                        "ratio_mean": all_reduce_sum(sums["ratio"]) / tokens_step,
-                        "entropy": all_reduce_sum(sums["entropy"]) / tokens_step,
-                        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
-                        "sampler_gap_mean": all_reduce_sum(sums["sampler_gap"]) / tokens_step,
-                        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
-                        "grad_norm": float(grad_norm),
-                        "lr": scheduler.get_last_lr()[0],
-                        "rollout_seconds": rollout_seconds,
-                        "update_seconds": time.perf_counter() - t_update,
-                        # this rank's sampler throughput (each rank samples in parallel)
-                        "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
-                        "skipped_images": data_report.skipped_images,
-                        "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
-                        **generation_metrics,
-                    }
-                    if gargs.sampler_correction != "none":
-                        metrics["sampler_weight_mean"] = all_reduce_sum(sums["sampler_weight"]) / tokens_step
-                        metrics["sampler_over_cap_frac"] = all_reduce_sum(sums["sampler_over_cap"]) / tokens_step
-                    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
-                        metrics["entropy_selected_frac"] = all_reduce_sum(sums["selected_tokens"]) / tokens_step
-                        metrics["entropy_threshold"] = sums["entropy_threshold"]
-                    reporter.log(step, metrics_logger.log(step, metrics))
-                    if sample_logger is not None:
-                        sample_text = sample_logger.maybe_log(
-                            step, question=batch["questions"][0], answer=batch["answers"][0], completion=completions[0],
-                            rewards={name: float(per_function[0, i]) for i, (name, _) in enumerate(reward_functions)},
-                        )
-                        reporter.log_sample(step, sample_text)
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-                    if step >= targs.max_steps:
-                        break
+                # --- metrics ---
+                metrics |= {
+                    "grad_norm": float(grad_norm),
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "rollout_seconds": rollout_seconds,
+                    "update_seconds": time.perf_counter() - t_update,
+                    # this rank's sampler throughput (each rank samples in parallel)
+                    "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
+                    "skipped_images": data_report.skipped_images,
+                    "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
+                    **generation_metrics,
+                }
+                run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+                if sample_logger is not None:  # every --sample_log_steps: the batch's first completion
+                    run.reporter.log_sample(step, log_first_sample(sample_logger, step, sampled, rounds.reward_names))
                 if step >= targs.max_steps:
                     break
 
@@ -407,6 +441,5 @@ def train_grpo(config: Config) -> dict:
                 save(step)
                 last_saved = step
 
-        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
-        progress.close()
-        return run.finish(step, last_saved=last_saved, stop=stop, save=save, loggers=[metrics_logger, reporter])
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
+        return run.finish(step, last_saved=last_saved, stop=stop, save=save)

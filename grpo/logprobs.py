@@ -115,7 +115,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 # The float32 working set of one chunk. At Qwen's V = 151,936 this is 110 positions: small next to
-# the logits themselves, and measured (bench/logprob_memory.py) no slower than larger chunks. A
+# the logits themselves, and no slower than larger chunks (docs/benchmarks.md, section 1). A
 # fixed 4,096 positions was 2.5 GB per chunk at that V, more than the naive version's peak.
 CHUNK_BYTES = 64 * 2**20
 

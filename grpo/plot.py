@@ -121,7 +121,7 @@ def plot_curves(records: Sequence[dict], path: str | Path, title: str | None = N
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from grpo.metrics import read_metrics
+    from grpo.runtime.metrics import read_metrics
 
     parser = argparse.ArgumentParser(prog="python -m grpo.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="A training run's --output_dir (the folder holding metrics.jsonl).")

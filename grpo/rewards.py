@@ -1,7 +1,7 @@
 """Reward functions: the verifiable signal GRPO learns from, a registry, and their weighted sum.
 
 GRPO (DeepSeekMath, arXiv 2402.03300) needs no learned reward model when answers can be checked
-by a program; DeepSeek-R1 pairs an accuracy reward with a format reward, and so do the seeds.
+by a program; DeepSeek-R1 pairs an accuracy reward with a format reward, and so do the blog post and the TRL recipe.
 
 The reward-function contract (write your own in this form and pass `--reward_functions
 my_module:my_reward`):

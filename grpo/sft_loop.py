@@ -17,19 +17,15 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
+from data.collators import IGNORE_INDEX
+from data.index_stream import IndexStream
 from grpo.config import Config
-from grpo.distributed import all_reduce_sum
 from grpo.logprobs import token_logprobs
-from grpo.metrics import MetricsLogger
-from grpo.preflight import sft_preflight
-from grpo.reporting import Reporter
-from grpo.run import NonFiniteGuard, start_run
-from grpo.setup import IndexStream, StopRequest, sync_gradients
+from grpo.runtime.distributed import all_reduce_sum
+from grpo.runtime.preflight import sft_preflight
+from grpo.runtime.run import StopRequest, start_run
 from grpo.validation import EarlyStopping, greedy_accuracy
-
-IGNORE_INDEX = -100
 
 
 def sft_token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,14 +56,14 @@ def validation_loss(model, dataset, collator, device, max_examples: int, batch_s
 def train_sft(config: Config) -> dict:
     targs, sargs = config.train, config.sft
 
-    # --- ranks, run directory, policy, AdamW (grpo/run.py) ---
+    # --- ranks, run directory, policy, AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "sft", with_reference=False)
     rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
-    policy, optimizer, scheduler, trainable = run.policy, run.optimizer, run.scheduler, run.trainable
+    policy, scheduler = run.policy, run.scheduler
     model, processor = policy.model, policy.processor
 
     from data.collators import SFTCollator
-    from grpo.data_setup import load_sft_datasets
+    from data.loading import load_sft_datasets
 
     train_set, val_set, data_report = load_sft_datasets(config, is_main=is_main)
     collator = SFTCollator(processor, system_prompt=config.data.system_prompt_text)
@@ -90,16 +86,13 @@ def train_sft(config: Config) -> dict:
     def save(at_step):  # the early-stopping state travels in the checkpoint, so a resume counts on
         run.save(at_step, stream, extra={"early_stopping": early_stopping.state()})
 
-    if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/preflight.py)
+    if not targs.skip_preflight:  # one micro-batch of the longest example, before step 1 (grpo/runtime/preflight.py)
         sft_preflight(
             model, train_set, collator, batch_size=sargs.per_device_batch_size, device=device,
             loss_fn=sft_token_losses, is_main=is_main,
         )
-    metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=is_main)
-    metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
-    reporter = Reporter(config, "sft", start_step=step, enabled=is_main)  # the metrics line, --report_to
-    progress = tqdm(total=targs.max_steps, initial=step, desc="sft", disable=not (is_main and targs.progress_bar))
-    nonfinite, last_saved = NonFiniteGuard(targs.max_nonfinite_steps, "sft"), step
+    run.open_logs(step)  # metrics.jsonl, the metrics line and --report_to, the progress bar
+    last_saved = step
 
     model.train()
     with StopRequest() as stop:
@@ -119,15 +112,10 @@ def train_sft(config: Config) -> dict:
                 nll, _ = sft_token_losses(model, batch)
                 (nll / normaliser).backward()
                 nll_total += float(nll.detach())
-            if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
-                sync_gradients(trainable, world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf"))
             loss = all_reduce_sum(nll_total) / (normaliser * world_size)
-            if not nonfinite.step_is_finite(step + 1, loss, grad_norm, optimizer):
-                continue  # skipped: a NaN step would poison the weights and Adam's moments
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = run.optimizer_step(step, loss)  # ranks' average, clip, AdamW (grpo/runtime/run.py)
+            if grad_norm is None:
+                continue  # skipped: not finite
             step += 1
 
             metrics = {
@@ -151,9 +139,7 @@ def train_sft(config: Config) -> dict:
                     # Every rank got the same summed accuracy, so every rank takes the same decision.
                     stopped_at_plateau = early_stopping.update(step, metrics["val_accuracy"])
                     metrics["val_accuracy_best"] = early_stopping.best
-            reporter.log(step, metrics_logger.log(step, metrics))
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
+            run.log(step, metrics, loss=f"{loss:.4f}")
             if stopped_at_plateau:
                 if is_main:
                     print(
@@ -167,10 +153,6 @@ def train_sft(config: Config) -> dict:
                 save(step)
                 last_saved = step
 
-        # --- the final save, still under the handlers: a signal now must not kill it (grpo/run.py) ---
-        progress.close()
-        result = run.finish(
-            step, last_saved=last_saved, stop=stop, loggers=[metrics_logger, reporter],
-            save=save,
-        )
+        # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
+        result = run.finish(step, last_saved=last_saved, stop=stop, save=save)
         return {**result, "stopped_at_plateau": stopped_at_plateau}

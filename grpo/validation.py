@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from grpo.distributed import all_reduce_sum
+from grpo.runtime.distributed import all_reduce_sum
 
 
 @torch.no_grad()
 def greedy_accuracy(model, dataset, collator, reward_function, *, tokens, device, batch_size: int,
                     max_new_tokens: int, max_examples: int, rank: int = 0, world_size: int = 1) -> float:
     """Fraction of the first `max_examples` examples of `dataset` answered correctly, greedily."""
-    from grpo.rollout import sample_rollouts
+    from grpo.engine.rollout import sample_rollouts
 
     was_training = model.training
     model.eval()

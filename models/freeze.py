@@ -3,14 +3,16 @@
     full      everything trains.
     language  the vision tower (model.model.visual, merger included) is frozen; the language
               model and lm_head train.
-    seed      the recipe of the seed write-up: everything frozen except the vision merger's
-              output projection (visual.merger.mlp.2), the language embedding table and the
-              first `num_trainable_layers` decoder layers. With tied embeddings lm_head *is*
-              embed_tokens, so it trains too (counted once). The write-up's prose names the
-              embedding layer; its code left it frozen; we follow the prose.
+    projector_embeddings_first_layers
+              the recipe of the blog post "Can an LLM Learn to See?": everything frozen except
+              the vision merger's output projection (visual.merger.mlp.2, the projector into the
+              language model), the language embedding table and the first `num_trainable_layers`
+              decoder layers. With tied embeddings lm_head *is* embed_tokens, so it trains too
+              (counted once). The post's prose names the embedding layer; its code left it
+              frozen; we follow the prose. Its old name, `seed`, is still accepted (deprecated).
     lora      everything frozen; LoRA adapters (models/lora.py) on the language model's
-              `lora_targets` projections train (r=8, alpha=32 on q_proj/v_proj as in the seed:
-              1,843,200 trainable parameters on Qwen2.5-VL-3B).
+              `lora_targets` projections train (r=8, alpha=32 on q_proj/v_proj as in the TRL
+              recipe: 1,843,200 trainable parameters on Qwen2.5-VL-3B).
 
 `apply_freeze_policy` returns {"trainable": n, "total": n}, counting each distinct parameter
 once (tied weights once; LoRA adapters included in the total; frozen base weights too).
@@ -21,6 +23,7 @@ Run: `python -m models.freeze` prints each policy's counts on the tiny model.
 from __future__ import annotations
 
 import logging
+import warnings
 
 from torch import nn
 
@@ -28,7 +31,22 @@ from models.lora import apply_lora
 
 logger = logging.getLogger(__name__)
 
-FREEZE_POLICIES = ("full", "language", "seed", "lora")
+FREEZE_POLICIES = ("full", "language", "projector_embeddings_first_layers", "lora")
+RENAMED_FREEZE_POLICIES = {"seed": "projector_embeddings_first_layers"}  # old name -> new name; the old one still works
+
+
+def canonical_freeze_policy(policy: str) -> str:
+    """The policy's current name; an old name works, with a deprecation warning that names the new one."""
+    if policy in RENAMED_FREEZE_POLICIES:
+        new = RENAMED_FREEZE_POLICIES[policy]
+        warnings.warn(
+            f"--freeze_policy {policy} is deprecated: it is now called {new} (same parameters train); "
+            f"pass --freeze_policy {new}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return new
+    return policy
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -58,6 +76,7 @@ def apply_freeze_policy(
 ) -> dict[str, int]:
     """Set requires_grad on a Qwen2_5_VLForConditionalGeneration according to `policy` (in place;
     "lora" also inserts adapters). Returns {"trainable": n, "total": n}."""
+    policy = canonical_freeze_policy(policy)
     if policy not in FREEZE_POLICIES:
         raise ValueError(f"--freeze_policy {policy!r} is unknown; valid policies: {', '.join(FREEZE_POLICIES)}")
     visual = model.model.visual
@@ -68,7 +87,7 @@ def apply_freeze_policy(
     elif policy == "language":
         model.requires_grad_(True)
         visual.requires_grad_(False)
-    elif policy == "seed":
+    elif policy == "projector_embeddings_first_layers":
         num_layers = len(language.layers)
         if not 0 <= num_trainable_layers <= num_layers:
             raise ValueError(
@@ -93,7 +112,7 @@ def apply_freeze_policy(
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass instead of storing them (non-reentrant).
 
-    When the input embeddings are frozen (seed with embeddings off, lora), the embeddings' output
+    When the input embeddings are frozen (lora), the embeddings' output
     does not require grad; the reentrant checkpoint variant would then drop every gradient
     inside a checkpointed layer. The non-reentrant variant used here does not need it, but we
     still make the embeddings' output require grad so that either variant works.

@@ -1,6 +1,6 @@
 """Grafting: the vision tower of a Qwen2.5-VL onto a Qwen2.5 text LM -> a Qwen2.5-VL checkpoint.
 
-The seed write-up builds its "custom VLM" this way: Qwen2.5-VL-3B's vision encoder + Qwen2.5-0.5B.
+The blog post ("Can an LLM Learn to See?") builds its "custom VLM" this way: Qwen2.5-VL-3B's vision encoder + Qwen2.5-0.5B.
 What moves where:
 
     text LM (Qwen2ForCausalLM)          grafted Qwen2_5_VLForConditionalGeneration

@@ -47,8 +47,9 @@ class SpecialTokens:
     """<|vision_start|>: opens each image/video span."""
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """--dtype (a name, "auto" or None, or a torch.dtype) -> the torch.dtype to load the model in."""
+    if dtype is None or dtype == "auto":
         # bf16 halves memory on GPUs; CPUs are slow and inexact in bf16, so stay in float32 there.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -110,7 +111,7 @@ def load_policy(
     returned in eval mode; call `.train()` before training.
     """
     device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     attn = _resolve_attn(attn_implementation)
 
     if name_or_path in TINY_PRESETS:

@@ -274,17 +274,14 @@ def build_tiny_policy(
     return model, processor
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 if __name__ == "__main__":
     from PIL import Image
 
+    from models.freeze import count_parameters
+
     for name in SIZES:
         m, _ = build_tiny_policy(size=name)
-        print(f"{name}: {count_parameters(m):,} parameters")
+        print(f"{name}: {count_parameters(m)['total']:,} parameters")
     model, processor = build_tiny_policy()
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},

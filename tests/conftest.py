@@ -129,7 +129,7 @@ def run_command(command: list[str], *, timeout: float, env: dict[str, str] | Non
 
 
 def read_metrics(output_dir) -> list[dict]:
-    from grpo.metrics import read_metrics as read
+    from grpo.runtime.metrics import read_metrics as read
 
     return read(Path(output_dir) / "metrics.jsonl")
 
@@ -139,7 +139,7 @@ def without_timings(record: dict) -> dict:
 
 
 def latest_model_dir(output_dir) -> Path:
-    from grpo.checkpoint import latest_checkpoint
+    from grpo.runtime.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(output_dir)
     assert latest is not None, f"no complete checkpoint in {output_dir}: {sorted(os.listdir(output_dir))}"

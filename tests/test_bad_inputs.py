@@ -94,7 +94,7 @@ def test_bad_numbers_exit_2_naming_the_flag(tmp_path, capsys, no_model_load, fla
 
 
 def test_a_non_finite_logit_stops_the_sampler_with_a_message_that_says_so():
-    from grpo.rollout import sample_next_token
+    from grpo.engine.sampling import sample_next_token
 
     logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])  # [R=2, V=3], row 1 broken
     for method in ("inverse_cdf", "multinomial"):
@@ -194,7 +194,7 @@ def test_an_output_dir_under_a_file_is_found_before_the_model_loads(tmp_path, ca
 
 
 def test_a_full_disk_during_a_save_names_the_output_dir_and_what_was_kept(tmp_path, train_run, monkeypatch):
-    import grpo.checkpoint
+    import grpo.runtime.checkpoint
 
     real_save, calls = torch.save, []
 
@@ -205,7 +205,7 @@ def test_a_full_disk_during_a_save_names_the_output_dir_and_what_was_kept(tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(grpo.checkpoint.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(grpo.runtime.checkpoint.torch, "save", save_until_the_disk_fills)
     out = tmp_path / "run"
     with pytest.raises(OSError, match=r"no space left on the device of --output_dir .*run while saving step 2") as error:
         train_run(out, "--max_steps", "3", "--save_steps", "1")
@@ -330,12 +330,12 @@ def test_sft_preflight_does_not_change_the_training(tmp_path, train_run):
 
 
 def test_preflight_that_runs_out_of_memory_names_the_figure_and_the_flags(tmp_path, train_run, monkeypatch):
-    import grpo.preflight
+    import grpo.runtime.preflight
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(grpo.preflight, "_forward_backward", out_of_memory)
+    monkeypatch.setattr(grpo.runtime.preflight, "_forward_backward", out_of_memory)
     with pytest.raises(RuntimeError, match=r"pre-flight: one micro-batch .* does not fit .*--micro_batch_size.*--skip_preflight"):
         train_run(tmp_path / "run", "--max_steps", "1")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or read_metrics(tmp_path / "run") == []

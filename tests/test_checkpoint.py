@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tolerances import U32
 
-import grpo.checkpoint as checkpoint_module
-from grpo.checkpoint import (
+import grpo.runtime.checkpoint as checkpoint_module
+from grpo.runtime.checkpoint import (
     capture_rng_state,
     check_output_dir,
     latest_checkpoint,
@@ -398,7 +398,7 @@ def test_kill_9_of_a_fresh_interpreter_during_saves(tmp_path):
 def test_loading_an_optimizer_state_keeps_this_runs_adamw_kernel():
     """A checkpoint records fused/foreach in its param_groups, and torch's load_state_dict would
     take them; the loading run keeps its own kernel (FSDP shards cannot run the fused one)."""
-    from grpo.checkpoint import _with_this_runs_kernels
+    from grpo.runtime.checkpoint import _with_this_runs_kernels
 
     weight = torch.nn.Parameter(torch.ones(3))
     fused = torch.optim.AdamW([weight], lr=0.1, fused=True)

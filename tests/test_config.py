@@ -82,3 +82,31 @@ def test_overlong_buffer_defaults_to_a_fifth_of_the_completion_limit():
     # DAPO's 4096 of 20480 tokens; 64 // 5 = 12
     assert parse_config(["--max_completion_length", "64"]).grpo.overlong_buffer_length == 12
     assert parse_config(["--max_completion_length", "3"]).grpo.overlong_buffer_length == 1  # at least 1
+
+
+def test_freeze_policy_has_a_name_that_says_what_trains_and_the_old_name_still_works():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name: no warning at all
+        assert parse_config(["--freeze_policy", "projector_embeddings_first_layers"]).model.freeze_policy == (
+            "projector_embeddings_first_layers"
+        )
+    with pytest.warns(FutureWarning, match="--freeze_policy seed is deprecated.*projector_embeddings_first_layers"):
+        config = parse_config(["--freeze_policy", "seed"])
+    assert config.model.freeze_policy == "projector_embeddings_first_layers"  # what a checkpoint records
+
+
+def test_old_freeze_policy_name_trains_the_same_parameters():
+    from models.freeze import apply_freeze_policy
+    from models.tiny import build_tiny_policy
+
+    new, old = build_tiny_policy(seed=0)[0], build_tiny_policy(seed=0)[0]
+    counts_new = apply_freeze_policy(new, "projector_embeddings_first_layers", num_trainable_layers=1)
+    with pytest.warns(FutureWarning, match="projector_embeddings_first_layers"):
+        counts_old = apply_freeze_policy(old, "seed", num_trainable_layers=1)
+    assert counts_old == counts_new
+    assert [n for n, p in old.named_parameters() if p.requires_grad] == [
+        n for n, p in new.named_parameters() if p.requires_grad
+    ]
+    assert 0 < counts_new["trainable"] < counts_new["total"]  # a real subset, not everything or nothing

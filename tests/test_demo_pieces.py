@@ -80,8 +80,8 @@ def test_early_stopping_needs_an_accuracy_to_watch(train_run, tmp_path):
 
 
 def test_the_test_part_is_a_third_stream():
+    from data.loading import load_eval_dataset
     from grpo.config import DataArguments
-    from grpo.data_setup import load_eval_dataset
 
     args = DataArguments(num_examples=3, demonstrator_misses="gray")
     validation, _ = load_eval_dataset(args, part="validation", seed=0)

@@ -74,7 +74,7 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
     """Two real rounds of the tiny model; the merged batch holds the chosen groups' rows, padded."""
     from data.collators import GRPOCollator
     from data.sources import load_examples
-    from grpo.rollout import sample_rollouts
+    from grpo.engine.rollout import sample_rollouts
     from models.loading import load_policy, special_token_ids
 
     model, processor = load_policy("tiny", dtype=torch.float32, device="cpu", seed=0)

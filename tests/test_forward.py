@@ -1,4 +1,4 @@
-"""Tests for grpo/forward.py: image encoding and expansion, 3-D positions, the scoring forward.
+"""Tests for grpo/engine/forward.py: image encoding and expansion, 3-D positions, the scoring forward.
 
 A tiny random Qwen2_5_VLForConditionalGeneration (text 64 x 2 layers, vision 32 x 2 blocks,
 vocab 300, ~0.2 M parameters) in float32 with SDPA attention, and hand-built batches: left
@@ -15,11 +15,10 @@ import torch
 from tolerances import float64_throughout, network_error
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from grpo.forward import (
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.hf_compat import can_share_prompt
+from grpo.engine.inputs import (
     build_inputs_embeds,
-    can_share_prompt,
-    completion_logprobs,
-    completion_logprobs_shared_prompt,
     count_images_per_prompt,
     encode_images,
     expand_image_embeds,

@@ -1,4 +1,4 @@
-"""--fsdp (grpo/fsdp.py) computes what the replicated path computes, and saves what it saves.
+"""--fsdp (grpo/runtime/fsdp.py) computes what the replicated path computes, and saves what it saves.
 
 FSDP2 changes where the weights live (each rank holds 1/world_size of each, as DTensor shards) and
 how gradients are reduced (a reduce-scatter in backward instead of `sync_gradients`' all-reduce);
@@ -67,7 +67,8 @@ def _train_args():
 def _one_update(problem, generation, rows, micro, world_size):
     """accumulate_step_gradients + clip + one AdamW step, as the GRPO loop does; returns the optimizer."""
     from grpo.grpo_loop import accumulate_step_gradients
-    from grpo.setup import build_optimizer, sync_gradients
+    from grpo.runtime.distributed import sync_gradients
+    from grpo.runtime.optimizer import build_optimizer
 
     model = problem["model"]
     optimizer = build_optimizer(model, _train_args())
@@ -99,7 +100,7 @@ def _full(tensor):
 
 
 def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problems: dict) -> None:
-    from grpo.fsdp import FullModel, FullStateOptimizer, shard_model
+    from grpo.runtime.fsdp import FullModel, FullStateOptimizer, shard_model
 
     distributed = _join_as_rank(rank, world_size, port)
     try:

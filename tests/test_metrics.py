@@ -1,4 +1,4 @@
-"""JSONL metrics (flushing, crash recovery, resume truncation), sample blocks and `summarize`."""
+"""JSONL metrics (flushing, crash recovery, resume truncation) and sample blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo.metrics import MetricsLogger, SampleLogger, read_metrics, summarize
+from grpo.runtime.metrics import MetricsLogger, SampleLogger, read_metrics
 
 
 def test_metrics_logger_writes_one_float_line_per_step(tmp_path):
@@ -86,8 +86,8 @@ def test_sample_logger_blocks_every_n_steps(tmp_path):
         rewards={"format": 1.0, "count_accuracy": torch.tensor(1.0)},
     )
     assert not samples.should_log(1)
-    assert samples.log(1, **kwargs) is None
-    text = samples.log(2, advantage=0.75, **kwargs)
+    assert samples.maybe_log(1, **kwargs) is None
+    text = samples.maybe_log(2, advantage=0.75, **kwargs)
     assert text == (
         "-------------------- step 2 --------------------\n"
         "Question:\nHow many objects?\n"
@@ -100,16 +100,8 @@ def test_sample_logger_blocks_every_n_steps(tmp_path):
     samples.maybe_log(4, **kwargs)
     assert path.read_text().count("step ") == 2  # steps 2 and 4
     assert not SampleLogger(tmp_path / "off.log", every=0).should_log(10)
-    assert SampleLogger(tmp_path / "rank1.log", every=1, enabled=False).log(1, **kwargs) is None
+    assert SampleLogger(tmp_path / "rank1.log", every=1, enabled=False).maybe_log(1, **kwargs) is None
     assert not (tmp_path / "rank1.log").exists()
-
-
-def test_summarize():
-    # [1, 2, 3, 6]: mean 3; deviations -2, -1, 0, 3 -> mean square 14/4 = 3.5
-    stats = summarize([1, 2, 3, 6])
-    assert stats == {"mean": 3.0, "std": pytest.approx(math.sqrt(3.5)), "min": 1.0, "max": 6.0}
-    assert summarize(torch.tensor([[2.0, 2.0]])) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0}
-    assert all(math.isnan(value) for value in summarize([]).values())
 
 
 def test_sample_logger_truncate_after_keeps_blocks_up_to_the_step(tmp_path):
@@ -117,10 +109,10 @@ def test_sample_logger_truncate_after_keeps_blocks_up_to_the_step(tmp_path):
     path = tmp_path / "samples.log"
     samples = SampleLogger(path, every=1)
     kwargs = dict(question="q", answer="3", completion="c", rewards={"format": 0.0})
-    blocks = [samples.log(step, **kwargs) for step in (1, 2, 3, 4)]
+    blocks = [samples.maybe_log(step, **kwargs) for step in (1, 2, 3, 4)]
     assert samples.truncate_after(2) == 2  # blocks 3 and 4 dropped
     assert path.read_text() == blocks[0] + blocks[1]
-    samples.log(3, **kwargs)
+    samples.maybe_log(3, **kwargs)
     assert path.read_text() == blocks[0] + blocks[1] + blocks[2]  # step 3 once, after step 2
     assert samples.truncate_after(0) == 3
     assert path.read_text() == ""

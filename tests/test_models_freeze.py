@@ -45,7 +45,7 @@ def test_full_and_language(model):
 
 def test_seed_policy(model):
     language = model.model.language_model
-    counts = apply_freeze_policy(model, "seed", num_trainable_layers=1)
+    counts = apply_freeze_policy(model, "projector_embeddings_first_layers", num_trainable_layers=1)
     # merger.mlp.2 + embed_tokens (= lm_head, tied, counted once) + layer 0.
     expected = numel(model.model.visual.merger.mlp[2]) + numel(language.embed_tokens) + numel(language.layers[0])
     assert counts["trainable"] == expected
@@ -55,7 +55,7 @@ def test_seed_policy(model):
     assert not any(n.startswith("model.language_model.layers.1.") for n in names)
     assert model.lm_head.weight.requires_grad  # tied to embed_tokens
     with pytest.raises(ValueError, match="num_trainable_layers"):
-        apply_freeze_policy(model, "seed", num_trainable_layers=3)
+        apply_freeze_policy(model, "projector_embeddings_first_layers", num_trainable_layers=3)
 
 
 def test_lora_policy_and_describe(model):
@@ -73,9 +73,9 @@ def test_lora_policy_and_describe(model):
 
 
 def test_unknown_policy_lists_valid_ones(model):
-    with pytest.raises(ValueError, match="full, language, seed, lora"):
+    with pytest.raises(ValueError, match="full, language, projector_embeddings_first_layers, lora"):
         apply_freeze_policy(model, "vision")
-    assert FREEZE_POLICIES == ("full", "language", "seed", "lora")
+    assert FREEZE_POLICIES == ("full", "language", "projector_embeddings_first_layers", "lora")
 
 
 @pytest.mark.parametrize("policy", ["full", "lora"])

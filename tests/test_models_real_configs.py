@@ -114,7 +114,7 @@ def test_vl3b_freeze_policies(vl_config):
     assert apply_freeze_policy(model, "full") == {"trainable": VL3B_TOTAL, "total": VL3B_TOTAL}
     assert apply_freeze_policy(model, "language") == {"trainable": VL3B_TEXT, "total": VL3B_TOTAL}
     # seed: merger.mlp.2 + embed_tokens (= lm_head) + 5 decoder layers = 707,037,696
-    seed = apply_freeze_policy(model, "seed", num_trainable_layers=5)
+    seed = apply_freeze_policy(model, "projector_embeddings_first_layers", num_trainable_layers=5)
     assert seed == {"trainable": VL3B_MERGER_OUT + VL3B_EMBED + 5 * VL3B_LAYER, "total": VL3B_TOTAL}
     # lora r=8 on q_proj (2048 -> 2048) and v_proj (2048 -> 256) of 36 layers:
     # 8 * (2048 + 2048) + 8 * (2048 + 256) = 51,200 per layer; x36 = 1,843,200 (the seed's number).

@@ -12,13 +12,13 @@ from tolerances import sum_error
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from data.prompts import SYSTEM_PROMPT
+from models.freeze import count_parameters
 from models.tiny import (
     SPECIAL_TOKENS,
     TAG_TOKENS,
     build_tiny_config,
     build_tiny_policy,
     build_tiny_tokenizer,
-    count_parameters,
 )
 
 QUESTION = "How many objects are there in the image?"
@@ -141,10 +141,10 @@ def test_config_ids_match_tokenizer(tiny):
 
 def test_parameter_counts(tiny):
     model, processor = tiny
-    assert 500_000 <= count_parameters(model) <= 1_000_000
+    assert 500_000 <= count_parameters(model)["total"] <= 1_000_000
     with torch.device("meta"):
         small = Qwen2_5_VLForConditionalGeneration(build_tiny_config(processor.tokenizer, "small"))
-    assert 10_000_000 <= count_parameters(small) <= 100_000_000
+    assert 10_000_000 <= count_parameters(small)["total"] <= 100_000_000
     with pytest.raises(ValueError, match="valid sizes"):
         build_tiny_config(processor.tokenizer, "huge")
 

@@ -2,12 +2,12 @@
 one run per output_dir.
 
 - A SIGTERM or Ctrl-C that lands while the final checkpoint is written must not kill the save: the
-  loops keep their signal handlers until after it (grpo/run.py, TrainingRun.finish).
+  loops keep their signal handlers until after it (grpo/runtime/run.py, TrainingRun.finish).
 - torchrun gives its workers 30 s (--shutdown_timeout) between its SIGTERM and SIGKILL; a step can
-  be longer. `python -m grpo.launch` is torchrun without that extra deadline, and it exits 0 when
-  it was signalled and every worker saved and exited cleanly (grpo/launch.py).
+  be longer. `python -m grpo.runtime.launch` is torchrun without that extra deadline, and it exits 0 when
+  it was signalled and every worker saved and exited cleanly (grpo/runtime/launch.py).
 - A second run into the folder of a live run is refused, naming the other process; a lock left by
-  a dead one is taken over with a warning (grpo/run_lock.py).
+  a dead one is taken over with a warning (grpo/runtime/run_lock.py).
 docs/troubleshooting.md ("Preemption and crashes") is the user-facing side of this file.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_preemption.py -q [-m slow]
 """
@@ -30,15 +30,15 @@ from test_faults import _metric_lines, _train_command, _wait_for, background  # 
 
 SIGNAL_DURING_SAVE = """
 import os, signal, sys
-import grpo.run
-save_checkpoint = grpo.run.save_checkpoint
+import grpo.runtime.run
+save_checkpoint = grpo.runtime.run.save_checkpoint
 
 def signalled_save(*args, **kwargs):
     for _ in range({count}):  # the signal lands while the checkpoint is written
         os.kill(os.getpid(), signal.{signal_name})
     return save_checkpoint(*args, **kwargs)
 
-grpo.run.save_checkpoint = signalled_save
+grpo.runtime.run.save_checkpoint = signalled_save
 import train
 train.main(sys.argv[1:])
 """
@@ -74,13 +74,13 @@ def _launch(launcher: str, out, *extra: str) -> list[str]:
         "--reward_functions",
         "reward_fns:slow_from_second_call",
     )
-    front = TORCHRUN if launcher == "torchrun" else [sys.executable, "-m", "grpo.launch"]
+    front = TORCHRUN if launcher == "torchrun" else [sys.executable, "-m", "grpo.runtime.launch"]
     return [*front, *extra, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
 
 
 @pytest.mark.slow
 def test_plain_torchrun_kills_a_step_longer_than_its_grace(tmp_path, background, monkeypatch):  # noqa: F811
-    """What goes wrong without grpo.launch: torchrun SIGKILLs the workers --shutdown_timeout
+    """What goes wrong without grpo.runtime.launch: torchrun SIGKILLs the workers --shutdown_timeout
     seconds (default 30; 2 here to keep the test short) after its SIGTERM, in the middle of a
     6-second step, so nothing is saved and the job fails."""
     out, log, marker = tmp_path / "run", tmp_path / "torchrun.log", tmp_path / "sleeping"
@@ -102,7 +102,7 @@ def test_plain_torchrun_kills_a_step_longer_than_its_grace(tmp_path, background,
 def test_grpo_launch_finishes_a_long_step_saves_exits_0(tmp_path, background, monkeypatch):  # noqa: F811
     out, log, marker = tmp_path / "run", tmp_path / "launch.log", tmp_path / "sleeping"
     monkeypatch.setenv("SLOW_REWARD_MARKER", str(marker))
-    process = background(_launch("grpo.launch", out), log)
+    process = background(_launch("grpo.runtime.launch", out), log)
     _wait_for(marker.exists, process, log, timeout=150)
     process.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler would
     assert process.wait(timeout=120) == 0, log.read_text()[-4000:]

@@ -33,7 +33,7 @@ def _metric_lines(text: str, stage: str) -> list[str]:
 
 
 def test_the_metrics_line_of_a_grpo_record_by_hand():
-    from grpo.reporting import metrics_line
+    from grpo.runtime.reporting import metrics_line
 
     record = {
         "step": 20, "loss": 0.01234, "kl": 0.00314, "clip_frac_low": 0.0, "clip_frac_high": 0.0125,
@@ -51,7 +51,7 @@ def test_the_metrics_line_of_a_grpo_record_by_hand():
 
 
 def test_the_metrics_line_of_an_sft_record_by_hand():
-    from grpo.reporting import metrics_line
+    from grpo.runtime.reporting import metrics_line
 
     record = {"step": 3, "loss": 6.8312, "grad_norm": 1.25, "lr": 3e-4, "tokens": 1200.0, "step_seconds": 0.5, "val_loss": float("nan")}
     # tokens / step_seconds = 1200 / 0.5 = 2400 tok/s; a NaN is printed as nan, not hidden.
@@ -159,8 +159,8 @@ def test_a_missing_backend_package_exits_2_with_the_pip_command(tmp_path, capsys
 def test_only_the_main_rank_shows_the_data_loading_bars(capfd):
     import datasets
 
+    from data.loading import load_sft_datasets
     from grpo.config import parse_config
-    from grpo.data_setup import load_sft_datasets
 
     config = parse_config(["--stage", "sft", "--num_examples", "8", "--max_eval_examples", "4"])
     load_sft_datasets(config, is_main=False)

@@ -1,4 +1,4 @@
-"""Tests for grpo/rollout.py: the hand-written sampler against generate() and the scoring forward.
+"""Tests for grpo/engine/rollout.py: the hand-written sampler against generate() and the scoring forward.
 
 Uses the tiny random Qwen2.5-VL and the hand-built batches of tests/test_forward.py: two left
 padded prompts of different lengths, the first with two images.
@@ -25,16 +25,12 @@ from test_forward import (
 )
 from tolerances import U32, float64_throughout, logsumexp_error, network_error
 
-from grpo.forward import completion_logprobs, image_inputs_for_rows
+from grpo.engine.decoders import StaticKVCache, default_decode
+from grpo.engine.forward import completion_logprobs
+from grpo.engine.inputs import image_inputs_for_rows
+from grpo.engine.rollout import generate_rollouts_naive, repeat_batch_per_group, sample_rollouts
+from grpo.engine.sampling import sample_next_token
 from grpo.masks import completion_mask as grpo_completion_mask
-from grpo.rollout import (
-    StaticKVCache,
-    default_decode,
-    generate_rollouts_naive,
-    repeat_batch_per_group,
-    sample_next_token,
-    sample_rollouts,
-)
 
 
 # The sampler is compared with generate(), the training forward and its own static twin: other

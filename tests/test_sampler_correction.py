@@ -85,9 +85,9 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
     then the whole gap, a bound derived below instead of a count of float32 roundings per layer."""
     from data.collators import GRPOCollator
     from data.sources import load_examples
-    from grpo.generation_batch import GenerationBatch
+    from grpo.engine.generation_batch import GenerationBatch
+    from grpo.engine.rollout import sample_rollouts
     from grpo.masks import completion_mask
-    from grpo.rollout import sample_rollouts
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for the token draw of grpo/rollout.py: inverse CDF by hand, and against torch.multinomial.
+"""Tests for the token draw of grpo/engine/rollout.py: inverse CDF by hand, and against torch.multinomial.
 
 `inverse_cdf_draw(probs, uniform)` takes the uniforms as an argument, so its boundary cases are
 worked out by hand below. `sample_next_token(method=...)` draws with either inverse CDF or
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.rollout import default_sampling_method, inverse_cdf_draw, sample_next_token
+from grpo.engine.sampling import default_sampling_method, inverse_cdf_draw, sample_next_token
 
 # --- inverse CDF by hand ---
 

@@ -76,7 +76,7 @@ def _build_problem():
     from data.collators import GRPOCollator
     from data.sources import load_examples
     from grpo.advantages import group_advantages
-    from grpo.generation_batch import GenerationBatch
+    from grpo.engine.generation_batch import GenerationBatch
     from grpo.masks import completion_mask
     from models.loading import load_policy, special_token_ids
 
@@ -133,7 +133,7 @@ CASES = [(aggregation, 1.0) for aggregation in AGGREGATIONS] + [("token", 0.4)]
 def _gradients(problem, generation, rows, aggregation, micro, world_size, quantile=1.0):
     """.grad of every parameter after this rank's backward and the ranks' average (as the loop does)."""
     from grpo.grpo_loop import accumulate_step_gradients
-    from grpo.setup import sync_gradients
+    from grpo.runtime.distributed import sync_gradients
 
     model = problem["model"]
     mask, advantages = problem["mask"], problem["advantages"]
@@ -157,7 +157,7 @@ def _join_as_rank(rank: int, world_size: int, port: int):
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )  # fmt: skip
-    from grpo import distributed
+    from grpo.runtime import distributed
 
     torch.set_num_threads(1)
     distributed.init_distributed("cpu", timeout_minutes=2)

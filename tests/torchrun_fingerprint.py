@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpo.run as grpo_run  # noqa: E402
+import grpo.runtime.run as grpo_run  # noqa: E402
 import train  # noqa: E402
 
 captured = {}
@@ -29,7 +29,7 @@ def _capturing_build_policy(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    grpo_run.build_policy = _capturing_build_policy  # start_run looks it up in grpo.run
+    grpo_run.build_policy = _capturing_build_policy  # start_run looks it up in grpo.runtime.run
     argv = sys.argv[1:]
     train.main(argv)
     output_dir = Path(argv[argv.index("--output_dir") + 1])

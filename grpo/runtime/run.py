@@ -7,10 +7,14 @@ file holds that once, so each loop file shows only its own algorithm:
     state = run.resume(stream)                              # step, data position, RNG, adapters
     ...
     run.save(step, stream, extra={...})                     # every rank calls it; rank 0 writes
+    run.open_logs(step)                                     # metrics.jsonl, --report_to, progress bar
+    ...
+    grad_norm = run.optimizer_step(step, loss)              # all-reduce, clip, AdamW (None: skipped)
+    run.log(step, metrics, loss=...)                        # one record, the console line, the bar
     ...
     return run.finish(step, ...)  # inside the loop's `with StopRequest()`: the final save, the end
 
-Rank 0 holds a lock on output_dir for the whole run (grpo/run_lock.py): a second run into the
+Rank 0 holds a lock on output_dir for the whole run (grpo/runtime/run_lock.py): a second run into the
 folder of a live one exits 2 naming it, before anything there is read or deleted.
 """
 
@@ -19,38 +23,47 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from grpo.checkpoint import capture_rng_state, check_output_dir, load_trainer_state, save_checkpoint
+from data.index_stream import IndexStream
 from grpo.config import Config
-from grpo.distributed import (
+from grpo.runtime.checkpoint import (
+    capture_rng_state,
+    check_output_dir,
+    load_trainer_state,
+    save_checkpoint,
+)
+from grpo.runtime.device import seed_everything
+from grpo.runtime.distributed import (
     DistInfo,
     all_gather_object,
+    all_reduce_sum,
     broadcast_object,
+    broadcast_parameters,
     cleanup,
     init_distributed,
+    sync_gradients,
 )
-from grpo.run_lock import OutputDirInUse, OutputDirLock, acquire_output_dir_lock
-from grpo.setup import (
-    IndexStream,
+from grpo.runtime.metrics import MetricsLogger
+from grpo.runtime.optimizer import build_optimizer, build_scheduler
+from grpo.runtime.policy import (
     Policy,
-    StopRequest,
     adapter_state,
-    broadcast_parameters,
-    build_optimizer,
     build_policy,
-    build_scheduler,
     model_for_saving,
     optimizer_for_checkpoint,
     restore_adapters,
-    seed_everything,
     shard_policy,
 )
+from grpo.runtime.reporting import Reporter
+from grpo.runtime.run_lock import OutputDirInUse, OutputDirLock, acquire_output_dir_lock
 
 
 @dataclass
@@ -65,7 +78,11 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_from: Path | None
-    lock: OutputDirLock | None = None  # rank 0's lock on output_dir (grpo/run_lock.py)
+    lock: OutputDirLock | None = None  # rank 0's lock on output_dir (grpo/runtime/run_lock.py)
+    nonfinite: NonFiniteGuard | None = None  # set by start_run
+    metrics_logger: MetricsLogger | None = None  # set by open_logs, with reporter and progress
+    reporter: Reporter | None = None
+    progress: tqdm | None = None
 
     @property
     def is_main(self) -> bool:
@@ -106,19 +123,55 @@ class TrainingRun:
                 keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 
-    def finish(
-        self, step: int, *, last_saved: int, stop: StopRequest, save: Callable[[int], None], loggers: list = ()
-    ) -> dict:
+    def open_logs(self, step: int) -> None:
+        """metrics.jsonl, the console line and --report_to backends, the progress bar (rank 0 writes)."""
+        targs = self.config.train
+        self.metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=self.is_main)
+        self.metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+        self.reporter = Reporter(self.config, self.stage, start_step=step, enabled=self.is_main)
+        self.progress = tqdm(
+            total=targs.max_steps, initial=step, desc=self.stage, disable=not (self.is_main and targs.progress_bar)
+        )
+
+    def log(self, step: int, metrics: dict, **postfix: str) -> None:
+        """One optimizer step's record: metrics.jsonl, the console line and backends, the progress bar."""
+        self.reporter.log(step, self.metrics_logger.log(step, metrics))
+        self.progress.update(1)
+        self.progress.set_postfix(**postfix)
+
+    def optimizer_step(self, step: int, loss: float) -> torch.Tensor | None:
+        """Average the gradients over ranks, clip their norm, step AdamW and the schedule.
+
+        step: the optimizer steps taken so far; loss: this step's loss summed over ranks (the
+        guard's input). Returns the gradient norm before clipping, or None when the step was skipped
+        because the loss or the gradient was not finite (NonFiniteGuard).
+        """
+        targs = self.config.train
+        if not targs.fsdp:  # FSDP2 reduce-scattered (averaged) them in backward already
+            sync_gradients(self.trainable, self.dist.world_size)
+        max_norm = targs.max_grad_norm if targs.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if not self.nonfinite.step_is_finite(step + 1, loss, grad_norm, self.optimizer):
+            return None  # skipped: a NaN step would poison the weights and Adam's moments
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def finish(self, step: int, *, last_saved: int, stop: StopRequest, save: Callable[[int], None]) -> dict:
         """The end of both loops: the final save, the stop message, the lock, leaving the ranks.
 
         Call it inside the loop's `with StopRequest()`: a SIGTERM or Ctrl-C that lands during the
         final save then only sets the flag, as during the loop, instead of killing the process
         while it writes the checkpoint that holds the whole run (a second Ctrl-C still stops at once).
         """
+        if self.progress is not None:
+            self.progress.close()
         if step > last_saved or self.resume_from is None:
             save(step)
-        for logger in loggers:
-            logger.close()
+        for logger in (self.metrics_logger, self.reporter):
+            if logger is not None:
+                logger.close()
         output_dir = self.config.train.output_dir
         if stop.requested and self.is_main:
             print(
@@ -134,11 +187,11 @@ class TrainingRun:
         return {"step": step, "output_dir": output_dir, "stopped_early": stop.requested}
 
 
-STOP_REPORT_DIR = "GRPO_STOP_REPORT_DIR"  # set by grpo/launch.py for its workers
+STOP_REPORT_DIR = "GRPO_STOP_REPORT_DIR"  # set by grpo/runtime/launch.py for its workers
 
 
 def report_clean_stop(step: int) -> None:
-    """Tell grpo/launch.py that this worker stopped on a signal, saved, and is about to exit 0."""
+    """Tell grpo/runtime/launch.py that this worker stopped on a signal, saved, and is about to exit 0."""
     folder = os.environ.get(STOP_REPORT_DIR)
     if not folder:
         return
@@ -175,14 +228,15 @@ def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRu
         raise SystemExit(2)
 
     policy = build_policy(config, dist_info.device, with_reference=with_reference, resume_dir=resume_from)
-    if targs.fsdp:  # shard the policy (and reference) over the ranks instead of replicating it (grpo/fsdp.py)
+    if targs.fsdp:  # shard the policy (and reference) over the ranks instead of replicating it (grpo/runtime/fsdp.py)
         shard_policy(policy, dist_info.device)
     else:
         broadcast_parameters(policy.model, dist_info.world_size)
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(policy.model, targs)  # after sharding: AdamW must see the shards
     scheduler = build_scheduler(optimizer, targs)
-    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from, lock)
+    nonfinite = NonFiniteGuard(targs.max_nonfinite_steps, stage)
+    return TrainingRun(config, stage, dist_info, policy, trainable, optimizer, scheduler, resume_from, lock, nonfinite)
 
 
 class NonFiniteGuard:
@@ -207,4 +261,55 @@ class NonFiniteGuard:
                 f"{self.in_a_row} consecutive steps had a non-finite loss or gradient; lower --learning_rate, "
                 "clip harder with --max_grad_norm, or check the data"
             )
+        return False
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at its next safe point and exits 0.
+
+    A second Ctrl-C (SIGINT) restores the default handler, so pressing it twice still stops at once.
+    A repeated SIGTERM does not: under a scheduler one often arrives twice (SLURM signals every
+    process of the job, and torchrun forwards its own copy to the workers), and the second must not
+    kill the save the first one asked for; the scheduler's SIGKILL is the hard stop.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGTERM:
+            return  # the stop is under way already
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def requested_on_any_rank(self) -> bool:
+        """Whether any rank got a signal (one scalar all-reduce; the flag itself in one process).
+
+        A scheduler's SIGTERM reaches the ranks at slightly different times. A rank that left the
+        loop alone would wait in the save's collectives while the others wait in the next step's,
+        until the process-group timeout; so the ranks agree, and all stop at the same step.
+        """
+
+        requested_here = self.requested  # read once: a signal may land during the all-reduce
+        if all_reduce_sum(float(requested_here)) == 0:
+            return False  # every rank read False, so every rank goes on
+        if not self.requested:
+            self.requested, self.signal_name = True, "a stop signal on another rank"
+        return True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
         return False

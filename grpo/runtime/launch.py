@@ -1,6 +1,6 @@
 """torchrun for preemptible jobs: the same launcher, flags and workers, with two changes on a signal.
 
-    python -m grpo.launch --nproc_per_node 8 train.py --stage grpo ...   # instead of `torchrun ...`
+    python -m grpo.runtime.launch --nproc_per_node 8 train.py --stage grpo ...   # instead of `torchrun ...`
 
 What torchrun (torch/distributed/run.py, the elastic agent) does on SIGTERM, SIGINT, SIGHUP or
 SIGQUIT: it forwards the signal to every worker, waits --shutdown_timeout seconds (default 30, or
@@ -15,7 +15,7 @@ The two changes:
    SIGKILL after its grace period: SLURM's KillWait or GraceTime, Kubernetes'
    terminationGracePeriodSeconds); size that to one generation batch plus one save.
 2. The exit status: 0 when the launcher was signalled and every local worker reported that it saved
-   its checkpoint and exited cleanly (grpo/run.py, `report_clean_stop`); otherwise torchrun's own
+   its checkpoint and exited cleanly (grpo/runtime/run.py, `report_clean_stop`); otherwise torchrun's own
    error. A scheduler then sees a preempted job that saved as a success, not as a failure.
 Everything else (rendezvous, restarts, a failing worker) is torchrun's, unchanged.
 """
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpo.run import STOP_REPORT_DIR
+from grpo.runtime.run import STOP_REPORT_DIR
 
 NO_DEADLINE_SECONDS = (
     10 * 365 * 24 * 3600

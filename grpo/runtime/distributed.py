@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from grpo.runtime.device import resolve_device
+
 T = TypeVar("T", float, torch.Tensor)
 
 
@@ -57,23 +59,6 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
 
 
-def _pick_device(device_preference: str, local_rank: int) -> torch.device:
-    if device_preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {device_preference!r}: use auto, cpu or cuda")
-    use_cuda = device_preference == "cuda" or (device_preference == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise RuntimeError(
-            f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible; start torchrun with "
-            f"--nproc_per_node at most {count} (or check CUDA_VISIBLE_DEVICES)"
-        )
-    return torch.device("cuda", local_rank)
-
-
 def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Read torchrun's environment, pick the device and, for world_size > 1, join the process group.
 
@@ -85,7 +70,7 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 3
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} are inconsistent; launch with torchrun")
-    device = _pick_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -159,14 +144,6 @@ def all_reduce_max(value: float) -> float:
     return buffer.item()
 
 
-def all_reduce_mean(value: T) -> T:
-    """Mean of `value` over ranks (the sum divided by world_size). No-op in a single process."""
-    if not is_initialized():
-        return value
-    total = all_reduce_sum(value)
-    return total / get_world_size()
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj` on every rank (e.g. a resume decision made on rank 0)."""
     if not is_initialized():
@@ -195,3 +172,29 @@ def cleanup() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def sync_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average gradients over ranks: what DDP's reducer does, once per optimizer step.
+
+    The gradients are flattened into one buffer so the step costs a single all-reduce.
+    """
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        numel = grad.numel()
+        parameter.grad = flat[offset : offset + numel].view_as(parameter).clone()
+        offset += numel
+
+
+def broadcast_parameters(model: torch.nn.Module, world_size: int) -> None:
+    """Start every rank from rank 0's weights (they should already agree; this makes it certain)."""
+    if world_size == 1:
+        return
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)

@@ -27,7 +27,7 @@ import torch
 
 def describe_starting_point(init_from: str | None, model: str) -> dict:
     """The record of a fresh run's starting point (without its fingerprint: the model is not loaded yet)."""
-    from grpo.setup import resolve_model_path
+    from grpo.runtime.policy import resolve_model_path
 
     flag, argument = ("--init_from", init_from) if init_from else ("--model", model)
     resolved = resolve_model_path(argument)

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
+from data.index_stream import IndexStream
 from grpo.config import TrainArguments
-from grpo.setup import IndexStream, lr_multiplier
+from grpo.runtime.optimizer import lr_multiplier
 
 
 def test_warmup_then_constant():

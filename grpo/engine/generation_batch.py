@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.forward import (
-    can_share_prompt,
-    completion_logprobs,
-    completion_logprobs_shared_prompt,
-    encode_images,
-    image_inputs_for_rows,
-)
+from grpo.engine.forward import completion_logprobs, completion_logprobs_shared_prompt
+from grpo.engine.hf_compat import can_share_prompt
+from grpo.engine.inputs import encode_images, image_inputs_for_rows
 
 
 @dataclass
@@ -73,7 +69,7 @@ class GenerationBatch:
             prompt_index = list(range(len(prompts)))
         completion_ids = self.completion_ids[rows, :length]  # [R, T_rows]
         completion_mask = self.completion_mask[rows, :length]  # [R, T_rows]
-        temperature = self.temperature or 1.0  # greedy rollouts are scored at tau = 1
+        temperature = self.temperature  # 0 (greedy) is scored at tau = 1 (forward.py, _score)
 
         if self.shared_prompt and can_share_prompt(model):
             # Images per distinct prompt (group size 1: "row" i is prompt i), prompts once each.

@@ -69,7 +69,7 @@ def _run(model, step, *, device: torch.device, what: str, advice: str, is_main: 
 
 def grpo_preflight(model, dataset, collator, *, gargs, tokens, device, world_size, merge_size, step_gradients, is_main=True) -> None:
     """One GRPO micro-batch at the longest prompt; step_gradients is grpo_loop.accumulate_step_gradients."""
-    from grpo.generation_batch import GenerationBatch
+    from grpo.engine.generation_batch import GenerationBatch
     from grpo.masks import completion_mask as build_completion_mask
 
     index, prompt_tokens = longest_example(dataset, collator.processor, collator.system_prompt)

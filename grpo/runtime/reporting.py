@@ -1,6 +1,6 @@
 """Where a run's metrics go besides metrics.jsonl: a console line, TensorBoard, Weights & Biases.
 
-metrics.jsonl (grpo/metrics.py) is the source of truth and is always written; everything here is
+metrics.jsonl (grpo/runtime/metrics.py) is the source of truth and is always written; everything here is
 a view of the same records, under the same names:
 
 - every `--logging_steps` N steps, one compact line on stdout (what a batch job's log file

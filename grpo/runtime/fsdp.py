@@ -2,19 +2,19 @@
 
     torchrun --nproc_per_node 8 train.py --stage grpo --fsdp --model Qwen/Qwen2.5-VL-32B-Instruct ...
 
-Without --fsdp every rank holds the whole model and `grpo.setup.sync_gradients` averages the
+Without --fsdp every rank holds the whole model and `grpo.runtime.distributed.sync_gradients` averages the
 gradients once per optimizer step (what DDP does). With --fsdp each rank holds 1/world_size of
 every weight, gradient and Adam moment (DTensors sharded on dim 0); a unit's weights are
 all-gathered just before it runs and freed after, and its gradients are reduce-scattered in the
 backward pass. The units (`shard_model`), bottom-up as fully_shard wants them:
 
-    each vision block, then the vision tower  <- grpo/forward.py calls it outside model.forward
+    each vision block, then the vision tower  <- grpo/engine/forward.py calls it outside model.forward
     each language decoder layer
     embed_tokens (+ lm_head when tied)        <- also called outside model.forward
     the whole model (what is left: final norm, an untied lm_head)
 
 Why the tower and the embeddings are units of their own: FSDP2 all-gathers in each unit's forward
-pre-hook, and our forward (grpo/forward.py) runs `get_image_features` and `get_input_embeddings()`
+pre-hook, and our forward (grpo/engine/forward.py) runs `get_image_features` and `get_input_embeddings()`
 before calling `model(inputs_embeds=...)`. As units they gather their own weights whenever they are
 called; their inputs (pixels, token ids) need no gradient, so their gradients are reduced at the end
 of the backward, after every contribution arrived. Tied weights (Qwen2.5-VL-3B ties lm_head to

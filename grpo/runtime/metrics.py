@@ -9,7 +9,7 @@
   of step S has already logged steps after S before it died; `truncate_after(S)` drops them so
   the file holds each step once. A fresh run calls `truncate_after(0)` (steps count from 1).
 - `SampleLogger` writes, every N steps, one sample as a readable block (question, gold answer,
-  one completion, the extracted answer, its reward per function), like the seed's log file.
+  one completion, the extracted answer, its reward per function), like the blog post's log file.
   Reading completions is the fastest way to see reward hacking. Its `truncate_after(S)` drops the
   blocks of steps after S, as for metrics (a fresh or overwritten run calls it with 0).
 - Only rank 0 should write: build both with `enabled=is_main(info)`.
@@ -18,11 +18,10 @@
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -140,7 +139,7 @@ class SampleLogger:
     """Every `every` steps, appends one sample as a readable block to a text file.
 
     `every` <= 0 or `enabled=False` turns it off. Use `should_log(step)` to skip decoding work on
-    the other steps. `log` is another name for `maybe_log`.
+    the other steps.
     """
 
     def __init__(self, path: str | os.PathLike, every: int, enabled: bool = True):
@@ -204,19 +203,3 @@ class SampleLogger:
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(text)
         return text
-
-    log = maybe_log
-
-
-def summarize(values: Iterable[float] | torch.Tensor) -> dict[str, float]:
-    """mean, std (population: divide by n), min and max of `values`; all NaN when empty."""
-    tensor = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values), dtype=torch.float64)
-    tensor = tensor.detach().reshape(-1)
-    if tensor.numel() == 0:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    return {
-        "mean": tensor.mean().item(),
-        "std": tensor.std(correction=0).item(),
-        "min": tensor.min().item(),
-        "max": tensor.max().item(),
-    }

@@ -1,0 +1,266 @@
+"""The rollout sampler: G completions per prompt, with one prefill per prompt and a shared KV cache.
+
+GRPO (DeepSeekMath, arXiv 2402.03300) scores each prompt's G sampled completions against each
+other, so the G completions of a prompt share everything up to the first generated token. The
+sampler exploits that (the nanochat engine does the same for text):
+
+  1. encode all images of the batch once                       image_embeds [N, D]
+  2. prefill each prompt once, with explicit 3-D positions       KV cache of B rows, logits [B, V]
+  3. copy the KV cache and the last logits to the G rows          KV cache of B*G rows
+  4. decode token by token at positions next_position + step, the attention mask allocated once
+     for all P + max_new_tokens columns (each step passes a longer slice of it); temperature,
+     top-k, top-p; greedy when temperature == 0; a row stops at its first EOS (later tokens forced
+     to pad); the loop stops when every row stopped or after max_new_tokens.
+
+Where it departs from `model.generate()` on G repeated prompts:
+  - images are encoded B times instead of B*G and the prompt is prefilled B times, not B*G;
+  - tokens are drawn by inverse CDF (one uniform per row: the first token whose cumulative
+    probability exceeds u) instead of `torch.multinomial`, which on CPU draws a random number per
+    vocabulary entry; on CUDA, where its kernel is fast, multinomial stays (`sampling_method`).
+    Same distribution; a given seed draws other tokens than multinomial would (grpo/engine/sampling.py);
+  - on CUDA each decode step is replayed from one CUDA graph captured per rollout, on fixed-shape
+    buffers (`StaticDecoder`, `StaticKVCache`); the plain loop (`DynamicDecoder`) runs elsewhere
+    and is the twin the tests compare it with (`decode`, `default_decode`; grpo/engine/decoders.py);
+  - positions are explicit (`grpo.engine.inputs.mrope_position_ids`) instead of the model's cached
+    `rope_deltas`, so nothing depends on hidden state of the model object;
+  - it returns `sampler_logprobs`: log softmax(logits / tau) of each chosen token over the FULL
+    tempered vocabulary, before top-k / top-p truncation. That is the distribution the loss
+    optimises (grpo/engine/forward.py: truncation is ignored there too), so these numbers equal
+    `completion_logprobs` on the same tokens and can serve as old-policy logprobs. Greedy
+    (tau = 0) records logprobs at tau = 1.
+
+`generate_rollouts_naive` keeps the `generate()` version for tests and benchmarks.
+
+Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_rollout.py -q
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+from torch import Tensor
+from transformers import GenerationConfig
+
+from grpo.engine.decoders import DECODE_MODES, DynamicDecoder, StaticDecoder, default_decode
+from grpo.engine.forward import prefill_prompts
+from grpo.engine.hf_compat import image_token_id_of, spatial_merge_size_of
+from grpo.engine.inputs import count_images_per_prompt, encode_images
+from grpo.engine.sampling import sample_next_token
+from grpo.masks import completion_mask
+
+
+@dataclass
+class Rollout:
+    """What the sampler hands to the trainer for one batch of B prompts x G completions."""
+
+    completion_ids: Tensor
+    """[B*G, T] sampled tokens; pad_token_id after each row's first EOS; T = longest row."""
+    sampler_logprobs: Tensor
+    """[B*G, T] float32 log softmax(logits / tau) of each chosen token (tau = 1 when greedy); 0 after EOS."""
+    completion_mask: Tensor
+    """[B*G, T] float32: 1 through each row's first EOS (EOS included), 0 after (grpo/masks.py);
+    computed once here, used by the rewards, the loss and the metrics."""
+    is_eos_terminated: Tensor
+    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens; `is_truncated` of grpo/masks.py negated)."""
+    image_embeds: Tensor | None
+    """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
+    when the vision tower is frozen (expand with grpo.engine.inputs.image_inputs_for_rows)."""
+    images_per_prompt: list[int]
+    """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
+    num_generated_tokens: int
+    """Tokens generated over all rows, each row counted through its first EOS."""
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    sampling_method: str | None = None,
+    decode: str | None = None,
+) -> Rollout:
+    """Sample G completions for each of the B prompts of a collated batch (see module docstring).
+
+    `generator` must live on the model's device (tokens are drawn on the logits' device).
+    `sampling_method`: "inverse_cdf" | "multinomial" | None (by device), see `sample_next_token`.
+    `decode`: "dynamic" | "static" | "cuda_graph" | None (by device), see `default_decode`.
+    """
+    # Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns
+    # the KV cache off when gradient checkpointing is on in train mode. The mode is restored after.
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_rollouts(
+            model, batch, group_size=group_size, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+            sampling_method=sampling_method, decode=decode,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _sample_rollouts(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+    sampling_method: str | None,
+    decode: str | None,
+) -> Rollout:
+    input_ids = batch["input_ids"]  # [B, P] left padded
+    prompt_mask = batch["attention_mask"]  # [B, P]
+    pixel_values = batch.get("pixel_values")  # [sum t*h*w, patch_dim] or None
+    image_grid_thw = batch.get("image_grid_thw")  # [num_images, 3] or None
+    image_token_id = image_token_id_of(model)
+    merge = spatial_merge_size_of(model)
+    device = input_ids.device
+    eos = torch.tensor(list(eos_token_ids), device=device)  # [E]
+
+    # --- images: the vision tower runs once for the whole batch ---
+    image_embeds = None
+    if pixel_values is not None and pixel_values.numel() > 0:  # a text-only batch has no images
+        image_embeds = encode_images(model, pixel_values, image_grid_thw)  # [N, D]
+
+    # --- prefill: once per prompt (explicit positions; see grpo.engine.forward.prefill_prompts) ---
+    last_logits, cache, next_position = prefill_prompts(
+        model, input_ids, prompt_mask, image_embeds, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
+    )  # [B, V], KV of B rows, [B]
+
+    # --- copy to the G rows of each group: rows are [p0 x G, p1 x G, ...] ---
+    cache.batch_repeat_interleave(group_size)  # KV of B rows -> B*G rows, in place
+    logits = repeat(last_logits, "b v -> (b g) v", g=group_size)  # [B*G, V]
+    next_position = repeat(next_position, "b -> (b g)", g=group_size)  # [B*G]
+    row_mask = repeat(prompt_mask, "b p -> (b g) p", g=group_size)  # [R, P]
+    num_rows = logits.shape[0]  # R = B*G
+    decode = decode or default_decode(device)
+    if decode == "dynamic":
+        decoder = DynamicDecoder(model, cache, row_mask, next_position, max_new_tokens)
+    elif decode in ("static", "cuda_graph"):
+        decoder = StaticDecoder(model, cache, row_mask, next_position, max_new_tokens, cuda_graph=decode == "cuda_graph")
+    else:
+        raise ValueError(f"decode {decode!r}: expected one of {DECODE_MODES}")
+
+    # --- decode ---
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [R]
+    tokens, logprobs = [], []  # each step: [R]
+    for step in range(max_new_tokens):
+        token, logprob = sample_next_token(
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, method=sampling_method
+        )  # [R], [R]
+        # A finished row keeps emitting pad (its logprob 0); it still runs through the model so
+        # the batch stays rectangular, and its later tokens are masked out of the loss.
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)  # [R]
+        logprob = torch.where(finished, torch.zeros_like(logprob), logprob)  # [R]
+        tokens.append(token)
+        logprobs.append(logprob)
+        finished = finished | torch.isin(token, eos)  # [R]
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        logits = decoder.step(token, step)  # [R, V] predicts the token after `token`
+
+    completion_ids = torch.stack(tokens, dim=1)  # [R, T]; T = longest row (loop stops when all end)
+    sampler_logprobs = torch.stack(logprobs, dim=1)  # [R, T]
+    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [R, T] 1 through the first EOS
+    return Rollout(
+        completion_ids=completion_ids,
+        sampler_logprobs=sampler_logprobs,
+        completion_mask=mask,
+        is_eos_terminated=finished,
+        image_embeds=None if image_embeds is None else image_embeds.detach(),
+        images_per_prompt=count_images_per_prompt(
+            input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
+        ),
+        num_generated_tokens=int(mask.sum()),
+    )
+
+
+def repeat_batch_per_group(batch: dict, group_size: int, *, image_token_id: int, spatial_merge_size: int) -> dict:
+    """The naive way: every prompt repeated G times, images included, for `model.generate`.
+
+    pixel_values has no batch dim, so it is cut per image (t*h*w patch rows each) and each
+    prompt's images are repeated G times in row order; a plain `.repeat` would scramble them.
+    """
+    input_ids = batch["input_ids"]  # [B, P]
+    out = {
+        "input_ids": repeat(input_ids, "b p -> (b g) p", g=group_size),  # [B*G, P]
+        "attention_mask": repeat(batch["attention_mask"], "b p -> (b g) p", g=group_size),  # [B*G, P]
+    }
+    if batch.get("mm_token_type_ids") is not None:
+        out["mm_token_type_ids"] = repeat(batch["mm_token_type_ids"], "b p -> (b g) p", g=group_size)  # [B*G, P]
+    grid = batch.get("image_grid_thw")  # [num_images, 3]
+    if grid is None:
+        return out
+    images_per_prompt = count_images_per_prompt(
+        input_ids, grid, image_token_id=image_token_id, spatial_merge_size=spatial_merge_size
+    )
+    patches = list(batch["pixel_values"].split(grid.prod(-1).tolist()))  # per image: [t*h*w, patch_dim]
+    grids = list(grid.split(1))  # per image: [1, 3]
+    pixel_rows, grid_rows, first = [], [], 0
+    for n in images_per_prompt:
+        for _ in range(group_size):
+            pixel_rows += patches[first : first + n]
+            grid_rows += grids[first : first + n]
+        first += n
+    out["pixel_values"] = torch.cat(pixel_rows)  # [G * sum t*h*w, patch_dim]
+    out["image_grid_thw"] = torch.cat(grid_rows)  # [G * num_images, 3]
+    return out
+
+
+@torch.no_grad()
+def generate_rollouts_naive(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+) -> Tensor:
+    """The same rollouts through `model.generate` on G copies of each prompt: completion_ids [B*G, T].
+
+    Needs `mm_token_type_ids` in the batch (transformers 5.x builds image positions from it).
+    """
+    hf_model = getattr(model, "module", model)
+    repeated = repeat_batch_per_group(
+        batch, group_size, image_token_id=image_token_id_of(model), spatial_merge_size=spatial_merge_size_of(model)
+    )
+    # A full config so the checkpoint's own defaults (Qwen ships top_k=1, repetition_penalty=1.05)
+    # cannot sneak in.
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        repetition_penalty=1.0,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=pad_token_id,
+    )
+    sequences = hf_model.generate(**repeated, generation_config=generation_config)  # [B*G, P+T]
+    completion_ids = sequences[:, repeated["input_ids"].shape[1] :]  # [B*G, T]
+    # generate already pads finished rows; force it anyway so both samplers share one convention.
+    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T]
+    return completion_ids.masked_fill(mask == 0, pad_token_id)  # [B*G, T]
