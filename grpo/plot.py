@@ -6,7 +6,7 @@ fractions, entropy, completion lengths and group diagnostics, against step and a
 
 Works on any run of either stage, finished or still training (a half-written last line is
 skipped); a panel whose metrics the run does not log (SFT has no rewards) is left out. The demo
-draws its GRPO plot with the same code (grpo/demo_report.py). Needs matplotlib (the `plot` extra).
+draws its GRPO plot with the same code (grpo/demo/report.py). Needs matplotlib (the `plot` extra).
 
 The time axis is the loops' own training time, summed from metrics.jsonl (which keeps no clock):
 SFT adds up `step_seconds`; GRPO adds, per generation batch, `rollout_seconds` and the

@@ -94,7 +94,7 @@ def test_the_test_part_is_a_third_stream():
 
 
 def test_demo_refuses_a_folder_it_did_not_create(tmp_path):
-    from grpo.demo import MARKER, prepare_output_dir
+    from grpo.demo.pipeline import MARKER, prepare_output_dir
 
     precious = tmp_path / "mine"
     precious.mkdir()
@@ -122,7 +122,7 @@ def test_an_unknown_eval_accuracy_reward_exits_2_before_the_model_loads(tmp_path
 
 
 def test_every_arm_is_chosen_by_its_best_validation_accuracy():
-    from grpo.demo import best_step
+    from grpo.demo.pipeline import best_step
 
     points = [{"step": 20, "accuracy": 0.70}, {"step": 40, "accuracy": 0.81},
               {"step": 60, "accuracy": 0.81}, {"step": 80, "accuracy": 0.78}]

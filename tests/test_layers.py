@@ -23,7 +23,7 @@ LAYERS = [
     ("runtime", ["grpo.runtime"]),
     ("algorithm on the runtime", ["grpo.dynamic_sampling", "grpo.validation"]),
     ("loops", ["grpo.grpo_loop", "grpo.sft_loop"]),
-    ("demo", ["grpo.demo", "grpo.demo_report", "grpo.plot"]),
+    ("demo", ["grpo.demo", "grpo.plot"]),
 ]  # fmt: skip
 FORBIDDEN_IN_MATH = ("torch.distributed", "transformers", "models", "torch.optim")
 

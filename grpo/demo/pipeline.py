@@ -40,12 +40,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py
 MARKER = ".grpo-demo"  # written into every output_dir this demo creates; nothing else is ever deleted
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m grpo.demo", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--output_dir", default="runs/demo")
     add("--seeds", default="0", help="comma-separated seeds; each runs the whole demo, one report covers all")
@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     prepare_output_dir(out)
     records = [run_seed(args, seed, out / f"seed-{seed}") for seed in args.seed_list]
 
-    from grpo.demo_report import write_report
+    from grpo.demo.report import write_report
 
     report = write_report(out, args, records, argv if argv is not None else sys.argv[1:])
     print("\n" + report, flush=True)
