@@ -69,8 +69,9 @@ def parse_args(argv=None):
     add("--sft_patience", type=int, default=2, help="evaluations without improvement that make a plateau")
     add("--sft_min_delta", type=float, default=0.01, help="smallest rise of validation accuracy that counts")
     # GRPO
-    add("--grpo_steps", type=int, default=80)
+    add("--grpo_steps", type=int, default=60)
     add("--grpo_lr", type=float, default=2e-4)
+    add("--grpo_schedule", default="cosine", help="GRPO learning-rate schedule: cosine (to 0 at the last step) | constant")
     add("--grpo_prompts", type=int, default=8, help="prompts per rank per generation batch (B)")
     add("--num_generations", type=int, default=8, help="G")
     add("--beta", type=float, default=0.04)
@@ -84,8 +85,9 @@ def parse_args(argv=None):
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if not args.seed_list:
         parser.error("--seeds is empty")
-    if args.sft_schedule not in ("cosine", "constant"):
-        parser.error(f"--sft_schedule {args.sft_schedule!r}: use cosine or constant")
+    for flag in ("sft_schedule", "grpo_schedule"):
+        if getattr(args, flag) not in ("cosine", "constant"):
+            parser.error(f"--{flag} {getattr(args, flag)!r}: use cosine or constant")
     if args.layout not in ("grid", "scatter"):
         parser.error(f"--layout {args.layout!r}: use grid or scatter")
     if args.quick:
@@ -164,8 +166,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def best_step(points: list[dict], key: str) -> int:
-    """The step with the best validation accuracy (the earliest among ties): every arm's model is
-    chosen by this one rule, on the same validation scenes; the test scenes choose nothing."""
+    """The step with the best validation accuracy (the earliest among ties): how SFT's plateau
+    checkpoint is chosen, the starting point of both GRPO and continued SFT. GRPO and continued SFT
+    are then judged at the end of their schedules (both decay to 0 there), not at their best
+    validation point: a run that swings between checkpoints would otherwise be credited with its
+    luckiest evaluation. The test scenes choose nothing."""
     return max(points, key=lambda p: (p[key], -p["step"]))["step"]
 
 
@@ -228,6 +233,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             "train.py", "--stage", "grpo", "--init_from", sft_model, "--output_dir", str(grpo_dir),
             "--max_steps", str(args.grpo_steps), "--learning_rate", str(args.grpo_lr), "--beta", str(args.beta),
+            "--lr_scheduler", args.grpo_schedule,
             "--per_device_prompts", str(args.grpo_prompts), "--num_generations", str(args.num_generations),
             "--micro_batch_size", str(args.grpo_prompts * args.num_generations // 2), "--max_completion_length", "64",
             "--num_examples", str(args.grpo_examples), "--reward_functions", "format,count_accuracy",
@@ -240,8 +246,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
     )
     grpo_metrics = read_metrics(grpo_dir / "metrics.jsonl")
 
-    # GRPO's checkpoints on the validation scenes the SFT curve uses: its curve, and its model by
-    # the same rule as SFT's (the best validation accuracy).
+    # GRPO's checkpoints on the validation scenes the SFT curve uses: its curve. Its model is the
+    # last checkpoint, where its schedule ends.
     t = time.perf_counter()
     curve = []
     for checkpoint in sorted(grpo_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
@@ -250,7 +256,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
                            part="validation", num_examples=args.val_examples, args=args)
         curve.append({"step": step, "accuracy": summary["accuracy"]})
     seconds["evaluation"] += time.perf_counter() - t
-    grpo_step = best_step(curve, "accuracy")
+    grpo_step = grpo_metrics[-1]["step"]
     grpo_model = str(checkpoint_dir(grpo_dir, grpo_step))
     test_eval(grpo_model, "grpo")
     pass_at_k(grpo_model, "grpo")
@@ -273,14 +279,13 @@ def run_seed(args, seed: int, out: Path) -> dict:
     continued[continued.index(str(sft_dir))] = str(continued_dir)
     continued[continued.index("--max_steps") + 1] = str(plateau_step + extra_steps)
     continued[continued.index("--early_stopping_patience") + 1] = "0"  # it runs its whole budget
-    # Its curve, and a checkpoint at each point of it, as many as GRPO's.
+    # Its curve, as many points as GRPO's; its model is its last step, where its schedule (SFT's,
+    # stretched to the longer run) ends.
     every = max(1, extra_steps // max(1, args.grpo_steps // args.curve_every))
     continued[continued.index("--eval_steps") + 1] = str(every)
-    continued[continued.index("--save_steps") + 1] = str(every)
     seconds["sft continued"] = run([*continued, "--resume"], "sft-continued", out)
     continued_metrics = read_metrics(continued_dir / "metrics.jsonl")
-    continued_step = best_step([m for m in continued_metrics if "val_accuracy" in m and m["step"] > plateau_step],
-                               "val_accuracy")
+    continued_step = continued_metrics[-1]["step"]
     test_eval(str(checkpoint_dir(continued_dir, continued_step)), "sft-continued")
     seconds["total"] = time.perf_counter() - started
     record = {
