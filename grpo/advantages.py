@@ -139,14 +139,26 @@ def group_advantages(
         "b g -> (b g)",
     )  # [B*G]
 
+    return advantages, advantage_metrics(rewards, advantages, group_size)
+
+
+def advantage_metrics(rewards: Tensor, advantages: Tensor, group_size: int) -> dict[str, float]:
+    """What group_advantages reports, for any batch of whole groups: one rank's, or every rank's
+    gathered (the training loop logs these over the whole job, computed here and nowhere else).
+
+    rewards [R] (NaN = unscored), advantages [R], R a multiple of group_size. Returns
+    "frac_zero_std_groups", "advantage_mean", "advantage_std", "reward_mean", "reward_std" (over
+    the scored rewards, unbiased), "frac_unscored", as python floats.
+    """
+    rewards, advantages = rewards.detach().float(), advantages.detach().float()  # [R], [R]
     scored = rewards[~torch.isnan(rewards)]  # [scored rows]; empty only when nothing is scored
     metrics = {
-        "frac_zero_std_groups": is_zero_spread.float().mean(),
+        "frac_zero_std_groups": zero_spread_groups(rewards, group_size).float().mean(),
         "advantage_mean": advantages.mean(),
-        "advantage_std": advantages.std(),
+        "advantage_std": advantages.std() if advantages.numel() > 1 else advantages.new_zeros(()),
         "reward_mean": scored.mean() if scored.numel() else rewards.new_zeros(()),
         "reward_std": scored.std() if scored.numel() > 1 else rewards.new_zeros(()),
         "frac_unscored": torch.isnan(rewards).float().mean(),
     }
-    values = torch.stack(list(metrics.values())).tolist()  # one device sync for all five
-    return advantages, dict(zip(metrics.keys(), values, strict=True))
+    values = torch.stack(list(metrics.values())).tolist()  # one device sync for all six
+    return dict(zip(metrics.keys(), values, strict=True))

@@ -32,7 +32,7 @@ import time
 import torch
 
 from data.index_stream import IndexStream
-from grpo.advantages import group_advantages, zero_spread_groups
+from grpo.advantages import advantage_metrics, group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.generation_batch import GenerationBatch
@@ -190,11 +190,12 @@ def rollout_metrics(
     job_advantages, lengths, truncated = table[:, F], table[:, F + 1], table[:, F + 2]
     weights = reward_weights if reward_weights is not None else [1.0] * F
     rewards = weighted_sum(table[:, :F], weights)  # [world*B*G] NaN: unscored
+    advantage = advantage_metrics(rewards, job_advantages, group_size)  # the math's own statistics, job-wide
     return {
         **reward_metrics(table[:, :F], reward_names, weights),
-        "advantage/mean": job_advantages.mean().item(),
-        "advantage/std": job_advantages.std(correction=0).item(),
-        "advantage/frac_zero_std_groups": zero_spread_groups(rewards, group_size).float().mean().item(),
+        "advantage/mean": advantage["advantage_mean"],
+        "advantage/std": advantage["advantage_std"],
+        "advantage/frac_zero_std_groups": advantage["frac_zero_std_groups"],
         "completion_length_mean": lengths.mean().item(),
         "completion_length_max": lengths.max().item(),
         "truncated_frac": truncated.mean().item(),
