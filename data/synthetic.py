@@ -392,7 +392,7 @@ def make_counting_dataset(num_examples: int, seed: int = 0, *, shifted: bool = F
 
 # --------------------------------------------------------------------------- CLI
 
-def save_preview(path: str, per_row: int = 4, seed: int = 0) -> None:
+def save_preview(path: str, per_row: int = 4, seed: int = 0, layout: str = "scatter") -> None:
     """A grid: in-distribution scenes on the top row, shifted scenes below, with Q and A."""
     import textwrap
 
@@ -403,7 +403,9 @@ def save_preview(path: str, per_row: int = 4, seed: int = 0) -> None:
     fig, axes = plt.subplots(2, per_row, figsize=(2.3 * per_row, 6.0))
     for row, shifted in enumerate((False, True)):
         for col in range(per_row):
-            ex = make_example(seed, col, shifted=shifted, question_kinds=QUESTION_KINDS, image_size=160)
+            kinds = ("total",) if layout == "grid" else QUESTION_KINDS
+            ex = make_example(seed, col, shifted=shifted, question_kinds=kinds, image_size=160 if layout == "scatter" else 112,
+                              layout=layout)
             ax = axes[row, col]
             ax.imshow(ex["images"][0])
             ax.set_axis_off()
@@ -419,10 +421,11 @@ def save_preview(path: str, per_row: int = 4, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preview", metavar="PATH", help="write a PNG grid of example scenes")
+    parser.add_argument("--layout", default="scatter", choices=LAYOUTS, help="scene layout of the preview")
     parser.add_argument("--time", type=int, metavar="N", help="time generating N examples")
     args = parser.parse_args()
     if args.preview:
-        save_preview(args.preview)
+        save_preview(args.preview, layout=args.layout)
         print(f"wrote {args.preview}")
     if args.time:
         start = time.perf_counter()
