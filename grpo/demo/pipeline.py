@@ -5,16 +5,19 @@
     python -m grpo.demo --quick               # a smoke version of the same pipeline, tiny budget
 
 The situation it sets up is the one where RL earns its place: the demonstrations are imperfect and
-the answers can be checked. A tiny Qwen2.5-VL learns to count objects in synthetic scenes.
+the answers can be checked. A tiny Qwen2.5-VL learns to count objects in synthetic scenes (one
+object per cell of a 4 x 4 grid, each inside one image token: easy to see, so the comparison is
+about what the labels teach, not about perception).
 
 - SFT gets 1,000 demonstrations with reasoning traces, written by a demonstrator with a
   systematic blind spot: it does not see gray objects on the gray floor, so on every scene that
-  holds one its trace and its answer undercount (about 4 in 10 demonstrations are wrong).
+  holds one its trace and its answer undercount (about half the demonstrations are wrong).
 - GRPO gets 8,000 prompts that carry only their verified answers (no traces), and a reward for the
   format and for the correct count.
 - The fair baseline is the same SFT run continued on the same demonstrations for as long as GRPO
   trained. SFT is first trained to its plateau (greedy accuracy on held-out scenes no longer
-  improving), so "SFT had not converged yet" cannot explain the difference.
+  improving), so "SFT had not converged yet" cannot explain the difference. GRPO and continued
+  SFT are judged at their last step, where both learning-rate schedules end.
 
 The stages drive the real command lines, so what it shows is what a user gets:
 
