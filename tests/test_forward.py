@@ -21,7 +21,6 @@ from grpo.engine.inputs import (
     build_inputs_embeds,
     count_images_per_prompt,
     encode_images,
-    expand_image_embeds,
     image_inputs_for_rows,
     mrope_position_ids,
 )
@@ -178,12 +177,13 @@ def test_encode_images_once_equals_one_image_at_a_time(model64, batch64):
     torch.testing.assert_close(together, one_by_one, atol=atol, rtol=0)
 
 
-def test_expand_image_embeds_puts_each_prompt_on_its_own_rows():
-    # Prompt 0: images of 4 and 2 tokens (6 rows), prompt 1: one image of 6 tokens. Embedding
-    # value = its index, so the expected layout can be written out.
+def test_every_row_of_a_group_gets_its_own_prompts_images():
+    # Prompt 0: images of 4 and 2 tokens (6 rows), prompt 1: one image of 6 tokens; G = 2, so rows
+    # 0, 1 are prompt 0 and rows 2, 3 prompt 1. Embedding value = its index, so the expected layout
+    # can be written out.
     grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 6]])
     embeds = torch.arange(12.0)[:, None].expand(12, 3)  # [N=12, D=3]
-    expanded = expand_image_embeds(embeds, grid, [2, 1], group_size=2, spatial_merge_size=MERGE)
+    expanded, _ = image_inputs_for_rows(embeds, grid, [2, 1], 2, range(4), MERGE)  # [N*G, D]
     prompt0, prompt1 = list(range(0, 6)), list(range(6, 12))
     assert expanded[:, 0].tolist() == prompt0 + prompt0 + prompt1 + prompt1
     # The naive whole-tensor repeat interleaves prompts: row 1 would read prompt 1's image.

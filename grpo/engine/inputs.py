@@ -103,26 +103,6 @@ def image_inputs_for_rows(
     return torch.cat(embeds), torch.cat(grids)  # [N_R, D], [I_R, 3]
 
 
-def expand_image_embeds(
-    image_embeds: Tensor,
-    image_grid_thw: Tensor,
-    images_per_prompt: Sequence[int],
-    group_size: int,
-    spatial_merge_size: int,
-) -> Tensor:
-    """Per-prompt image embeddings [N, D] -> the G rows of every group [N*G, D].
-
-    Not `image_embeds.repeat(G, 1)`: that would lay out [prompt0, prompt1, prompt0, prompt1, ...],
-    while rows are grouped [p0 x G, p1 x G]; with prompts of different image counts, row 1 would
-    then read prompt 1's image. Each prompt's block of images is repeated on its own G rows.
-    """
-    num_rows = len(images_per_prompt) * group_size
-    embeds, _ = image_inputs_for_rows(
-        image_embeds, image_grid_thw, images_per_prompt, group_size, range(num_rows), spatial_merge_size
-    )
-    return embeds  # [N*G, D]
-
-
 def mrope_position_ids(
     input_ids: Tensor,
     attention_mask: Tensor | None,
