@@ -58,7 +58,7 @@ def parse_args(argv=None):
     add("--count_max", type=int, default=10, help="most objects in a scene")
     add("--demonstrator_misses", default="gray", help="the colour the demonstrator does not see ('' = a perfect demonstrator)")
     add("--trace", default="count_aloud", help="how the demonstrations count: count_aloud | by_shape")
-    add("--layout", default="grid", help="scene layout: grid (one object per image token) | scatter")
+    add("--layout", default="grid", choices=("grid", "scatter"), help="scene layout: grid (one object per image token) | scatter")
     add("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
     add("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
     add("--val_examples", type=int, default=200, help="held-out scenes for the plateau test and the curves")
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     add("--pass_examples", type=int, default=200, help="test scenes for pass@1 / pass@k (k samples each)")
     # SFT to its plateau
     add("--sft_lr", type=float, default=1e-3)
-    add("--sft_schedule", default="cosine", help="SFT learning-rate schedule after warm-up: cosine | constant")
+    add("--sft_schedule", default="cosine", choices=("cosine", "constant"), help="SFT learning-rate schedule after warm-up: cosine | constant")
     add("--sft_max_steps", type=int, default=400, help="the schedule's length; SFT normally stops at its plateau first")
     add("--sft_eval_steps", type=int, default=50, help="validation accuracy (and a checkpoint) every N SFT steps")
     add("--sft_patience", type=int, default=2, help="evaluations without improvement that make a plateau")
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     # GRPO
     add("--grpo_steps", type=int, default=60)
     add("--grpo_lr", type=float, default=2e-4)
-    add("--grpo_schedule", default="cosine", help="GRPO learning-rate schedule: cosine (to 0 at the last step) | constant")
+    add("--grpo_schedule", default="cosine", choices=("cosine", "constant"), help="GRPO learning-rate schedule: cosine (to 0 at the last step) | constant")
     add("--grpo_prompts", type=int, default=8, help="prompts per rank per generation batch (B)")
     add("--num_generations", type=int, default=8, help="G")
     add("--beta", type=float, default=0.04)
@@ -88,11 +88,6 @@ def parse_args(argv=None):
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if not args.seed_list:
         parser.error("--seeds is empty")
-    for flag in ("sft_schedule", "grpo_schedule"):
-        if getattr(args, flag) not in ("cosine", "constant"):
-            parser.error(f"--{flag} {getattr(args, flag)!r}: use cosine or constant")
-    if args.layout not in ("grid", "scatter"):
-        parser.error(f"--layout {args.layout!r}: use grid or scatter")
     if args.quick:
         args.sft_examples, args.grpo_examples, args.val_examples, args.eval_examples, args.pass_examples = 64, 64, 16, 16, 8
         args.sft_max_steps, args.sft_eval_steps, args.sft_patience = 4, 2, 1
