@@ -196,3 +196,32 @@ def float64_hf():
 
     with float64_throughout():
         yield
+
+
+@pytest.fixture
+def rendezvous_port():
+    """The port of a TCP store this process hosts for the 2-rank groups a test spawns.
+
+    Picking a free port (bind to 0, read it, close) and letting rank 0 bind it again leaves a
+    window in which another process can take the port. Here the store stays bound from the moment
+    the OS picks the port; the ranks join it as clients, the way torchrun's ranks join the store
+    its agent hosts (`TORCHRUN_AGENT_STORE`, set by `join_rendezvous`).
+    """
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    yield store.port
+    del store
+
+
+# torchrun's own variable: every rank connects to MASTER_ADDR:MASTER_PORT as a client of a store
+# the launcher hosts, instead of rank 0 binding the port itself.
+TORCHRUN_AGENT_STORE = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def join_rendezvous(rank: int, world_size: int, port: int) -> None:
+    """In a spawned worker: torchrun's variables for this rank, on the store `rendezvous_port` hosts."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **TORCHRUN_AGENT_STORE,
+    )  # fmt: skip

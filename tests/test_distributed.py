@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import join_rendezvous
 
 from grpo.runtime import distributed
 from grpo.runtime.distributed import DistInfo
@@ -54,21 +54,8 @@ def test_multi_process_environment_without_master_is_an_error(no_torchrun_env, m
         distributed.init_distributed("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _set_torchrun_env(rank: int, world_size: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )  # fmt: skip
-
-
 def _collectives_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    _set_torchrun_env(rank, world_size, port)
+    join_rendezvous(rank, world_size, port)
     info = distributed.init_distributed("cpu", timeout_minutes=1)
     try:
         # rank 0 holds 1.0, rank 1 holds 2.0 -> sum 3.0
@@ -91,8 +78,8 @@ def _collectives_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
         distributed.cleanup()
 
 
-def test_two_process_gloo_collectives(tmp_path):
-    mp.spawn(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_collectives(tmp_path, rendezvous_port):
+    mp.spawn(_collectives_worker, args=(2, rendezvous_port, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for rank, result in enumerate(results):
         assert result["info"] == [rank, rank, 2, "cpu"]
@@ -105,7 +92,7 @@ def test_two_process_gloo_collectives(tmp_path):
 
 
 def _stuck_peer_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    _set_torchrun_env(rank, world_size, port)
+    join_rendezvous(rank, world_size, port)
     distributed.init_distributed("cpu", timeout_minutes=2 / 60)  # a 2-second collective timeout
     result_path = os.path.join(out_dir, "rank0.json")
     if rank == 1:
@@ -125,8 +112,8 @@ def _stuck_peer_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
     os._exit(0)
 
 
-def test_collective_with_a_stuck_peer_times_out_instead_of_hanging(tmp_path):
-    mp.spawn(_stuck_peer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_collective_with_a_stuck_peer_times_out_instead_of_hanging(tmp_path, rendezvous_port):
+    mp.spawn(_stuck_peer_worker, args=(2, rendezvous_port, str(tmp_path)), nprocs=2, join=True)
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["outcome"] != "returned"
     assert 1.5 < result["seconds"] < 20  # about the 2-second timeout, not forever

@@ -39,7 +39,7 @@ from conftest import (
     train_argv,
     without_timings,
 )
-from test_torchrun import _build_problem, _free_port, _grpo_args, _join_as_rank
+from test_torchrun import _build_problem, _grpo_args, _join_as_rank
 from tolerances import TINY_PATH_TERMS, UNIT_ROUNDOFF, network_error, sum_error
 
 AGGREGATION = "token"
@@ -135,14 +135,14 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problems: 
         distributed.cleanup()
 
 
-def test_two_fsdp_ranks_give_the_single_process_update(tmp_path, monkeypatch, float64_hf):
+def test_two_fsdp_ranks_give_the_single_process_update(tmp_path, monkeypatch, float64_hf, rendezvous_port):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     problems = {"tied": _build_problem(), "untied": _untie(_build_problem())}
     assert problems["tied"]["model"].lm_head.weight is problems["tied"]["model"].model.language_model.embed_tokens.weight
     # fork: the ranks inherit the problems (the test_torchrun.py way); they shard their own copies.
     mp.start_processes(
-        _rank_worker, args=(2, _free_port(), str(tmp_path), problems), nprocs=2, join=True, start_method="fork"
+        _rank_worker, args=(2, rendezvous_port, str(tmp_path), problems), nprocs=2, join=True, start_method="fork"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 

@@ -24,13 +24,13 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_torchrun.py -q [-m 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import (
     TORCHRUN,
+    join_rendezvous,
     latest_model_dir,
     load_saved_model,
     read_metrics,
@@ -49,12 +49,6 @@ REWARDS = [1.0, 0.0, 0.2, 0.9, 0.0, 1.0, 0.7, 0.3]
 # One process and two ranks are two computation orders (other micro-batches, other padding, an
 # all-reduce), so the problem runs in float64 throughout (tolerances.network_error).
 
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _grpo_args(aggregation: str, micro_batch_size: int, top_entropy_quantile: float = 1.0):
@@ -153,10 +147,7 @@ def _gradients(problem, generation, rows, aggregation, micro, world_size, quanti
 
 def _join_as_rank(rank: int, world_size: int, port: int):
     """In a spawned worker: set torchrun's variables for this rank, one thread, join the gloo group."""
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )  # fmt: skip
+    join_rendezvous(rank, world_size, port)
     from grpo.runtime import distributed
 
     torch.set_num_threads(1)
@@ -182,7 +173,7 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: d
         distributed.cleanup()
 
 
-def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, float64_hf):
+def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, float64_hf, rendezvous_port):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     problem = _build_problem()
@@ -190,7 +181,7 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, 
     # seconds re-importing transformers. Each rank is single-threaded (as DataLoader workers are),
     # which keeps OpenMP out of trouble after a fork.
     mp.start_processes(
-        _rank_worker, args=(2, _free_port(), str(tmp_path), problem), nprocs=2, join=True, start_method="fork"
+        _rank_worker, args=(2, rendezvous_port, str(tmp_path), problem), nprocs=2, join=True, start_method="fork"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -234,7 +225,7 @@ def _advantage_worker(rank: int, world_size: int, port: int, out_dir: str, rewar
         distributed.cleanup()
 
 
-def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, monkeypatch):
+def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, monkeypatch, rendezvous_port):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     from grpo.grpo_loop import generation_advantages
@@ -250,7 +241,7 @@ def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, 
     # float32 mean/std of 8 numbers <= 7 then one division: a few ulps of 7, ~1e-6 absolute at most.
     torch.testing.assert_close(single, expected, atol=2e-6, rtol=0)
     mp.start_processes(
-        _advantage_worker, args=(2, _free_port(), str(tmp_path), rewards), nprocs=2, join=True, start_method="fork"
+        _advantage_worker, args=(2, rendezvous_port, str(tmp_path), rewards), nprocs=2, join=True, start_method="fork"
     )
     ranks = torch.cat([torch.load(tmp_path / f"advantages{r}.pt", weights_only=True) for r in range(2)])
     # Same float32 std, of the same 8 numbers in the same order (gathered in rank order): the
