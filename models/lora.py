@@ -54,9 +54,10 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * update  # [..., out]
 
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) * B A, computed in float32 and cast back to W's dtype."""
-        delta = self.lora_B.float() @ self.lora_A.float()  # [out, in]
-        return (self.base.weight.float() + self.scale * delta).to(self.base.weight.dtype)  # [out, in]
+        """W + (alpha / r) * B A, computed in at least float32 (float64 stays float64), cast back to W's dtype."""
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
+        delta = self.lora_B.to(dtype) @ self.lora_A.to(dtype)  # [out, in]
+        return (self.base.weight.to(dtype) + self.scale * delta).to(self.base.weight.dtype)  # [out, in]
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, in={self.base.in_features}, out={self.base.out_features}"
