@@ -67,7 +67,11 @@ class ModelArguments:
         "checkpoint-N/model folders). The reference model for GRPO is this starting point.",
         default=None,
     )
-    dtype: str = _help("float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU).", default="auto")
+    dtype: str = _help(
+        "float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU) | float64 (slow; for "
+        "checking that two settings compute the same run, where float32 rounding would blur it).",
+        default="auto",
+    )
     attn_implementation: str = _help("sdpa | eager | flash_attention_2.", default="sdpa")
     max_pixels: int | None = _help("Largest image area the processor keeps (the blog post uses 65536 = 256*256).", default=None)
     min_pixels: int | None = _help("Smallest image area the processor keeps.", default=None)
@@ -89,8 +93,8 @@ class ModelArguments:
         self.freeze_policy = canonical_freeze_policy(self.freeze_policy)  # "seed" still works, with a warning
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+            raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16, float16 or float64")
         if self.num_trainable_layers < 0:
             raise ConfigError("--num_trainable_layers must be >= 0")
         if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
@@ -182,6 +186,7 @@ class TrainArguments:
     weight_decay: float = _help("AdamW weight decay.", default=0.1)
     adam_beta1: float = _help("AdamW beta1.", default=0.9)
     adam_beta2: float = _help("AdamW beta2.", default=0.99)
+    adam_epsilon: float = _help("AdamW epsilon, added to sqrt(v) in the update's denominator.", default=1e-8)
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
     seed: int = _help("Seed for model init (tiny preset), data order and sampling.", default=0)
     device: str = _help("auto | cpu | cuda. Under torchrun each rank takes cuda:LOCAL_RANK.", default="auto")
@@ -233,6 +238,8 @@ class TrainArguments:
             raise ConfigError(f"--weight_decay {self.weight_decay}: must be >= 0")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
             raise ConfigError(f"--adam_beta1 {self.adam_beta1} / --adam_beta2 {self.adam_beta2}: each must be in [0, 1)")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"--adam_epsilon {self.adam_epsilon}: must be > 0 (it keeps the update finite where v = 0)")
         if self.warmup_steps > self.max_steps:
             raise ConfigError(
                 f"--warmup_steps {self.warmup_steps} is longer than --max_steps {self.max_steps}: the learning "

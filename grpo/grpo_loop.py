@@ -308,7 +308,8 @@ def frozen_logprobs(
     """[B*G, T] logprobs of the rollout's completions under a model that does not train now
     (the old policy before the update, or the reference), one micro-batch at a time."""
     num_rows, T = generation.completion_ids.shape
-    logprobs = torch.zeros(num_rows, T, device=generation.completion_ids.device)  # [B*G, T]
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # as completion_logprobs returns
+    logprobs = torch.zeros(num_rows, T, dtype=dtype, device=generation.completion_ids.device)  # [B*G, T]
     for rows in torch.arange(num_rows).split(micro_batch_size):
         values = generation.logprobs(model, rows, reuse_rollout_images=reuse_images)  # [R, T_rows]
         logprobs[rows, : values.shape[1]] = values

@@ -58,7 +58,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     resolved = getattr(torch, aliases.get(name, name), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"--dtype {dtype!r} is not a torch dtype; use one of float32, bfloat16, float16")
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype; use one of float32, bfloat16, float16, float64")
     return resolved
 
 

@@ -157,11 +157,11 @@ def saved_weights(model_dir) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_saved_model(model_dir):
+def load_saved_model(model_dir, dtype=torch.float32):
     """A checkpoint's model/ through plain transformers, as a user would load it."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype)
 
 
 def model_state(model) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ def test_wilson_interval_by_hand():
     # half = 1.96 * sqrt(0.25/100 + 3.8416/40000) / 1.038416
     #      = 1.96 * sqrt(0.00259604) / 1.038416 = 1.96 * 0.0509514 / 1.038416 = 0.0961703
     low, high = wilson_interval(50, 100)
+    # float64 arithmetic against the 7-digit hand value: its rounding (5e-8) is the whole gap
     assert low == pytest.approx(0.5 - 0.0961703, abs=1e-6)
     assert high == pytest.approx(0.5 + 0.0961703, abs=1e-6)
     assert math.isclose(sum(wilson_interval(0, 10)), wilson_interval(0, 10)[1])  # low is 0

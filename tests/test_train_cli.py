@@ -22,7 +22,7 @@ from conftest import (
     saved_weights,
     without_timings,
 )
-from tolerances import U32
+from tolerances import TINY_PATH_TERMS, U32, after_adamw_steps, network_error
 
 # What the GRPO loop documents it logs every step (grpo/grpo_loop.py, "--- metrics ---").
 GRPO_KEYS = {
@@ -117,11 +117,13 @@ def test_python_train_py_entry_point_with_a_config_file(tmp_path):
     assert run_config["data"]["num_examples"] == 32
 
 
-def test_two_inner_epochs_with_kl_move_the_ratio_and_the_kl(train_run, tmp_path):
+def test_two_inner_epochs_with_kl_move_the_ratio_and_the_kl(train_run, tmp_path, float64_hf):
     # num_iterations 2: steps 1 and 3 are the first epoch over a generation batch, 2 and 4 the second.
+    # float64 throughout, so that the old-policy forward and the training forward (other micro-batch
+    # code paths of one network) agree within tolerances.network_error.
     out = train_run(
         tmp_path / "mu2", "--max_steps", "4", "--num_iterations", "2", "--beta", "0.1", "--learning_rate", "1e-2",
-        "--save_steps", "0",
+        "--save_steps", "0", "--dtype", "float64",
     )  # fmt: skip
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -133,8 +135,10 @@ def test_two_inner_epochs_with_kl_move_the_ratio_and_the_kl(train_run, tmp_path)
     assert abs(second["ratio_mean"] - 1.0) > 1e-3
     assert second["kl"] > 1e-4
     assert second["clip_frac_low"] + second["clip_frac_high"] > 0.0
-    # Step 3 starts a new generation batch: old logprobs are the current policy's again...
-    assert third["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # Step 3 starts a new generation batch: old logprobs are the current policy's again, so
+    # log pi - log pi_old is two evaluation orders of logprobs of size <= ~10, and the ratio
+    # exp(that) is 1 within that gap (it is below 1e-8, where exp(d) - 1 = d to first order)...
+    assert third["ratio_mean"] == pytest.approx(1.0, abs=network_error(TINY_PATH_TERMS, 10.0))
     # ...but the reference stays the starting point, so the KL stays positive.
     assert third["kl"] > 1e-4
     # Same completions on both epochs of a batch: lengths and rewards are logged identically.
@@ -196,51 +200,62 @@ def test_rollout_metrics_cover_every_rank_by_hand():
     assert metrics["truncated_frac"] == 0.25
 
 
-def test_shared_prompt_forward_trains_like_the_naive_forward(train_run, tmp_path, initial_tiny_weights):
+def _assert_same_steps(got: list[dict], expected: list[dict], learning_rate: float, adam_epsilon: float) -> None:
+    """Two float64 runs' metrics, step by step, within what two computation orders can differ by.
+
+    Step 1 is one rollout and one update of the same weights in two orders: tolerances.network_error
+    at the logprobs' magnitude (<= ~10; every logged metric is a mean or sum of at most that size
+    over <= 48 tokens). Each later step starts from weights one more AdamW update apart
+    (tolerances.after_adamw_steps).
+    """
+    first_step = network_error(TINY_PATH_TERMS, 10.0)
+    for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.keys() == b.keys()
+        bound = after_adamw_steps(first_step, learning_rate, adam_epsilon, steps=index)
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=0, abs=bound), (a["step"], key, abs(a[key] - b[key]), bound)
+
+
+def test_shared_prompt_forward_trains_like_the_naive_forward(train_run, tmp_path, initial_tiny_weights, float64_hf):
     """--shared_prompt_forward (each prompt once, KV cache copied to its completions) against its
     naive twin (every completion runs [prompt ; completion]) through the whole loop: old-policy,
     reference and training forwards, the vision tower trained (images re-encoded in each), and
-    micro-batches of 3 rows that cut across groups of 2."""
+    micro-batches of 3 rows that cut across groups of 2. Float64 throughout: two computation orders
+    of one network, compared within the bounds of tests/tolerances.py."""
     flags = ["--max_steps", "2", "--num_iterations", "2", "--beta", "0.04", "--freeze_policy", "full",
-             "--learning_rate", "1e-3", "--save_steps", "0", "--per_device_prompts", "3", "--micro_batch_size", "3"]  # fmt: skip
+             "--learning_rate", "1e-3", "--save_steps", "2", "--per_device_prompts", "3", "--micro_batch_size", "3",
+             "--dtype", "float64", "--adam_epsilon", "1e-3"]  # fmt: skip
     shared = train_run(tmp_path / "shared", *flags, "--shared_prompt_forward", "true")
     naive = train_run(tmp_path / "naive", *flags, "--shared_prompt_forward", "false")
     got, expected = [without_timings(r) for r in read_metrics(shared)], [without_timings(r) for r in read_metrics(naive)]
     assert [r["step"] for r in got] == [1, 2]
     assert expected[1]["kl"] > 1e-6  # step 2 is off the starting point, so the match means something
-    for a, b in zip(got, expected, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            rounding_gap = 32 * 2**-24 * 10  # 32 float32 roundings of log-probs of size <= ~10
-            if key.startswith("sampler_gap") and a[key] < rounding_gap and b[key] < rounding_gap:
-                # Before the policy moves, sampler and trainer logprobs differ by float32 rounding
-                # only, in either run: two rounding noises, not twins (tests/test_sampler_correction.py).
-                continue
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
-    # The two runs' weight updates agree to 0.1% in norm. Not element by element: AdamW divides
-    # each gradient by its own running RMS, so an entry whose true gradient is ~0 (an embedding
-    # row whose group's advantages cancel) moves by up to lr * |g| / (|g| + eps) on float noise
-    # alone; that is seen here on 4 of 118,656 embedding entries (3.5e-5 at lr 1e-3). The gradients
-    # themselves are compared entry by entry in tests/test_forward.py.
-    weights_shared, weights_naive = (model_state(load_saved_model(latest_model_dir(out))) for out in (shared, naive))
-    update = torch.cat([(weights_naive[n] - initial_tiny_weights[n]).flatten() for n in weights_naive])
-    difference = torch.cat([(weights_shared[n] - weights_naive[n]).flatten() for n in weights_naive])
-    assert update.norm() > 0.1  # both runs moved
-    assert difference.norm() < 1e-3 * update.norm(), float(difference.norm() / update.norm())
+    _assert_same_steps(got, expected, learning_rate=1e-3, adam_epsilon=1e-3)
+    # The weights after the two updates, entry by entry: update k's gradients are
+    # after_adamw_steps(network_error, k - 1) apart (gradients clipped to norm <= 1), which moves a
+    # weight by at most lr / eps = 1 times that; the two updates add up.
+    weights_shared, weights_naive = (model_state(load_saved_model(latest_model_dir(out), torch.float64)) for out in (shared, naive))
+    gradient_gap = network_error(TINY_PATH_TERMS, 1.0)
+    bound = sum(after_adamw_steps(gradient_gap, 1e-3, 1e-3, steps=k) for k in (0, 1))
+    moved = max((weights_naive[n] - initial_tiny_weights[n].double()).abs().max().item() for n in weights_naive)
+    assert moved > 1e-4  # both updates moved the weights, far more than the bound
+    for name in weights_naive:
+        torch.testing.assert_close(weights_shared[name], weights_naive[name], rtol=0, atol=bound, msg=name)
 
 
-def test_old_logprobs_from_the_sampler_train_like_the_old_policy_forward(train_run, tmp_path):
+def test_old_logprobs_from_the_sampler_train_like_the_old_policy_forward(train_run, tmp_path, float64_hf):
     """--old_logprobs_from_sampler skips the old-policy forward: the sampler recorded the same
-    log pi_old while drawing (float32: equal up to rounding), so the two runs log the same steps."""
-    flags = ["--max_steps", "2", "--num_iterations", "2", "--learning_rate", "1e-2", "--save_steps", "0"]
+    log pi_old while drawing (two computation orders of one network, float64 throughout here), so
+    the two runs log the same steps."""
+    flags = ["--max_steps", "2", "--num_iterations", "2", "--learning_rate", "1e-2", "--save_steps", "0", "--dtype", "float64",
+             "--adam_epsilon", "1e-2"]  # fmt: skip
     sampler = train_run(tmp_path / "sampler", *flags, "--old_logprobs_from_sampler", "true")
     forward = train_run(tmp_path / "forward", *flags, "--old_logprobs_from_sampler", "false")
     got, expected = [without_timings(r) for r in read_metrics(sampler)], [without_timings(r) for r in read_metrics(forward)]
-    assert got[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # pi / pi_old at the rollout's weights
+    # pi / pi_old at the rollout's weights: exp of a logprob gap of two evaluation orders
+    assert got[0]["ratio_mean"] == pytest.approx(1.0, abs=network_error(TINY_PATH_TERMS, 10.0))
     assert abs(expected[1]["ratio_mean"] - 1.0) > 1e-3  # the second epoch has moved off the rollout
-    for a, b in zip(got, expected, strict=True):
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    _assert_same_steps(got, expected, learning_rate=1e-2, adam_epsilon=1e-2)
 
 
 def test_preflight_runs_with_every_loss_option(train_run, tmp_path):

@@ -78,10 +78,10 @@ def sample_next_token(
         )
     if temperature == 0:  # greedy; scored at tau = 1, as the trainer scores it (forward.py, _score)
         token = logits.argmax(dim=-1)  # [R]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [R, V]
         return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
-    # Divide in the logits' dtype, as completion_logprobs does, then go to float32.
-    scaled = (logits / temperature).float()  # [R, V]
+    # Divide in the logits' dtype, as completion_logprobs does, then go to float32 (float64 stays).
+    scaled = (logits / temperature).to(torch.promote_types(logits.dtype, torch.float32))  # [R, V]
     logprobs = torch.log_softmax(scaled, dim=-1)  # [R, V] the policy the loss optimises
     filtered = scaled  # [R, V] truncated copy used only to draw the token
     if top_k > 0:

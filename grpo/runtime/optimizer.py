@@ -23,7 +23,8 @@ def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim
     # than the default loop (docs/benchmarks.md, section 4). TRL's Trainer uses it too.
     fused = all(p.device.type in ("cuda", "cpu") for p in trainable)
     return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=True if fused else None
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=True if fused else None,
     )
 
 
