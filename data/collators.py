@@ -6,7 +6,8 @@ tokens as the image has merged patches. Shapes (letters as in docs/architecture.
 
     input_ids, attention_mask, mm_token_type_ids   [B, P] (GRPO) or [B, L] (SFT, L = prompt + target)
     pixel_values      [sum over images of t*h*w patches, patch_dim]   (no batch dimension)
-    image_grid_thw    [number of images, 3]; image j belongs to row r per "images_per_prompt"
+    image_grid_thw    [number of images, 3], in row order (grpo.engine.inputs.count_images_per_prompt
+                      reads which rows are whose from the image_pad tokens)
 
 GRPOCollator pads on the LEFT: every prompt then ends at column P, so the G completions sampled
 for it start at the same column and one completion mask fits the whole batch.
@@ -177,7 +178,6 @@ class GRPOCollator:
                 out[key] = batch[key]
         out["answers"] = [str(example["answer"]) for example in examples]
         out["questions"] = [example["question"] for example in examples]
-        out["images_per_prompt"] = [len(_images(example)) for example in examples]
         out["prompt_texts"] = texts
         out["examples"] = examples
         return out

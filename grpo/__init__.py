@@ -21,13 +21,13 @@ The objective (DeepSeekMath, arXiv 2402.03300, eq. 3), maximised; the code minim
     A_i      = (r_i - mean(r)) / (std(r) + eps)  over the group  grpo.advantages.group_advantages
     KL_it    = exp(x) - x - 1, x = log pi_ref(o_it) - log pi_theta(o_it)   grpo.kl.kl_k3
     log pi(o_it)  from the logits, chunked                        grpo.logprobs.token_logprobs
-    the tokens t = 1..|o_i|: through the first EOS                grpo.masks.completion_mask
+    the tokens t = 1..|o_i|: through the first EOS                grpo.engine.rollout.completion_mask
 
 The 1/|o_i| then 1/G averaging is one of three aggregations ("sequence", "token", "constant");
 see grpo/loss.py and docs/grpo.md.
 
 Only the pure math (tensors in, tensors and metrics out) is imported here; the model-facing
-modules (forward, rollout, loops) are imported from their own files.
+modules (forward, rollout with its completion mask, loops) are imported from their own files.
 """
 
 from __future__ import annotations
@@ -35,18 +35,14 @@ from __future__ import annotations
 from grpo.advantages import ADVANTAGE_SCALES, group_advantages
 from grpo.kl import kl_k3
 from grpo.logprobs import token_entropy, token_logprobs, token_logprobs_naive
-from grpo.loss import AGGREGATIONS, grpo_loss, grpo_loss_reference, step_normaliser
-from grpo.masks import completion_mask, mask_truncated
+from grpo.loss import AGGREGATIONS, grpo_loss, step_normaliser
 
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
-    "completion_mask",
     "group_advantages",
     "grpo_loss",
-    "grpo_loss_reference",
     "kl_k3",
-    "mask_truncated",
     "step_normaliser",
     "token_entropy",
     "token_logprobs",

@@ -163,10 +163,15 @@ class DataArguments:
             raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
-        if self.synthetic_layout not in ("scatter", "grid"):
-            raise ConfigError(f"--synthetic_layout {self.synthetic_layout!r}: use scatter or grid")
-        if self.synthetic_layout == "grid" and self.count_max > 16:
-            raise ConfigError(f"--count_max {self.count_max}: the grid layout holds at most 16 objects (4 x 4 cells)")
+        from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
+
+        if self.synthetic_layout not in LAYOUTS:
+            raise ConfigError(f"--synthetic_layout {self.synthetic_layout!r}: use one of {', '.join(LAYOUTS)}")
+        if self.synthetic_layout == "grid" and self.count_max > GRID_CELLS**2:
+            raise ConfigError(
+                f"--count_max {self.count_max}: the grid layout holds at most {GRID_CELLS**2} objects "
+                f"({GRID_CELLS} x {GRID_CELLS} cells)"
+            )
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
         if self.num_examples is not None and self.num_examples < 1:

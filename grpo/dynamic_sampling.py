@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from grpo.advantages import zero_spread_groups
-from grpo.engine.rollout import Rollout
-from grpo.masks import completion_mask
+from grpo.engine.inputs import image_ranges, tokens_per_image
+from grpo.engine.rollout import Rollout, completion_mask
 from grpo.runtime.distributed import all_reduce_sum
 
 
@@ -102,14 +102,9 @@ def _pad_columns(tensor: Tensor, width: int, value) -> Tensor:
 
 def _image_embeds_per_prompt(sampled: SampledGroups, merge_size: int) -> list[Tensor]:
     """The rollout's [N, D] image features split into one [N_p, D] block per prompt."""
-    grid = sampled.batch["image_grid_thw"]  # [images, 3]
-    tokens_per_image = (grid.prod(-1) // merge_size**2).tolist()  # merged tokens of each image
-    per_image = sampled.rollout.image_embeds.split(tokens_per_image)
-    blocks, start = [], 0
-    for count in sampled.rollout.images_per_prompt:
-        blocks.append(torch.cat(per_image[start : start + count]))
-        start += count
-    return blocks
+    embeds = sampled.rollout.image_embeds  # [N, D]
+    per_image = embeds.split(tokens_per_image(sampled.batch["image_grid_thw"], merge_size))
+    return [torch.cat([embeds[:0], *(per_image[i] for i in images)]) for images in image_ranges(sampled.rollout.images_per_prompt)]
 
 
 def merge_groups(

@@ -32,20 +32,19 @@ import time
 import torch
 
 from data.index_stream import IndexStream
-from grpo.advantages import advantage_metrics, group_advantages
+from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
-from grpo.engine.generation_batch import GenerationBatch
-from grpo.engine.rollout import sample_rollouts
+from grpo.engine.forward import GenerationBatch
+from grpo.engine.rollout import mask_truncated, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
-from grpo.masks import mask_truncated
-from grpo.rewards import compute_rewards, resolve_reward_functions, reward_metrics, weighted_sum
+from grpo.rewards import compute_rewards, resolve_reward_functions
 from grpo.runtime.distributed import (
     all_gather_object,
     all_reduce_max,
     all_reduce_sum,
 )
-from grpo.runtime.metrics import SampleLogger
+from grpo.runtime.metrics import SampleLogger, rollout_metrics
 from grpo.runtime.preflight import grpo_preflight
 from grpo.runtime.run import StopRequest, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
@@ -162,46 +161,6 @@ def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, wo
     return group_advantages(rewards, group_size, scale=scale, batch_std=batch_std)
 
 
-def rollout_metrics(
-    per_function: torch.Tensor,
-    reward_names: list[str],
-    reward_weights: list[float] | None,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor,
-    is_truncated: torch.Tensor,
-    group_size: int,
-    world_size: int,
-) -> dict[str, float]:
-    """Rewards, advantages and completion lengths over the whole job's rollouts (every rank's).
-
-    per_function [B*G, F], advantages [B*G], completion_mask [B*G, T], is_truncated [B*G]: this
-    rank's. Under torchrun each rank holds different prompts; rank 0 logs the statistics of all of
-    them, gathered once per generation batch (a few numbers per completion).
-    """
-    columns = [
-        per_function,  # [B*G, F]
-        advantages.detach().float().cpu()[:, None],  # [B*G, 1]
-        completion_mask.sum(1).float().cpu()[:, None],  # [B*G, 1]
-        is_truncated.float().cpu()[:, None],  # [B*G, 1]
-    ]
-    local = torch.cat(columns, dim=1)  # [B*G, F+3]
-    table = torch.cat(all_gather_object(local)) if world_size > 1 else local  # [world*B*G, F+3]
-    F = per_function.shape[1]
-    job_advantages, lengths, truncated = table[:, F], table[:, F + 1], table[:, F + 2]
-    weights = reward_weights if reward_weights is not None else [1.0] * F
-    rewards = weighted_sum(table[:, :F], weights)  # [world*B*G] NaN: unscored
-    advantage = advantage_metrics(rewards, job_advantages, group_size)  # the math's own statistics, job-wide
-    return {
-        **reward_metrics(table[:, :F], reward_names, weights),
-        "advantage/mean": advantage["advantage_mean"],
-        "advantage/std": advantage["advantage_std"],
-        "advantage/frac_zero_std_groups": advantage["frac_zero_std_groups"],
-        "completion_length_mean": lengths.mean().item(),
-        "completion_length_max": lengths.max().item(),
-        "truncated_frac": truncated.mean().item(),
-    }
-
-
 class RolloutRounds:
     """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
 
@@ -235,7 +194,7 @@ class RolloutRounds:
         )  # fmt: skip
         self.seconds.append(time.perf_counter() - started)
         completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards, per_function, _ = compute_rewards(
+        rewards, per_function = compute_rewards(
             self.reward_functions, gargs.reward_weight_values, completions,
             [answer for answer in batch["answers"] for _ in range(G)],
             questions=[question for question in batch["questions"] for _ in range(G)],
@@ -261,7 +220,7 @@ def generation_inputs(
     return GenerationBatch(
         prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
         pixel_values=on_device["pixel_values"], image_grid_thw=on_device["image_grid_thw"],
-        images_per_prompt=sampled.batch["images_per_prompt"], completion_ids=sampled.rollout.completion_ids,
+        images_per_prompt=sampled.rollout.images_per_prompt, completion_ids=sampled.rollout.completion_ids,
         completion_mask=completion_mask, rollout_image_embeds=sampled.rollout.image_embeds,
         group_size=gargs.num_generations, temperature=gargs.temperature, spatial_merge_size=merge_size,
         shared_prompt=gargs.shared_prompt_forward,
@@ -388,8 +347,8 @@ def train_grpo(config: Config) -> dict:
             completion_mask, is_truncated = rollout.completion_mask, ~rollout.is_eos_terminated  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation_metrics = rollout_metrics(
-                sampled.per_function, rounds.reward_names, gargs.reward_weight_values, advantages, completion_mask,
-                is_truncated, G, world_size,
+                sampled.per_function, sampled.rewards, rounds.reward_names, advantages, completion_mask, is_truncated,
+                G, world_size,
             ) | sampling_metrics  # fmt: skip
             generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
 

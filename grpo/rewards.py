@@ -382,13 +382,12 @@ def compute_rewards(
     completions: list[str],
     answers: list[str],
     **columns,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward function on the batch and sum them with `weights` (default: all 1).
 
-    Returns (rewards [R] float32, per_function [R, F] float32, metrics), with metrics
-    `reward/{name}/mean`, `reward/{name}/std` (the function's unweighted values) and
-    `reward/total/mean`, `reward/total/std`. Stds are population stds (divide by R), so one row
-    gives 0, not NaN. Unscored entries (None) are NaN in per_function; see `weighted_sum`.
+    Returns (rewards [R] float32, per_function [R, F] float32). Unscored entries (None) are NaN in
+    per_function; see `weighted_sum`. The logged statistics are `reward_metrics` of the two, taken
+    over every rank's rows (grpo/runtime/metrics.py, rollout_metrics).
     """
     num_rows = len(completions)
     num_functions = len(reward_functions)
@@ -419,8 +418,8 @@ def compute_rewards(
             ) from error
         per_function[:, column] = torch.tensor(_check_output(name, output, num_rows), dtype=torch.float32)
 
-    rewards = weighted_sum(per_function, weights)  # [R]
-    return rewards, per_function, reward_metrics(per_function, names, weights)
+    rewards = weighted_sum(per_function, weights)  # [R] the one place the weights are applied
+    return rewards, per_function
 
 
 def weighted_sum(per_function: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -444,14 +443,14 @@ def _scored_mean_std(values: torch.Tensor) -> tuple[float, float]:
     return scored.mean().item(), scored.std(correction=0).item()
 
 
-def reward_metrics(per_function: torch.Tensor, names: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
-    """`reward/{name}/mean|std` per function (unweighted) and `reward/total/mean|std` (weighted sum),
-    over the completions each one scored; `reward/{name}/unscored_frac` and
+def reward_metrics(per_function: torch.Tensor, rewards: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """`reward/{name}/mean|std` per function (unweighted) and `reward/total/mean|std` (the weighted
+    sum, `rewards`), over the completions each one scored; `reward/{name}/unscored_frac` and
     `reward/unscored_frac` (completions no function scored) beside them.
 
-    per_function: [R, F], NaN = unscored. Stds are population stds (divide by R), so one row gives 0, not NaN.
+    per_function: [R, F], rewards: [R] (`weighted_sum` of it), NaN = unscored. Stds are population
+    stds (divide by R), so one row gives 0, not NaN.
     """
-    rewards = weighted_sum(per_function, weights)  # [R]
     metrics: dict[str, float] = {}
     for column, name in enumerate(names):
         values = per_function[:, column]  # [R]

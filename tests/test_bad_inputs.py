@@ -83,6 +83,9 @@ BAD_NUMBERS = [
     (["--warmup_steps", "10", "--max_steps", "5"], "--warmup_steps 10"),
     (["--image_size", "0"], "--image_size 0"),
     (["--num_examples", "0"], "--num_examples 0"),
+    (["--adam_epsilon", "0"], "--adam_epsilon 0"),
+    (["--synthetic_layout", "spiral"], "--synthetic_layout 'spiral': use one of scatter, grid"),
+    (["--synthetic_layout", "grid", "--count_max", "17"], "--count_max 17: the grid layout holds at most 16 objects"),
 ]
 
 

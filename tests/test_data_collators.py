@@ -20,6 +20,7 @@ from data.collators import (
 )
 from data.prompts import format_target
 from data.synthetic import make_counting_dataset, make_example
+from grpo.engine.inputs import count_images_per_prompt
 from models.tiny import build_tiny_processor
 
 MERGE = 2  # spatial merge: one image token per 2x2 patches
@@ -52,7 +53,9 @@ def test_grpo_collator_left_pads_and_keeps_answers(processor, examples):
     assert (ids[mask == 0] == processor.tokenizer.pad_token_id).all()
     assert batch["answers"] == [e["answer"] for e in examples]
     assert batch["questions"] == [e["question"] for e in examples]
-    assert batch["images_per_prompt"] == [1, 2, 1]
+    # The image_pad tokens of each row add up to its images (the count the trainer reads them by).
+    merge = processor.image_processor.merge_size
+    assert count_images_per_prompt(ids, batch["image_grid_thw"], image_token_id=_image_token_id(processor), spatial_merge_size=merge) == [1, 2, 1]
     assert batch["prompt_texts"][0].endswith("<|im_start|>assistant\n")
     assert batch["examples"] is examples
 

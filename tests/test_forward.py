@@ -24,7 +24,7 @@ from grpo.engine.inputs import (
     image_inputs_for_rows,
     mrope_position_ids,
 )
-from grpo.masks import completion_mask
+from grpo.engine.rollout import completion_mask
 from models.freeze import enable_gradient_checkpointing
 
 VOCAB = 300
@@ -99,7 +99,7 @@ def make_batch(prompts: list[list], seed: int = 0) -> dict:
 
 
 def completion_mask_of(completion_ids: torch.Tensor) -> torch.Tensor:
-    """1 through the first EOS, 0 after, as the trainer builds it (grpo/masks.py)."""
+    """1 through the first EOS, 0 after, as the trainer builds it (grpo/engine/rollout.py, completion_mask)."""
     return completion_mask(completion_ids, [EOS])[0]  # [R, T]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    ("math", ["grpo", "grpo.logprobs", "grpo.masks", "grpo.advantages", "grpo.kl", "grpo.sampler_correction",
+    ("math", ["grpo", "grpo.logprobs", "grpo.advantages", "grpo.kl", "grpo.sampler_correction",
               "grpo.loss", "grpo.token_selection"]),
     ("rewards", ["grpo.rewards"]),
     ("engine", ["grpo.engine"]),

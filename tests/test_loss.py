@@ -29,10 +29,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_reference import grpo_loss_reference
 from tolerances import U32, sum_error
 
 from grpo.kl import kl_k3
-from grpo.loss import grpo_loss, grpo_loss_reference, step_normaliser
+from grpo.loss import grpo_loss, step_normaliser
 
 
 def _term_bound(logprobs, old_logprobs, ref_logprobs, advantages, beta) -> float:

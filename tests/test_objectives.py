@@ -14,12 +14,13 @@ import itertools
 
 import pytest
 import torch
+from loss_reference import grpo_loss_reference
 from test_loss import ADVANTAGES, MASK, random_batch, worked_example_logprobs
 from tolerances import U32, sum_error
 
 from grpo.config import ConfigError, GRPOArguments
 from grpo.kl import KL_ESTIMATORS
-from grpo.loss import grpo_loss, grpo_loss_reference, step_normaliser
+from grpo.loss import grpo_loss, step_normaliser
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
 
 # float32 values and gradients of size <= 1.2 from <= 16 roundings (exp, log, products, sums of

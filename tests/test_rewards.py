@@ -19,6 +19,7 @@ from grpo.rewards import (
     math_accuracy_reward,
     parse_integer,
     resolve_reward_functions,
+    reward_metrics,
 )
 
 # --- extract_answer ---
@@ -215,7 +216,8 @@ def test_compute_rewards_weighted_sum_and_metrics():
         "<answer>3</answer>",  # format 0, count 1
         "3",  # format 0, count 0
     ]
-    rewards, per_function, metrics = compute_rewards(functions, [0.5, 2.0], completions, ["3"] * 4)
+    rewards, per_function = compute_rewards(functions, [0.5, 2.0], completions, ["3"] * 4)
+    metrics = reward_metrics(per_function, rewards, [name for name, _ in functions])
     # total = 0.5 * format + 2 * count: [2.5, 0.5, 2.0, 0.0]
     assert per_function.shape == (4, 2) and per_function.dtype == torch.float32
     assert per_function.tolist() == [[1, 1], [1, 0], [0, 1], [0, 0]]
@@ -234,7 +236,7 @@ def test_compute_rewards_default_weights_and_columns():
         return [float(len(q)) for q in questions]
 
     functions = [("count_accuracy", count_accuracy_reward), ("question_length", uses_questions)]
-    rewards, _, _ = compute_rewards(
+    rewards, _ = compute_rewards(
         functions, None, ["<answer>1</answer>", "x"], ["1", "1"], questions=["ab", "abc"]
     )
     assert rewards.tolist() == [1.0 + 2.0, 0.0 + 3.0]
@@ -278,7 +280,7 @@ def test_compute_rewards_accepts_tensor_and_numpy_outputs():
         ("tensor", lambda completions, answers, **c: torch.tensor([1.0, 2.0])),
         ("numpy", lambda completions, answers, **c: np.array([0.5, 0.25])),
     ]
-    rewards, _, _ = compute_rewards(functions, None, ["x", "y"], ["1", "1"])
+    rewards, _ = compute_rewards(functions, None, ["x", "y"], ["1", "1"])
     assert rewards.tolist() == [1.5, 2.25]
 
 
@@ -306,7 +308,8 @@ def test_none_is_left_out_of_the_function_and_the_weighted_sum():
 
     functions = [("parses_digits", parses_digits), ("short", short)]
     completions = ["3", "4", "three", "many words"]
-    rewards, per_function, metrics = compute_rewards(functions, [2.0, 0.5], completions, ["3"] * 4)
+    rewards, per_function = compute_rewards(functions, [2.0, 0.5], completions, ["3"] * 4)
+    metrics = reward_metrics(per_function, rewards, [name for name, _ in functions])
     # parses_digits: 1, 0, None, None; short: 1, 1, None, None (lengths 1, 1, 5, 10)
     # rows: 2*1 + 0.5*1 = 2.5; 2*0 + 0.5*1 = 0.5; nothing scores rows 2 and 3 -> NaN
     assert rewards[:2].tolist() == [2.5, 0.5] and torch.isnan(rewards[2:]).all()
@@ -321,7 +324,7 @@ def test_none_is_left_out_of_the_function_and_the_weighted_sum():
     def words_only(completions, answers, **columns):
         return [None if text.isdigit() else 0.25 for text in completions]
 
-    rewards, _, _ = compute_rewards([("parses_digits", parses_digits), ("words_only", words_only)], [2.0, 4.0], completions, ["3"] * 4)
+    rewards, _ = compute_rewards([("parses_digits", parses_digits), ("words_only", words_only)], [2.0, 4.0], completions, ["3"] * 4)
     # row 0: 2*1 (words_only None); row 1: 2*0; rows 2, 3: 4*0.25 = 1 (parses_digits None)
     assert rewards.tolist() == [2.0, 0.0, 1.0, 1.0]
 
@@ -351,7 +354,8 @@ def test_overlong_is_resolved_with_its_settings_and_weighted_like_the_others():
     functions = resolve_reward_functions(["count_accuracy", "overlong"], max_completion_length=8, overlong_buffer_length=2)
     assert [name for name, _ in functions] == ["count_accuracy", "overlong"]
     completions = ["<answer>2</answer>", "<answer>2</answer>"]
-    rewards, _, metrics = compute_rewards(functions, [1.0, 0.5], completions, ["2", "2"], completion_lengths=[8, 7])
+    rewards, per_function = compute_rewards(functions, [1.0, 0.5], completions, ["2", "2"], completion_lengths=[8, 7])
+    metrics = reward_metrics(per_function, rewards, [name for name, _ in functions])
     # count_accuracy 1 for both; overlong: L_max 8, L_cache 2, start 6: (6 - 8) / 2 = -1, (6 - 7) / 2 = -0.5
     # totals: 1 + 0.5 * -1 = 0.5 and 1 + 0.5 * -0.5 = 0.75
     assert rewards.tolist() == [0.5, 0.75]

@@ -85,9 +85,8 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
     then the whole gap, a bound derived below instead of a count of float32 roundings per layer."""
     from data.collators import GRPOCollator
     from data.sources import load_examples
-    from grpo.engine.generation_batch import GenerationBatch
-    from grpo.engine.rollout import sample_rollouts
-    from grpo.masks import completion_mask
+    from grpo.engine.forward import GenerationBatch
+    from grpo.engine.rollout import completion_mask, sample_rollouts
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)
@@ -106,7 +105,7 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
     mask, _ = completion_mask(rollout.completion_ids, tokens.eos_token_ids)  # [B*G, T]
     generation = GenerationBatch(
         prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"], images_per_prompt=batch["images_per_prompt"],
+        image_grid_thw=batch["image_grid_thw"], images_per_prompt=rollout.images_per_prompt,
         completion_ids=rollout.completion_ids, completion_mask=mask, rollout_image_embeds=rollout.image_embeds,
         group_size=G, temperature=1.0, spatial_merge_size=model.config.vision_config.spatial_merge_size,
     )  # fmt: skip

@@ -71,8 +71,8 @@ def _build_problem():
     from data.collators import GRPOCollator
     from data.sources import load_examples
     from grpo.advantages import group_advantages
-    from grpo.engine.generation_batch import GenerationBatch
-    from grpo.masks import completion_mask
+    from grpo.engine.forward import GenerationBatch
+    from grpo.engine.rollout import completion_mask
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def _build_problem():
         rows = [p * G + g for p in prompts for g in range(G)]
         return GenerationBatch(
             prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"], images_per_prompt=batch["images_per_prompt"],
+            image_grid_thw=batch["image_grid_thw"], images_per_prompt=[len(examples[p]["images"]) for p in prompts],
             completion_ids=completion_ids[rows], completion_mask=mask[rows], rollout_image_embeds=None,
             group_size=G, temperature=1.0, spatial_merge_size=model.config.vision_config.spatial_merge_size,
         )  # fmt: skip

@@ -183,13 +183,14 @@ def test_rollout_metrics_cover_every_rank_by_hand():
     """
     import torch
 
-    from grpo.grpo_loop import rollout_metrics
+    from grpo.rewards import weighted_sum
+    from grpo.runtime.metrics import rollout_metrics
 
     per_function = torch.tensor([[1.0], [0.0], [1.0], [1.0]])
     advantages = torch.tensor([0.7071, -0.7071, 0.0, 0.0])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.float32)
     truncated = torch.tensor([False, False, True, False])
-    metrics = rollout_metrics(per_function, ["count_accuracy"], None, advantages, mask, truncated, 2, 1)
+    metrics = rollout_metrics(per_function, weighted_sum(per_function, [1.0]), ["count_accuracy"], advantages, mask, truncated, 2, 1)
     assert metrics["reward/count_accuracy/mean"] == pytest.approx(0.75)
     # float32 std of 4 values <= 1: <= 8 roundings of values <= 1 (mean, squares, sum, sqrt), plus
     # the hand value's 7-decimal rounding

@@ -29,6 +29,16 @@ Where this departs from calling `model(**processor_outputs)` / `generate()`:
      only the completions on top: the same logprobs and gradients as `completion_logprobs`
      (its naive twin, kept for tests and for gradient checkpointing) on a fraction of the tokens.
 
+  6. `GenerationBatch` (the end of this file) is one generation batch as the policy update sees
+     it: after the rollout, every forward of the step (old policy, reference, each micro-batch of
+     each inner epoch) needs the same B prompts, B*G completions and image features.
+     `GenerationBatch.logprobs(model, rows)` gives per-token logprobs of any subset of the B*G
+     rows (row r belongs to prompt r // G): images encoded once per prompt per forward, never
+     once per completion (and, with the vision tower frozen, the rollout's features reused);
+     completion padding trimmed to the longest of the rows asked for; each prompt run once and
+     its KV cache copied to its completions (`shared_prompt`, `--shared_prompt_forward`), or,
+     under gradient checkpointing (which turns the KV cache off), the naive twin.
+
 The model is only touched through stable HF APIs: `get_input_embeddings()`, the vision tower
 `model.model.visual` (through `get_image_features`), and `model(inputs_embeds=, position_ids=,
 attention_mask=, logits_to_keep=)`, plus the KV cache (`use_cache=True`, `batch_select_indices`)
@@ -39,16 +49,25 @@ Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_forward.p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from grpo.engine.hf_compat import (
     cache_kwarg_name,
+    can_share_prompt,
     image_token_id_of,
     output_cache,
     spatial_merge_size_of,
 )
-from grpo.engine.inputs import build_inputs_embeds, mrope_position_ids
+from grpo.engine.inputs import (
+    build_inputs_embeds,
+    encode_images,
+    image_inputs_for_rows,
+    image_ranges,
+    mrope_position_ids,
+)
 from grpo.logprobs import token_entropy, token_logprobs
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +286,79 @@ def completion_logprobs_shared_prompt(
     # 4. first-token logits from the prompt, the rest from the completion forward
     logits = torch.cat([first_logits[:, None, :], completion_output.logits], dim=1)  # [R, T, V]
     return _score(logits, completion_ids, temperature, chunk_size, return_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# one generation batch, as every forward of the policy update sees it (module docstring, 6)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationBatch:
+    prompt_ids: Tensor  # [B, P] left padded
+    prompt_mask: Tensor  # [B, P]
+    pixel_values: Tensor  # [patches of all images, patch_dim]
+    image_grid_thw: Tensor  # [images, 3]
+    images_per_prompt: list[int]
+    completion_ids: Tensor  # [B*G, T]
+    completion_mask: Tensor  # [B*G, T] 1 through the first EOS
+    rollout_image_embeds: Tensor  # [N, D] per prompt, as the sampler encoded them
+    group_size: int
+    temperature: float  # the sampling temperature; the loss scores softmax(logits / temperature)
+    spatial_merge_size: int
+    shared_prompt: bool = True  # each prompt computed once per forward, its KV cache copied to its rows
+
+    def _encode_prompts(self, model, prompts: list[int]) -> Tensor:
+        """The vision tower on just these prompts' images, once each: [N_prompts, D]."""
+        patches = list(self.pixel_values.split(self.image_grid_thw.prod(-1).tolist()))  # per image: [t*h*w, patch_dim]
+        images = [i for p in prompts for i in image_ranges(self.images_per_prompt)[p]]
+        return encode_images(model, torch.cat([patches[i] for i in images]), self.image_grid_thw[images])
+
+    def logprobs(self, model, rows: Tensor, *, reuse_rollout_images: bool, return_entropy: bool = False):
+        """Per-token logprobs [R, T_rows] of completion rows `rows` under `model` (and entropy if asked).
+
+        T_rows is the longest completion among the rows; grad follows the caller's grad mode.
+        """
+        G = self.group_size
+        rows_list = rows.tolist()
+        length = int(self.completion_mask[rows].sum(1).max().clamp(min=1))
+        prompts = sorted({r // G for r in rows_list})  # the distinct prompts these rows continue
+        if reuse_rollout_images:
+            image_embeds, grid, per_prompt = self.rollout_image_embeds, self.image_grid_thw, self.images_per_prompt
+            prompt_index = prompts  # index of each of `prompts` among those embeddings
+        else:
+            image_embeds = self._encode_prompts(model, prompts)  # [N_prompts, D]
+            images_of = image_ranges(self.images_per_prompt)
+            grid = self.image_grid_thw[[i for p in prompts for i in images_of[p]]]  # [images, 3]
+            per_prompt = [self.images_per_prompt[p] for p in prompts]
+            prompt_index = list(range(len(prompts)))
+        completion_ids = self.completion_ids[rows, :length]  # [R, T_rows]
+        completion_mask = self.completion_mask[rows, :length]  # [R, T_rows]
+        temperature = self.temperature  # 0 (greedy) is scored at tau = 1 (forward.py, _score)
+
+        if self.shared_prompt and can_share_prompt(model):
+            # Images per distinct prompt (group size 1: "row" i is prompt i), prompts once each.
+            embeds, grids = image_inputs_for_rows(image_embeds, grid, per_prompt, 1, prompt_index, self.spatial_merge_size)
+            row_prompt = torch.tensor([prompts.index(r // G) for r in rows_list])  # [R] into `prompts`
+            prompt_rows = torch.tensor(prompts)  # [U]
+            return completion_logprobs_shared_prompt(
+                model, self.prompt_ids[prompt_rows], self.prompt_mask[prompt_rows], row_prompt,
+                completion_ids, completion_mask, embeds, grids,
+                temperature=temperature, return_entropy=return_entropy,
+            )
+
+        # Naive twin: every row runs as [prompt ; completion], images copied to each row.
+        local_rows = [prompt_index[prompts.index(r // G)] * G + r % G for r in rows_list]
+        embeds, grids = image_inputs_for_rows(image_embeds, grid, per_prompt, G, local_rows, self.spatial_merge_size)
+        prompt_rows = rows // G
+        return completion_logprobs(
+            model,
+            self.prompt_ids[prompt_rows],  # [R, P]
+            self.prompt_mask[prompt_rows],  # [R, P]
+            completion_ids,
+            completion_mask,
+            embeds,
+            grids,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )

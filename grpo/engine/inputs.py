@@ -2,6 +2,7 @@
 
     encode_images            the vision tower once over a batch's images          [N, D]
     count_images_per_prompt  how many images (image_grid_thw rows) each prompt has
+    image_ranges             which image_grid_thw rows are prompt p's (the one place that says so)
     image_inputs_for_rows    the features and grid rows that completion rows need  (row r: prompt r // G)
     mrope_position_ids       the 3-D rotary positions (text, then t/h/w over image tokens)  [3, R, L]
     build_inputs_embeds      token embeddings with the image features scattered in  [R, L, D]
@@ -70,6 +71,16 @@ def count_images_per_prompt(
     return counts
 
 
+def image_ranges(images_per_prompt: Sequence[int]) -> list[range]:
+    """The image_grid_thw rows of each prompt: images are stored in prompt order, so prompt p owns
+    rows sum(images_per_prompt[:p]) .. + images_per_prompt[p]."""
+    ranges, first = [], 0
+    for count in images_per_prompt:
+        ranges.append(range(first, first + count))
+        first += count
+    return ranges
+
+
 def image_inputs_for_rows(
     image_embeds: Tensor,
     image_grid_thw: Tensor,
@@ -89,13 +100,10 @@ def image_inputs_for_rows(
     sizes = tokens_per_image(image_grid_thw, spatial_merge_size)
     image_chunks = list(image_embeds.split(sizes))  # per image: [tokens_k, D]
     grid_chunks = list(image_grid_thw.split(1))  # per image: [1, 3]
-    first_image = [0]  # first image index of each prompt
-    for n in images_per_prompt:
-        first_image.append(first_image[-1] + n)
+    images_of = image_ranges(images_per_prompt)
     embeds, grids = [], []
     for r in rows:
-        prompt = r // group_size
-        images = range(first_image[prompt], first_image[prompt + 1])
+        images = images_of[r // group_size]  # row r continues prompt r // G
         embeds += [image_chunks[k] for k in images]
         grids += [grid_chunks[k] for k in images]
     if not embeds:  # rows whose prompts carry no image

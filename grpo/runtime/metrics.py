@@ -13,6 +13,8 @@
   Reading completions is the fastest way to see reward hacking. Its `truncate_after(S)` drops the
   blocks of steps after S, as for metrics (a fresh or overwritten run calls it with 0).
 - Only rank 0 should write: build both with `enabled=is_main(info)`.
+- `rollout_metrics`: what the GRPO loop logs of one generation batch (rewards, advantages,
+  lengths), over every rank's completions.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from grpo.rewards import extract_answer
+from grpo.advantages import advantage_metrics
+from grpo.rewards import extract_answer, reward_metrics
+from grpo.runtime.distributed import all_gather_object
 
 
 def _to_float(key: str, value) -> float:
@@ -203,3 +207,44 @@ class SampleLogger:
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(text)
         return text
+
+
+def rollout_metrics(
+    per_function: torch.Tensor,
+    rewards: torch.Tensor,
+    reward_names: list[str],
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    is_truncated: torch.Tensor,
+    group_size: int,
+    world_size: int,
+) -> dict[str, float]:
+    """Rewards, advantages and completion lengths over the whole job's rollouts (every rank's).
+
+    per_function [B*G, F], rewards [B*G] (their weighted sum, NaN: unscored), advantages [B*G],
+    completion_mask [B*G, T], is_truncated [B*G]: this rank's. Under torchrun each rank holds
+    different prompts; rank 0 logs the statistics of all of them, gathered once per generation
+    batch (a few numbers per completion). The statistics are the math's own: `reward_metrics`
+    and `advantage_metrics`, on the gathered rows.
+    """
+    columns = [
+        per_function,  # [B*G, F]
+        rewards.detach().float().cpu()[:, None],  # [B*G, 1]
+        advantages.detach().float().cpu()[:, None],  # [B*G, 1]
+        completion_mask.sum(1).float().cpu()[:, None],  # [B*G, 1]
+        is_truncated.float().cpu()[:, None],  # [B*G, 1]
+    ]
+    local = torch.cat(columns, dim=1)  # [B*G, F+4]
+    table = torch.cat(all_gather_object(local)) if world_size > 1 else local  # [world*B*G, F+4]
+    F = per_function.shape[1]
+    job_rewards, job_advantages, lengths, truncated = (table[:, F + i] for i in range(4))
+    advantage = advantage_metrics(job_rewards, job_advantages, group_size)
+    return {
+        **reward_metrics(table[:, :F], job_rewards, reward_names),
+        "advantage/mean": advantage["advantage_mean"],
+        "advantage/std": advantage["advantage_std"],
+        "advantage/frac_zero_std_groups": advantage["frac_zero_std_groups"],
+        "completion_length_mean": lengths.mean().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated_frac": truncated.mean().item(),
+    }

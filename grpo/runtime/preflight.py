@@ -69,8 +69,9 @@ def _run(model, step, *, device: torch.device, what: str, advice: str, is_main: 
 
 def grpo_preflight(model, dataset, collator, *, gargs, tokens, device, world_size, merge_size, step_gradients, is_main=True) -> None:
     """One GRPO micro-batch at the longest prompt; step_gradients is grpo_loop.accumulate_step_gradients."""
-    from grpo.engine.generation_batch import GenerationBatch
-    from grpo.masks import completion_mask as build_completion_mask
+    from grpo.engine.forward import GenerationBatch
+    from grpo.engine.inputs import count_images_per_prompt
+    from grpo.engine.rollout import completion_mask as build_completion_mask
 
     index, prompt_tokens = longest_example(dataset, collator.processor, collator.system_prompt)
     G, micro, T = gargs.num_generations, gargs.micro_batch_size, gargs.max_completion_length
@@ -84,7 +85,11 @@ def grpo_preflight(model, dataset, collator, *, gargs, tokens, device, world_siz
     generation = GenerationBatch(
         prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
         pixel_values=on_device.get("pixel_values"), image_grid_thw=on_device.get("image_grid_thw"),
-        images_per_prompt=batch["images_per_prompt"], completion_ids=completion_ids, completion_mask=completion_mask,
+        images_per_prompt=count_images_per_prompt(
+            on_device["input_ids"], on_device.get("image_grid_thw"), image_token_id=tokens.image_token_id,
+            spatial_merge_size=merge_size,
+        ),
+        completion_ids=completion_ids, completion_mask=completion_mask,
         rollout_image_embeds=None, group_size=G, temperature=gargs.temperature,
         spatial_merge_size=merge_size, shared_prompt=gargs.shared_prompt_forward,
     )
