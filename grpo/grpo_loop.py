@@ -44,9 +44,9 @@ from grpo.runtime.distributed import (
     all_reduce_max,
     all_reduce_sum,
 )
-from grpo.runtime.metrics import SampleLogger, rollout_metrics
+from grpo.runtime.metrics import rollout_metrics
 from grpo.runtime.preflight import grpo_preflight
-from grpo.runtime.run import StopRequest, start_run
+from grpo.runtime.run import StopRequest, TrainingRun, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
@@ -164,21 +164,44 @@ def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, wo
 class RolloutRounds:
     """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
 
-    sample_generation_batch calls it once, or (--dynamic_sampling) until B groups carry a reward
-    spread; `seconds` keeps each round's time (collate + sample) for the step's metrics.
+    Owns what the rounds draw from: this rank's prompts (dataset, collator, the index stream a
+    checkpoint keeps), the reward functions and the sampler's generator (its own stream per rank,
+    so ranks explore differently; a checkpoint keeps its state too). sample_generation_batch calls
+    it once, or (--dynamic_sampling) until B groups carry a reward spread; `seconds` keeps each
+    round's time (collate + sample) for the step's metrics.
     """
 
-    def __init__(self, model, processor, dataset, collator, stream, *, gargs: GRPOArguments, tokens,
-                 decode_mode: str | None, device: torch.device, seed: int):  # fmt: skip
-        self.model, self.processor, self.dataset, self.collator, self.stream = model, processor, dataset, collator, stream
-        self.gargs, self.tokens, self.decode_mode, self.device = gargs, tokens, decode_mode, device
+    def __init__(self, config: Config, run: TrainingRun):
+        from data.collators import GRPOCollator
+        from data.loading import load_prompt_dataset
+
+        targs, gargs, rank = config.train, config.grpo, run.dist.rank
+        self.model, self.processor, self.tokens, self.device = run.policy.model, run.policy.processor, run.policy.tokens, run.dist.device
+        self.gargs = gargs
+        self.dataset, self.data_report = load_prompt_dataset(config, self.processor, is_main=run.is_main)
+        self.collator = GRPOCollator(self.processor, system_prompt=config.data.system_prompt_text)
+        self.stream = IndexStream(len(self.dataset), seed=targs.seed, rank=rank, world_size=run.dist.world_size)
         self.reward_functions = resolve_reward_functions(
             gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
             overlong_buffer_length=gargs.overlong_buffer_length,
         )  # fmt: skip
         self.reward_names = [name for name, _ in self.reward_functions]
-        self.generator = torch.Generator(device=device).manual_seed(seed)  # the sampler's; a checkpoint keeps its state
+        # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
+        # weights with collectives on every call (not captured into a graph here: not tested).
+        self.decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
+        self.generator = torch.Generator(device=self.device).manual_seed(targs.seed * 7919 + rank)
         self.seconds: list[float] = []
+
+    def restore(self, state: dict, rank: int) -> None:
+        """The sampler's generator from a checkpoint; a rank the checkpoint did not have (the job
+        grew) keeps its fresh seed (load_trainer_state warned)."""
+        saved = state["extra"].get("sampler_generators", [])
+        if rank < len(saved):
+            self.generator.set_state(saved[rank])
+
+    def checkpoint_extra(self) -> dict:
+        """Every rank's sampler state, for the checkpoint, so a resumed rank samples what it would have."""
+        return {"sampler_generators": all_gather_object(self.generator.get_state())}
 
     def __call__(self) -> SampledGroups:
         gargs, tokens, G = self.gargs, self.tokens, self.gargs.num_generations
@@ -203,13 +226,12 @@ class RolloutRounds:
         return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
 
 
-def log_first_sample(sample_logger: SampleLogger, step: int, sampled: SampledGroups, reward_names: list[str]):
-    """samples.log on its steps: the generation batch's first prompt and completion, each reward."""
-    return sample_logger.maybe_log(
-        step, question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0],
-        completion=sampled.completions[0],
+def first_sample(sampled: SampledGroups, reward_names: list[str]) -> dict:
+    """samples.log's block of a generation batch: its first prompt and completion, each reward."""
+    return dict(
+        question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0], completion=sampled.completions[0],
         rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
-    )  # fmt: skip
+    )
 
 
 def generation_inputs(
@@ -281,49 +303,26 @@ def train_grpo(config: Config) -> dict:
 
     # --- ranks, run directory, policy (+ frozen reference when beta > 0), AdamW (grpo/runtime/run.py) ---
     run = start_run(config, "grpo", with_reference=gargs.beta > 0)
-    rank, world_size, device, is_main = run.dist.rank, run.dist.world_size, run.dist.device, run.is_main
-    policy, model, processor, tokens = run.policy, run.policy.model, run.policy.processor, run.policy.tokens
+    world_size, device, policy, model = run.dist.world_size, run.dist.device, run.policy, run.policy.model
     merge_size = model.config.vision_config.spatial_merge_size
-
-    # --- data: each rank draws its own prompts ---
-    from data.collators import GRPOCollator
-    from data.loading import load_prompt_dataset
-
-    dataset, data_report = load_prompt_dataset(config, processor, is_main=is_main)
-    collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
-    stream = IndexStream(len(dataset), seed=targs.seed, rank=rank, world_size=world_size)
-
-    # --- settings derived once, before the loop ---
-    # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
-    # weights with collectives on every call (not captured into a graph here: not tested).
-    decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
+    rounds = RolloutRounds(config, run)  # this rank's prompts, the reward functions, the sampler's stream
     # The rollout encoded each prompt's images once; whenever the vision tower cannot change
     # (frozen) every later forward reuses those features instead of re-encoding.
     reuse_images = gargs.reuse_frozen_image_features and not policy.vision_trainable
-    rounds = RolloutRounds(
-        model, processor, dataset, collator, stream, gargs=gargs, tokens=tokens, decode_mode=decode_mode,
-        device=device, seed=targs.seed * 7919 + rank,  # the sampler's own stream: ranks explore differently
-    )  # fmt: skip
 
     # --- resume, preflight, logs ---
-    state = run.resume(stream)
+    state = run.resume(rounds.stream)
     step = last_saved = state["step"]
-    sampler_states = state["extra"].get("sampler_generators", [])
-    if rank < len(sampler_states):  # a rank the checkpoint did not have (the job grew) keeps its
-        rounds.generator.set_state(sampler_states[rank])  # fresh seed; load_trainer_state warned
+    rounds.restore(state, run.dist.rank)
     if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
-            model, dataset, collator, gargs=gargs, tokens=tokens, device=device, world_size=world_size,
-            merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=is_main,
+            model, rounds.dataset, rounds.collator, gargs=gargs, tokens=policy.tokens, device=device,
+            world_size=world_size, merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=run.is_main,
         )  # fmt: skip
-    run.open_logs(step)  # metrics.jsonl, the metrics line and --report_to, the progress bar
-    sample_logger = SampleLogger(f"{targs.output_dir}/samples.log", every=gargs.sample_log_steps) if is_main else None
-    if sample_logger is not None:
-        sample_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+    run.open_logs(step, sample_log_steps=gargs.sample_log_steps)  # metrics.jsonl, samples.log, --report_to, progress
 
     def save(at_step):
-        # Each rank's sampler stream too, so a resumed rank samples what it would have.
-        run.save(at_step, stream, extra={"sampler_generators": all_gather_object(rounds.generator.get_state())})
+        run.save(at_step, rounds.stream, extra=rounds.checkpoint_extra())
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
@@ -336,8 +335,9 @@ def train_grpo(config: Config) -> dict:
             else:  # DAPO (grpo/dynamic_sampling.py)
                 sampled, sampling_metrics = sample_generation_batch(
                     rounds, enabled=True, needed=gargs.per_device_prompts, group_size=G,
-                    max_rounds=gargs.max_generation_rounds, collate=collator, device=device,
-                    pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge_size,
+                    max_rounds=gargs.max_generation_rounds, collate=rounds.collator, device=device,
+                    pad_token_id=policy.tokens.pad_token_id, eos_token_ids=policy.tokens.eos_token_ids,
+                    merge_size=merge_size,
                 )  # fmt: skip
             rollout, rollout_seconds = sampled.rollout, sum(rounds.seconds)
 
@@ -346,11 +346,17 @@ def train_grpo(config: Config) -> dict:
             advantages = advantages.to(device)
             completion_mask, is_truncated = rollout.completion_mask, ~rollout.is_eos_terminated  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
+            generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
             generation_metrics = rollout_metrics(
                 sampled.per_function, sampled.rewards, rounds.reward_names, advantages, completion_mask, is_truncated,
                 G, world_size,
-            ) | sampling_metrics  # fmt: skip
-            generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
+            ) | sampling_metrics | {  # fmt: skip
+                "rollout_seconds": rollout_seconds,
+                # this rank's sampler throughput (each rank samples in parallel)
+                "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
+                "skipped_images": rounds.data_report.skipped_images,
+                "skipped_long_prompts": rounds.data_report.skipped_long_prompts,  # over --max_prompt_length
+            }
 
             # --- old and reference logprobs, no grad (only when they are needed) ---
             t_update = time.perf_counter()
@@ -378,22 +384,10 @@ def train_grpo(config: Config) -> dict:
                 if grad_norm is None:
                     continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
                 step += 1
-
-                # --- metrics ---
-                metrics |= {
-                    "grad_norm": float(grad_norm),
-                    "lr": run.scheduler.get_last_lr()[0],
-                    "rollout_seconds": rollout_seconds,
-                    "update_seconds": time.perf_counter() - t_update,
-                    # this rank's sampler throughput (each rank samples in parallel)
-                    "rollout_tokens_per_second": float(completion_mask.sum()) / max(rollout_seconds, 1e-9),
-                    "skipped_images": data_report.skipped_images,
-                    "skipped_long_prompts": data_report.skipped_long_prompts,  # over --max_prompt_length
-                    **generation_metrics,
-                }
+                metrics |= {"grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
+                            "update_seconds": time.perf_counter() - t_update, **generation_metrics}  # fmt: skip
                 run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-                if sample_logger is not None:  # every --sample_log_steps: the batch's first completion
-                    run.reporter.log_sample(step, log_first_sample(sample_logger, step, sampled, rounds.reward_names))
+                run.log_sample(step, **first_sample(sampled, rounds.reward_names))  # every --sample_log_steps
                 if step >= targs.max_steps:
                     break
 

@@ -51,7 +51,7 @@ from grpo.runtime.distributed import (
     init_distributed,
     sync_gradients,
 )
-from grpo.runtime.metrics import MetricsLogger
+from grpo.runtime.metrics import MetricsLogger, SampleLogger
 from grpo.runtime.optimizer import build_optimizer, build_scheduler
 from grpo.runtime.policy import (
     Policy,
@@ -80,7 +80,8 @@ class TrainingRun:
     resume_from: Path | None
     lock: OutputDirLock | None = None  # rank 0's lock on output_dir (grpo/runtime/run_lock.py)
     nonfinite: NonFiniteGuard | None = None  # set by start_run
-    metrics_logger: MetricsLogger | None = None  # set by open_logs, with reporter and progress
+    metrics_logger: MetricsLogger | None = None  # set by open_logs, with sample_logger, reporter and progress
+    sample_logger: SampleLogger | None = None
     reporter: Reporter | None = None
     progress: tqdm | None = None
 
@@ -123,11 +124,17 @@ class TrainingRun:
                 keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 
-    def open_logs(self, step: int) -> None:
-        """metrics.jsonl, the console line and --report_to backends, the progress bar (rank 0 writes)."""
+    def open_logs(self, step: int, sample_log_steps: int | None = None) -> None:
+        """metrics.jsonl, the console line and --report_to backends, the progress bar, and with
+        `sample_log_steps` (GRPO's --sample_log_steps) samples.log; rank 0 writes."""
         targs = self.config.train
         self.metrics_logger = MetricsLogger(f"{targs.output_dir}/metrics.jsonl", enabled=self.is_main)
         self.metrics_logger.truncate_after(step)  # a resumed run rewrites what came after its checkpoint
+        if sample_log_steps is not None:
+            path, enabled = f"{targs.output_dir}/samples.log", self.is_main
+            self.sample_logger = SampleLogger(path, every=sample_log_steps, enabled=enabled)
+            if enabled:
+                self.sample_logger.truncate_after(step)  # as metrics.jsonl (every 0 still cleans up)
         self.reporter = Reporter(self.config, self.stage, start_step=step, enabled=self.is_main)
         self.progress = tqdm(
             total=targs.max_steps, initial=step, desc=self.stage, disable=not (self.is_main and targs.progress_bar)
@@ -138,6 +145,10 @@ class TrainingRun:
         self.reporter.log(step, self.metrics_logger.log(step, metrics))
         self.progress.update(1)
         self.progress.set_postfix(**postfix)
+
+    def log_sample(self, step: int, **sample) -> None:
+        """On samples.log's steps: one sample block (SampleLogger.maybe_log's fields), also sent to --report_to."""
+        self.reporter.log_sample(step, self.sample_logger.maybe_log(step, **sample))
 
     def optimizer_step(self, step: int, loss: float) -> torch.Tensor | None:
         """Average the gradients over ranks, clip their norm, step AdamW and the schedule.
