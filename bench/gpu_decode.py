@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from common import REPO_ROOT, counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.engine.rollout import generate_rollouts_naive, sample_rollouts
+from grpo.engine.hf_generate import generate_rollouts_naive
+from grpo.engine.rollout import sample_rollouts
 
 NOMINAL_HBM_GB_S = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
                     "H200": 4800, "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE": 1555}

@@ -36,7 +36,8 @@ import time
 import torch
 from common import counting_batch, machine_info, median, never_sampled_eos, tensors_only
 
-from grpo.engine.rollout import generate_rollouts_naive, sample_rollouts
+from grpo.engine.hf_generate import generate_rollouts_naive
+from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import SAMPLING_METHODS, default_sampling_method
 from models.loading import load_policy, special_token_ids
 

@@ -5,7 +5,7 @@ sizes, rubber or metal) on a grey floor, a counting question, the integer answer
 R1-style reasoning trace. Answers and traces are computed from the scene's metadata (the list of
 objects with their attributes, stored as JSON in the "objects" column), never parsed from text.
 
-Question kinds (the CLEVR / CLEVR-CoGenT families the seeds train on):
+Question kinds (the CLEVR / CLEVR-CoGenT families the blog post and the TRL recipe train on):
     total     "How many items are there in the image?" (and paraphrases)
     by_color  "How many red objects are there?"
     by_shape  "How many cubes are there?"

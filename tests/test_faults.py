@@ -122,7 +122,7 @@ def _png(color: str, size=(56, 56)) -> bytes:
 
 
 def _save_dataset(path: Path, rows: int, *, answers=None, corrupt: int = 0, drop: str | None = None) -> str:
-    """A save_to_disk counting dataset shaped like the seeds' (image, problem, solution)."""
+    """A save_to_disk counting dataset shaped like the TRL recipe's (image, problem, solution)."""
     colors = ["red", "green", "blue", "yellow"]
     images = [{"bytes": _png(colors[i % 4]), "path": None} for i in range(rows)]
     for i in range(corrupt):  # the first `corrupt` rows hold bytes that are not an image

@@ -27,9 +27,10 @@ from tolerances import U32, float64_throughout, logsumexp_error, network_error
 
 from grpo.engine.decoders import StaticKVCache, default_decode
 from grpo.engine.forward import completion_logprobs
+from grpo.engine.hf_generate import generate_rollouts_naive, repeat_batch_per_group
 from grpo.engine.inputs import image_inputs_for_rows
 from grpo.engine.rollout import completion_mask as grpo_completion_mask
-from grpo.engine.rollout import generate_rollouts_naive, repeat_batch_per_group, sample_rollouts
+from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import sample_next_token
 
 

@@ -24,7 +24,7 @@ from conftest import (
 )
 from tolerances import TINY_PATH_TERMS, U32, after_adamw_steps, network_error
 
-# What the GRPO loop documents it logs every step (grpo/grpo_loop.py, "--- metrics ---").
+# What the GRPO loop documents it logs every step (docs/grpo.md, "What metrics.jsonl holds").
 GRPO_KEYS = {
     "step", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "grad_norm", "lr",
     "completion_length_mean", "completion_length_max", "truncated_frac", "rollout_seconds", "update_seconds",

@@ -7,8 +7,9 @@
                          explicit 3-D (mRoPE) positions, inputs_embeds
     hf_compat.py         what differs between transformers versions (cache keyword, wrappers)
     rollout.py           the hand-written sampler: prefill once per prompt, KV cache copied G ways,
-                         the decode loop, the completion mask (through the first EOS); `generate`
-                         as its twin
+                         the decode loop, the completion mask (through the first EOS)
+    hf_generate.py       the same rollouts through HF's `generate` on G copies: the twin tests and
+                         benchmarks compare the sampler with
     sampling.py          one token per row: temperature, top-k, top-p, greedy, inverse CDF on CPU
     decoders.py          the decode step: HF's growing cache, or fixed buffers replayed from a CUDA graph
 
