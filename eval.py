@@ -122,7 +122,8 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     from data.collators import GRPOCollator
     from data.loading import check_gold_answers, load_eval_dataset
     from grpo.engine.rollout import sample_rollouts
-    from grpo.rewards import extract_answer, resolve_reward_functions
+    from grpo.reward_functions import extract_answer
+    from grpo.rewards import resolve_reward_functions
     from grpo.runtime.device import resolve_device, seed_everything
     from grpo.runtime.policy import resolve_model_path
     from models.loading import load_policy, resolve_dtype, special_token_ids

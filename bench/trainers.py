@@ -10,7 +10,7 @@ with shuffle_dataset=False), the same G, B, micro-batch, completion length, num_
 loss aggregation (ours "sequence" = TRL loss_type "grpo"), optimiser settings, device and dtype
 (default CPU float32; --device cuda --dtype bfloat16: ours `--device cuda --dtype bfloat16`, TRL
 use_cpu=False, bf16=True, weights loaded in bfloat16), no gradient checkpointing, one torch thread
-by default, and the same reward functions (TRL calls ours, grpo.rewards.format_reward and
+by default, and the same reward functions (TRL calls ours, grpo.reward_functions.format_reward and
 count_accuracy_reward, through thin wrappers).
 
 Equal completion lengths (every completion exactly T = max_completion_length tokens):
@@ -310,15 +310,15 @@ def _texts(completions) -> list[str]:
 
 
 def format_for_trl(prompts, completions, answer, **kwargs):
-    """grpo.rewards.format_reward in TRL's reward signature (conversational completions)."""
-    from grpo.rewards import format_reward
+    """grpo.reward_functions.format_reward in TRL's reward signature (conversational completions)."""
+    from grpo.reward_functions import format_reward
 
     return format_reward(_texts(completions), answer)
 
 
 def count_accuracy_for_trl(prompts, completions, answer, **kwargs):
-    """grpo.rewards.count_accuracy_reward in TRL's reward signature."""
-    from grpo.rewards import count_accuracy_reward
+    """grpo.reward_functions.count_accuracy_reward in TRL's reward signature."""
+    from grpo.reward_functions import count_accuracy_reward
 
     return count_accuracy_reward(_texts(completions), answer)
 

@@ -163,7 +163,7 @@ def check_gold_answers(dataset, reward_names: list[str], dataset_name: str = "")
     count_accuracy and choice_accuracy raise on such an answer, but only at the step that first
     samples its prompt (hours into a run); reading the answer column up front is cheap.
     """
-    from grpo.rewards import parse_choice, parse_integer
+    from grpo.reward_functions import parse_choice, parse_integer
 
     parsers = {"count_accuracy": ("an integer", parse_integer), "choice_accuracy": ("an option letter A-E", parse_choice)}
     answers = None

@@ -9,18 +9,15 @@ import types
 import pytest
 import torch
 
-from grpo.rewards import (
-    REWARD_FUNCTIONS,
+from grpo.reward_functions import (
     choice_accuracy_reward,
-    compute_rewards,
     count_accuracy_reward,
     extract_answer,
     format_reward,
     math_accuracy_reward,
     parse_integer,
-    resolve_reward_functions,
-    reward_metrics,
 )
+from grpo.rewards import REWARD_FUNCTIONS, compute_rewards, resolve_reward_functions, reward_metrics
 
 # --- extract_answer ---
 
@@ -341,7 +338,7 @@ def test_weighted_sum_without_none_is_the_matrix_product():
 
 
 def test_overlong_penalty_by_hand():
-    from grpo.rewards import overlong_penalty, overlong_reward
+    from grpo.reward_functions import overlong_penalty, overlong_reward
 
     # L_max = 10, L_cache = 4: no penalty up to 10 - 4 = 6 tokens, then (6 - n) / 4
     assert [overlong_penalty(n, 10, 4) for n in (1, 6, 7, 8, 10, 11)] == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from grpo.advantages import advantage_metrics
-from grpo.rewards import extract_answer, reward_metrics
+from grpo.reward_functions import extract_answer
+from grpo.rewards import reward_metrics
 from grpo.runtime.distributed import all_gather_object
 
 
