@@ -334,7 +334,7 @@ class GenerationBatch:
             prompt_index = list(range(len(prompts)))
         completion_ids = self.completion_ids[rows, :length]  # [R, T_rows]
         completion_mask = self.completion_mask[rows, :length]  # [R, T_rows]
-        temperature = self.temperature  # 0 (greedy) is scored at tau = 1 (forward.py, _score)
+        temperature = self.temperature  # 0 (greedy) is scored at tau = 1 (`_score`)
 
         if self.shared_prompt and can_share_prompt(model):
             # Images per distinct prompt (group size 1: "row" i is prompt i), prompts once each.
