@@ -669,7 +669,7 @@ def validate(config: Config) -> None:
     if config.train.fsdp and config.model.freeze_policy == "lora":
         raise ConfigError(
             "--fsdp with --freeze_policy lora is not supported (saving would have to merge adapters "
-            "into sharded weights); use --fsdp with --freeze_policy full, language or seed, or LoRA without --fsdp"
+            "into sharded weights); use --fsdp with --freeze_policy full, language or projector_embeddings_first_layers, or LoRA without --fsdp"
         )
     if config.train.fsdp and config.grpo.decode == "cuda_graph":
         raise ConfigError(
