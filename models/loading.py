@@ -95,6 +95,20 @@ def set_pixel_budget(processor, max_pixels: int | None = None, min_pixels: int |
         sub.size = SizeDict(**size)
 
 
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy CPU parameters that still live in the memory-mapped safetensors file into torch's memory.
+
+    from_pretrained maps the file and leaves each CPU weight at its offset there, which need not be
+    64-byte aligned (torch's own allocations are). Vector kernels split their sums into head, body
+    and tail by alignment, so the same weights could round differently from a model built in memory,
+    and a resumed run would not repeat the uninterrupted one bit for bit. Tied weights stay tied
+    (one Parameter object, copied once).
+    """
+    for parameter in model.parameters():
+        if parameter.device.type == "cpu" and parameter.data_ptr() % 64:
+            parameter.data = parameter.data.clone()
+
+
 def load_policy(
     name_or_path: str,
     *,
@@ -147,6 +161,7 @@ def load_policy(
         model.eval()
 
     model = model.to(device=device, dtype=torch_dtype)
+    _own_memory(model)
     set_pixel_budget(processor, max_pixels=max_pixels, min_pixels=min_pixels)
     # Left padding: every prompt ends in the same column, so completions are aligned.
     processor.tokenizer.padding_side = "left"
