@@ -170,6 +170,9 @@ def our_argv(args, output_dir: str) -> list[str]:
         "--max_steps", str(args.num_batches * args.num_iterations), "--output_dir", output_dir,
         "--overwrite_output_dir", "--progress_bar", "false", "--save_steps", "0",
         "--sample_log_steps", "1000000", "--logging_steps", "1000000",
+        # The pre-flight micro-batch is a start-up check, not part of a step (TRL has none); it
+        # would also call the collator, where the gate waits for the parent's go for a batch.
+        "--skip_preflight", "true",
     ]
 
 
