@@ -117,16 +117,23 @@ def count_accuracy_reward(completions: list[str], answers: list[str], **columns)
     No answer tag, or tag content that is not an integer: 0.0. A gold answer that is not an
     integer is a data error and raises (this reward is for counting datasets).
     """
+    return _parsed_answer_matches(
+        completions, answers, parse_integer,
+        "count_accuracy: gold answer {answer!r} is not an integer; use this reward on counting data, "
+        "or choice_accuracy / math_accuracy for other answers",
+    )  # fmt: skip
+
+
+def _parsed_answer_matches(completions, answers, parse, bad_gold: str) -> list[float]:
+    """1.0 where parse(the last `<answer>`) equals parse(gold), else 0.0; a gold answer parse
+    cannot read raises ValueError(bad_gold.format(answer=...)) (a data error, not a miss)."""
     rewards = []
     for completion, answer in zip(completions, answers, strict=True):
-        gold = parse_integer(str(answer))
+        gold = parse(str(answer))
         if gold is None:
-            raise ValueError(
-                f"count_accuracy: gold answer {answer!r} is not an integer; use this reward on "
-                "counting data, or choice_accuracy / math_accuracy for other answers"
-            )
+            raise ValueError(bad_gold.format(answer=answer))
         extracted = extract_answer(completion)
-        predicted = None if extracted is None else parse_integer(extracted)
+        predicted = None if extracted is None else parse(extracted)
         rewards.append(1.0 if predicted == gold else 0.0)
     return rewards
 
@@ -149,17 +156,9 @@ def parse_choice(text: str) -> str | None:
 
 def choice_accuracy_reward(completions: list[str], answers: list[str], **columns) -> list[float]:
     """1.0 when the option letter in the last `<answer>` equals the gold letter (`parse_choice`)."""
-    rewards = []
-    for completion, answer in zip(completions, answers, strict=True):
-        gold = parse_choice(str(answer))
-        if gold is None:
-            raise ValueError(
-                f"choice_accuracy: gold answer {answer!r} does not start with an option letter A-E"
-            )
-        extracted = extract_answer(completion)
-        predicted = None if extracted is None else parse_choice(extracted)
-        rewards.append(1.0 if predicted == gold else 0.0)
-    return rewards
+    return _parsed_answer_matches(
+        completions, answers, parse_choice, "choice_accuracy: gold answer {answer!r} does not start with an option letter A-E"
+    )
 
 
 # --- math (optional dependency) ---
