@@ -107,6 +107,12 @@ def prefill_prompts(
     return output.logits[:, -1, :], output_cache(output), next_position  # [U, V], cache, [U]
 
 
+def _vision_ids(model, image_token_id: int | None, spatial_merge_size: int | None) -> tuple[int, int]:
+    """The image_pad id and the merger's size: as given, or read from the model."""
+    image_token_id = image_token_id_of(model) if image_token_id is None else image_token_id
+    return image_token_id, spatial_merge_size_of(model) if spatial_merge_size is None else spatial_merge_size
+
+
 def _trim_prompt_padding(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the columns that are padding in every row: [R, P] -> [R, P'].
 
@@ -161,13 +167,9 @@ def completion_logprobs(
     Every row runs as [prompt ; completion]: the plain way, and the naive twin of
     `completion_logprobs_shared_prompt`.
     """
-    if image_token_id is None:
-        image_token_id = image_token_id_of(model)
-    if spatial_merge_size is None:
-        spatial_merge_size = spatial_merge_size_of(model)
+    image_token_id, spatial_merge_size = _vision_ids(model, image_token_id, spatial_merge_size)
     num_completion = completion_ids.shape[1]  # T
-    if completion_mask is None:
-        completion_mask = torch.ones_like(completion_ids)  # [R, T]
+    completion_mask = torch.ones_like(completion_ids) if completion_mask is None else completion_mask  # [R, T]
     prompt_ids, prompt_mask = _trim_prompt_padding(prompt_ids, prompt_mask)  # [R, P']
 
     # Positions: the prompt's mRoPE positions, then one text position per completion token on all
@@ -240,13 +242,9 @@ def completion_logprobs_shared_prompt(
     naive twin's up to float rounding (tests/test_forward.py). Needs the KV cache, so not under
     gradient checkpointing in train mode (see `can_share_prompt`).
     """
-    if image_token_id is None:
-        image_token_id = image_token_id_of(model)
-    if spatial_merge_size is None:
-        spatial_merge_size = spatial_merge_size_of(model)
+    image_token_id, spatial_merge_size = _vision_ids(model, image_token_id, spatial_merge_size)
     num_completion = completion_ids.shape[1]  # T
-    if completion_mask is None:
-        completion_mask = torch.ones_like(completion_ids)  # [R, T]
+    completion_mask = torch.ones_like(completion_ids) if completion_mask is None else completion_mask  # [R, T]
     prompt_ids, prompt_mask = _trim_prompt_padding(prompt_ids, prompt_mask)  # [U, P']
     row_prompt = row_prompt.to(prompt_ids.device)  # [R]
 

@@ -57,6 +57,7 @@ Run its tests: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_rollout.p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -156,7 +157,27 @@ class Rollout:
     """Tokens generated over all rows, each row counted through its first EOS."""
 
 
+def _in_eval_mode(function):
+    """Run `function(model, ...)` with the model in eval mode, and put its mode back after.
+
+    Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns the
+    KV cache off when gradient checkpointing is on in train mode.
+    """
+
+    @functools.wraps(function)
+    def in_eval_mode(model: torch.nn.Module, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return in_eval_mode
+
+
 @torch.no_grad()
+@_in_eval_mode
 def sample_rollouts(
     model: torch.nn.Module,
     batch: dict,
@@ -177,36 +198,8 @@ def sample_rollouts(
     `generator` must live on the model's device (tokens are drawn on the logits' device).
     `sampling_method`: "inverse_cdf" | "multinomial" | None (by device), see `sample_next_token`.
     `decode`: "dynamic" | "static" | "cuda_graph" | None (by device), see `default_decode`.
+    The model runs in eval mode and gets its mode back after (`_in_eval_mode`).
     """
-    # Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns
-    # the KV cache off when gradient checkpointing is on in train mode. The mode is restored after.
-    was_training = model.training
-    model.eval()
-    try:
-        return _sample_rollouts(
-            model, batch, group_size=group_size, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-            sampling_method=sampling_method, decode=decode,
-        )
-    finally:
-        model.train(was_training)
-
-
-def _sample_rollouts(
-    model: torch.nn.Module,
-    batch: dict,
-    *,
-    group_size: int,
-    max_new_tokens: int,
-    eos_token_ids: Sequence[int],
-    pad_token_id: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    generator: torch.Generator | None,
-    sampling_method: str | None,
-    decode: str | None,
-) -> Rollout:
     input_ids = batch["input_ids"]  # [B, P] left padded
     prompt_mask = batch["attention_mask"]  # [B, P]
     pixel_values = batch.get("pixel_values")  # [sum t*h*w, patch_dim] or None
