@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import latest_model_dir, load_saved_model, read_metrics, train_argv, without_timings
 from PIL import Image
+from tolerances import FLOAT64_FORMULA
 
 import eval as eval_script
 import train
@@ -279,9 +280,9 @@ def test_eval_k_samples_gives_accuracy_and_pass_at_k_their_own_intervals(grpo_ru
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     per_prompt = [sum(sample["correct"]) for sample in samples]
     passed = sum(count > 0 for count in per_prompt)
-    assert summary["accuracy"] == pytest.approx(sum(per_prompt) / 12)
-    assert summary["accuracy_ci95"] == pytest.approx(list(clustered_wilson_interval(per_prompt, 2)))
-    assert summary["pass@2_ci95"] == pytest.approx(list(wilson_interval(passed, 6)))
+    assert summary["accuracy"] == pytest.approx(sum(per_prompt) / 12, rel=0, abs=FLOAT64_FORMULA)
+    assert summary["accuracy_ci95"] == pytest.approx(list(clustered_wilson_interval(per_prompt, 2)), rel=0, abs=FLOAT64_FORMULA)
+    assert summary["pass@2_ci95"] == pytest.approx(list(wilson_interval(passed, 6)), rel=0, abs=FLOAT64_FORMULA)
     assert summary["accuracy_ci95"][0] <= summary["accuracy"] <= summary["accuracy_ci95"][1]
     printed = capsys.readouterr().out
     low, high = summary["pass@2_ci95"]
@@ -292,17 +293,17 @@ def test_clustered_wilson_interval_by_hand():
     from eval import clustered_wilson_interval, wilson_interval
 
     # k = 1: the prompts are the samples, so it is the plain Wilson interval.
-    assert clustered_wilson_interval([1, 0, 1, 1], 1) == pytest.approx(wilson_interval(3, 4))
+    assert clustered_wilson_interval([1, 0, 1, 1], 1) == pytest.approx(wilson_interval(3, 4), rel=0, abs=FLOAT64_FORMULA)
     # Every prompt all right or all wrong (samples of a prompt perfectly correlated): the k
     # samples carry one prompt's information, so n_eff = n = 4 prompts, p = 0.5.
-    assert clustered_wilson_interval([2, 0, 2, 0], 2) == pytest.approx(wilson_interval(2, 4))
+    assert clustered_wilson_interval([2, 0, 2, 0], 2) == pytest.approx(wilson_interval(2, 4), rel=0, abs=FLOAT64_FORMULA)
     # Each prompt exactly half right: per-prompt fractions [0.5, 0.5, 0.5, 0.5] have variance 0,
     # no sign of correlation, so n_eff = n * k = 8 samples with p = 0.5 (4 of 8).
-    assert clustered_wilson_interval([1, 1, 1, 1], 2) == pytest.approx(wilson_interval(4, 8))
+    assert clustered_wilson_interval([1, 1, 1, 1], 2) == pytest.approx(wilson_interval(4, 8), rel=0, abs=FLOAT64_FORMULA)
     # In between: fractions [1, 0.5, 0.5, 0] -> p = 0.5, sample variance (ddof 1)
     # ((0.5^2 + 0 + 0 + 0.5^2) / 3) = 1/6; var of the mean = 1/6 / 4 = 1/24;
     # n_eff = p(1-p) / var = 0.25 * 24 = 6 (between n = 4 and n*k = 8): Wilson at 3 of 6.
-    assert clustered_wilson_interval([2, 1, 1, 0], 2) == pytest.approx(wilson_interval(3, 6))
+    assert clustered_wilson_interval([2, 1, 1, 0], 2) == pytest.approx(wilson_interval(3, 6), rel=0, abs=FLOAT64_FORMULA)
 
 
 def test_eval_refuses_k_greedy_copies(tmp_path, capsys, no_model_load):

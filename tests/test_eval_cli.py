@@ -12,6 +12,7 @@ import json
 
 import pytest
 from conftest import latest_model_dir, run_script
+from tolerances import FLOAT64_FORMULA
 
 import eval as eval_script
 from eval import wilson_interval
@@ -41,11 +42,11 @@ def test_greedy_eval_of_a_saved_checkpoint(grpo_run_dir, tmp_path):
         assert sample["correct"] == [(len(sample["outputs"][0]) + int(sample["gold"])) % 2 == 0]
     correct = sum(sample["correct"][0] for sample in samples)
     assert 0 < correct < 6  # a mixed outcome, so the counts below are tested
-    assert summary["accuracy"] == pytest.approx(correct / 6)
-    assert summary["accuracy_ci95"] == pytest.approx(list(wilson_interval(correct, 6)))
+    assert summary["accuracy"] == pytest.approx(correct / 6, rel=0, abs=FLOAT64_FORMULA)
+    assert summary["accuracy_ci95"] == pytest.approx(list(wilson_interval(correct, 6)), rel=0, abs=FLOAT64_FORMULA)
     assert summary["accuracy_ci95"][0] <= summary["accuracy"] <= summary["accuracy_ci95"][1]
     assert summary["format_rate"] == 0.0  # random text never has the <think>/<answer> format
-    assert summary["pass@1"] == pytest.approx(summary["accuracy"])
+    assert summary["pass@1"] == pytest.approx(summary["accuracy"], rel=0, abs=FLOAT64_FORMULA)
 
     # Greedy decoding is deterministic: the checkpoint folder and its model/ give the same outputs.
     again = tmp_path / "again"
@@ -62,12 +63,12 @@ def test_pass_at_two_with_sampling(grpo_run_dir, tmp_path):
     assert all(len(s["outputs"]) == len(s["correct"]) == len(s["extracted"]) == 2 for s in samples)
     passed = sum(any(s["correct"]) for s in samples)
     correct = sum(sum(s["correct"]) for s in samples)
-    assert summary["pass@2"] == pytest.approx(passed / 6)
-    assert summary["accuracy"] == pytest.approx(correct / 12)  # per sample, not per prompt
+    assert summary["pass@2"] == pytest.approx(passed / 6, rel=0, abs=FLOAT64_FORMULA)
+    assert summary["accuracy"] == pytest.approx(correct / 12, rel=0, abs=FLOAT64_FORMULA)  # per sample, not per prompt
     # Each number has its own interval: pass@2's over the 6 prompts, accuracy's over its samples.
-    assert summary["pass@2_ci95"] == pytest.approx(list(wilson_interval(passed, 6)))
+    assert summary["pass@2_ci95"] == pytest.approx(list(wilson_interval(passed, 6)), rel=0, abs=FLOAT64_FORMULA)
     per_prompt = [sum(s["correct"]) for s in samples]
-    assert summary["accuracy_ci95"] == pytest.approx(list(eval_script.clustered_wilson_interval(per_prompt, 2)))
+    assert summary["accuracy_ci95"] == pytest.approx(list(eval_script.clustered_wilson_interval(per_prompt, 2)), rel=0, abs=FLOAT64_FORMULA)
     assert summary["pass@2"] >= summary["accuracy"] - 1e-12
     assert "pass@1" not in summary
 

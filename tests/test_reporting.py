@@ -91,7 +91,7 @@ def test_grpo_prints_a_line_per_step_and_tensorboard_reads_back_every_scalar(tra
 
     content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["grpo/beta"].number_value == pytest.approx(0.04) and hparams["train/stage"].string_value == "grpo"
+    assert hparams["grpo/beta"].number_value == pytest.approx(0.04) and hparams["train/stage"].string_value == "grpo"  # TensorBoard's hparams hold float64; 0.04 round-trips to within an ulp
 
 
 def test_sft_prints_every_nth_step_and_writes_tensorboard(train_run, tmp_path, capsys):
@@ -184,7 +184,7 @@ def test_training_seconds_by_hand():
         {"rollout_seconds": 2.0, "update_seconds": 1.0}, {"rollout_seconds": 2.0, "update_seconds": 1.5},
         {"rollout_seconds": 3.0, "update_seconds": 0.7}, {"rollout_seconds": 3.0, "update_seconds": 1.2},
     ]  # fmt: skip
-    assert training_seconds(grpo) == pytest.approx([3.0, 3.5, 7.2, 7.7])
+    assert training_seconds(grpo) == pytest.approx([3.0, 3.5, 7.2, 7.7])  # float64 sums of a few logged seconds: a few ulps; approx's rel 1e-6 is far above
     assert training_seconds([{"step_seconds": 0.5}, {"step_seconds": 0.25}]) == [0.5, 0.75]  # SFT: running sum
     assert training_seconds([{"loss": 1.0}]) is None
     # window 2: [1], [1, 2], [2, 3], [3, 6] -> 1, 1.5, 2.5, 4.5

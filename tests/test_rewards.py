@@ -223,9 +223,9 @@ def test_compute_rewards_weighted_sum_and_metrics():
     # each function: values {1,1,0,0}: mean 0.5, population std 0.5
     assert metrics["reward/format/mean"] == 0.5 and metrics["reward/format/std"] == 0.5
     assert metrics["reward/count_accuracy/mean"] == 0.5
-    assert metrics["reward/total/mean"] == pytest.approx(5.0 / 4)  # (2.5 + 0.5 + 2 + 0) / 4
+    assert metrics["reward/total/mean"] == pytest.approx(5.0 / 4)  # (2.5 + 0.5 + 2 + 0) / 4; approx's rel 1e-6 is ~16 float32 ulps: a float32 mean/fraction of a few O(1) terms is within a few
     # total std: deviations 1.25, -0.75, 0.75, -1.25 -> mean square (1.5625+0.5625)*2/4 = 1.0625
-    assert metrics["reward/total/std"] == pytest.approx(math.sqrt(1.0625))
+    assert metrics["reward/total/std"] == pytest.approx(math.sqrt(1.0625))  # approx's rel 1e-6 is ~16 float32 ulps: a float32 mean/fraction of a few O(1) terms is within a few
 
 
 def test_compute_rewards_default_weights_and_columns():

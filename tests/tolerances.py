@@ -23,6 +23,10 @@ import torch
 LAMBDA = 8.0
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 U32 = UNIT_ROUNDOFF[torch.float32]
+# Two float64 evaluations of a short formula on numbers of size <= ~10 (an interval's sqrt, a few
+# products and quotients; an accuracy's sum of 0/1 values and one division): each result is within
+# a few dozen roundings of size 2^-53 of values <= ~10 from the exact one, so this far apart at most.
+FLOAT64_FORMULA = 64 * 2.0**-53 * 10
 
 
 def sum_error(n: int, abs_sum: float, dtype: torch.dtype = torch.float32) -> float:
