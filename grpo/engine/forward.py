@@ -306,10 +306,9 @@ class GenerationBatch:
     spatial_merge_size: int
     shared_prompt: bool = True  # each prompt computed once per forward, its KV cache copied to its rows
 
-    def _encode_prompts(self, model, prompts: list[int]) -> Tensor:
-        """The vision tower on just these prompts' images, once each: [N_prompts, D]."""
+    def _encode_images(self, model, images: list[int]) -> Tensor:
+        """The vision tower on just these images (image_grid_thw rows), once each: [N_images, D]."""
         patches = list(self.pixel_values.split(self.image_grid_thw.prod(-1).tolist()))  # per image: [t*h*w, patch_dim]
-        images = [i for p in prompts for i in image_ranges(self.images_per_prompt)[p]]
         return encode_images(model, torch.cat([patches[i] for i in images]), self.image_grid_thw[images])
 
     def logprobs(self, model, rows: Tensor, *, reuse_rollout_images: bool, return_entropy: bool = False):
@@ -325,9 +324,10 @@ class GenerationBatch:
             image_embeds, grid, per_prompt = self.rollout_image_embeds, self.image_grid_thw, self.images_per_prompt
             prompt_index = prompts  # index of each of `prompts` among those embeddings
         else:
-            image_embeds = self._encode_prompts(model, prompts)  # [N_prompts, D]
             images_of = image_ranges(self.images_per_prompt)
-            grid = self.image_grid_thw[[i for p in prompts for i in images_of[p]]]  # [images, 3]
+            images = [i for p in prompts for i in images_of[p]]  # these prompts' images, in order
+            image_embeds = self._encode_images(model, images)  # [N_prompts, D]
+            grid = self.image_grid_thw[images]  # [images, 3]
             per_prompt = [self.images_per_prompt[p] for p in prompts]
             prompt_index = list(range(len(prompts)))
         completion_ids = self.completion_ids[rows, :length]  # [R, T_rows]
