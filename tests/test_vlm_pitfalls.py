@@ -140,3 +140,183 @@ def test_log_ratios_of_plus_minus_100_give_a_finite_loss_and_the_clamped_gradien
                     assert torch.isfinite(loss), case
                     assert torch.isfinite(grad).all(), case
                     assert all(math.isfinite(value) for value in metrics.values()), (case, metrics)
+
+
+# --- 4. and 5.: the scoring and sampling forwards, on the tiny random Qwen2.5-VL of test_forward ---
+#
+# float64 throughout (tolerances.float64_throughout): the batched and the one-prompt forwards are
+# two evaluation orders of one network, within tolerances.network_error (~1e-9 at |logp| ~ 10);
+# a wrong 3-D position, image or grid row moves log-probs by > 1e-3.
+
+
+@pytest.fixture(scope="module")
+def model64():
+    from test_forward import build_model
+    from tolerances import float64_throughout
+
+    with float64_throughout():
+        yield build_model().double()
+
+
+def _vision_batch(prompts, seed):
+    from test_forward import make_batch
+
+    batch = make_batch(prompts, seed=seed)
+    return {**batch, "pixel_values": batch["pixel_values"].double()}
+
+
+def _prompt_alone(batch, images_per_prompt, b):
+    """Prompt b of a left-padded batch as a batch of its own: no padding, only its images."""
+    from test_forward import MERGE
+
+    from grpo.engine.inputs import image_ranges, tokens_per_image
+
+    real = batch["attention_mask"][b].bool()  # [P]
+    input_ids = batch["input_ids"][b][real][None]  # [1, n]
+    images = list(image_ranges(images_per_prompt)[b])
+    patches = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+    grid = batch["image_grid_thw"][images]  # [images of b, 3]
+    assert sum(tokens_per_image(grid, MERGE)) == int((batch["mm_token_type_ids"][b] == 1).sum())
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.cat([patches[i] for i in images]),
+        "image_grid_thw": grid,
+        "mm_token_type_ids": batch["mm_token_type_ids"][b][real][None],
+    }
+
+
+def _generation_batch(model, batch, images_per_prompt, completion_ids, group_size, shared_prompt):
+    from test_forward import EOS, MERGE
+
+    from grpo.engine.forward import GenerationBatch
+    from grpo.engine.inputs import encode_images
+    from grpo.engine.rollout import completion_mask
+
+    with torch.no_grad():
+        rollout_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
+    return GenerationBatch(
+        prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], images_per_prompt=images_per_prompt, completion_ids=completion_ids,
+        completion_mask=completion_mask(completion_ids, [EOS])[0], rollout_image_embeds=rollout_embeds,
+        group_size=group_size, temperature=1.0, spatial_merge_size=MERGE, shared_prompt=shared_prompt,
+    )  # fmt: skip
+
+
+# Four prompts of different lengths (so all but the longest are left padded), with images of
+# different sizes: 4x4 and 2x4 patches (4 + 2 merged tokens), 4x6 (6), 6x2 (3), 2x2 (1).
+MIXED_SIZES = [[3, (1, 4, 4), 5, (1, 2, 4), 2], [6, (1, 4, 6), 4], [1, (1, 6, 2), 9], [2, (1, 2, 2), 1]]
+MIXED_IMAGES = [2, 1, 1, 1]
+
+
+@torch.no_grad()
+def test_the_g_copies_of_a_left_padded_prompt_get_the_positions_of_the_prompt_alone(model64):
+    """verl #856, TRL #5785: the 3-D rotary positions (mRoPE) of a left-padded prompt were computed
+    with its padding counted, or from another row's image grid, once the prompt was copied G
+    times into a batch with images of other sizes; the copies then attend as if their image sat
+    elsewhere, silently (the logits are only somewhat off).
+
+    Each of the G copies of each prompt gets exactly the positions, next position, sampled tokens
+    and log-probs of the prompt run alone (no padding, no other images): in mrope_position_ids, in
+    the sampler (prefill + cached decoding) and in both training forwards.
+    """
+    from test_forward import EOS, IMAGE_PAD, MERGE, PAD, PATH_TERMS
+    from tolerances import network_error
+
+    from grpo.engine.inputs import image_inputs_for_rows, mrope_position_ids
+    from grpo.engine.rollout import sample_rollouts
+
+    G = 3
+    batch = _vision_batch(MIXED_SIZES, seed=11)
+    B = batch["input_ids"].shape[0]
+    assert (batch["attention_mask"] == 0).any(dim=1).sum() == B - 1  # all but one row left padded
+    rows = torch.arange(B * G)  # [R] row r continues prompt r // G
+    image_tokens = torch.zeros(4 + 2 + 6 + 3 + 1, 1)  # [N, 1] stand-in features: only the grid rows matter here
+    _, rows_grid = image_inputs_for_rows(image_tokens, batch["image_grid_thw"], MIXED_IMAGES, G, rows, MERGE)  # [I_R, 3]
+    positions, next_position = mrope_position_ids(
+        batch["input_ids"].repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0), rows_grid,
+        image_token_id=IMAGE_PAD, spatial_merge_size=MERGE,
+    )  # [3, R, P], [R]
+
+    options = dict(max_new_tokens=5, eos_token_ids=[EOS], pad_token_id=PAD, temperature=0.0, decode="dynamic")
+    together = sample_rollouts(model64, batch, group_size=G, **options)
+    completion_ids = torch.randint(0, 280, (B * G, 6), generator=torch.Generator().manual_seed(12))  # [R, T]
+    completion_ids[1, 3], completion_ids[1, 4:] = EOS, PAD  # one copy ends early
+    scored = {
+        shared: _generation_batch(model64, batch, MIXED_IMAGES, completion_ids, G, shared).logprobs(
+            model64, rows, reuse_rollout_images=False
+        )  # [R, T]
+        for shared in (True, False)
+    }
+    for b in range(B):
+        alone = _prompt_alone(batch, MIXED_IMAGES, b)
+        alone_positions, alone_next = mrope_position_ids(
+            alone["input_ids"], None, alone["image_grid_thw"], image_token_id=IMAGE_PAD, spatial_merge_size=MERGE
+        )  # [3, 1, n], [1]
+        alone_rollout = sample_rollouts(model64, alone, group_size=1, **options)
+        alone_scored = _generation_batch(model64, alone, [MIXED_IMAGES[b]], completion_ids[b * G : (b + 1) * G], G, False)
+        alone_logprobs = alone_scored.logprobs(model64, torch.arange(G), reuse_rollout_images=False)  # [G, T_b]
+        atol = network_error(PATH_TERMS, alone_logprobs.abs().max().item())
+        for r in range(b * G, (b + 1) * G):
+            real = batch["attention_mask"][b].bool()  # [P]
+            assert torch.equal(positions[:, r, real], alone_positions[:, 0]), (b, r)
+            assert next_position[r] == alone_next[0]
+            assert torch.equal(together.completion_ids[r], alone_rollout.completion_ids[0]), (b, r)
+            torch.testing.assert_close(together.sampler_logprobs[r], alone_rollout.sampler_logprobs[0], atol=atol, rtol=0)
+            for shared, logprobs in scored.items():
+                width = alone_logprobs.shape[1]
+                torch.testing.assert_close(logprobs[r, :width], alone_logprobs[r - b * G], atol=atol, rtol=0, msg=f"shared={shared} row {r}")
+
+
+# Prompts whose images have the SAME number of tokens but other grids: 4x6 and 6x4 patches (2x3
+# and 3x2 merged: 6 tokens each), 2x4 and 4x2 (2 each). A row given another prompt's grid raises
+# nothing (the token counts agree); only its 3-D positions, and so its log-probs, go wrong.
+TRANSPOSED_GRIDS = [[4, (1, 4, 6), 3], [2, (1, 6, 4), 6], [5, (1, 2, 4), 1, (1, 4, 2), 2], [1, (1, 4, 2), 4, (1, 2, 4), 1]]
+TRANSPOSED_IMAGES = [1, 1, 2, 2]
+
+
+@torch.no_grad()
+def test_each_completion_is_scored_with_its_own_prompts_image_grid(model64):
+    """ms-swift #9287: completions were scored with the image_grid_thw rows of other samples of the
+    batch; with equal token counts nothing fails, the positions (and log-probs) are just wrong.
+
+    Every completion's log-probs, in micro-batches that mix prompts in any order, under every
+    path of GenerationBatch.logprobs (shared prompt or not, the rollout's image features or the
+    vision tower re-run), equal the plain HF forward of that one prompt + completion with its own
+    pixel_values and image_grid_thw (HF computes the positions itself: an independent oracle).
+    """
+    from test_forward import EOS, MERGE, PAD, PATH_TERMS
+    from tolerances import network_error
+
+    from grpo.engine.rollout import completion_mask
+
+    G = 2
+    batch = _vision_batch(TRANSPOSED_GRIDS, seed=21)
+    B = batch["input_ids"].shape[0]
+    completion_ids = torch.randint(0, 280, (B * G, 5), generator=torch.Generator().manual_seed(22))  # [R, T]
+    completion_ids[6, 2], completion_ids[6, 3:] = EOS, PAD  # one row ends early
+    mask = completion_mask(completion_ids, [EOS])[0]  # [R, T]
+
+    expected = torch.zeros(B * G, completion_ids.shape[1], dtype=torch.float64)  # [R, T]
+    for r in range(B * G):
+        alone = _prompt_alone(batch, TRANSPOSED_IMAGES, r // G)
+        input_ids = torch.cat([alone["input_ids"], completion_ids[r : r + 1]], 1)  # [1, n+T]
+        model64.model.rope_deltas = None  # the HF forward caches this between calls
+        logits = model64(
+            input_ids=input_ids, attention_mask=torch.cat([alone["attention_mask"], mask[r : r + 1].long()], 1),
+            mm_token_type_ids=torch.cat([alone["mm_token_type_ids"], torch.zeros_like(completion_ids[r : r + 1])], 1),
+            pixel_values=alone["pixel_values"], image_grid_thw=alone["image_grid_thw"],
+        ).logits[:, alone["input_ids"].shape[1] - 1 : -1]  # [1, T, V]
+        expected[r] = torch.log_softmax(logits, -1).gather(-1, completion_ids[r, None, :, None]).squeeze(-1)[0]
+    atol = network_error(PATH_TERMS, expected.abs().max().item())
+
+    micro_batches = [[7, 0, 5], [2, 6], [3, 1, 4]]  # prompts 3, 0, 2 / 1, 3 / 1, 0, 2: out of order
+    for shared in (True, False):
+        generation = _generation_batch(model64, batch, TRANSPOSED_IMAGES, completion_ids, G, shared)
+        for reuse in (True, False):
+            for rows in micro_batches:
+                logprobs = generation.logprobs(model64, torch.tensor(rows), reuse_rollout_images=reuse)  # [R_m, T_m]
+                width = logprobs.shape[1]
+                got = logprobs * mask[rows, :width]  # [R_m, T_m] padding out
+                want = expected[rows, :width] * mask[rows, :width]  # [R_m, T_m]
+                torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=f"shared={shared} reuse={reuse} rows={rows}")
