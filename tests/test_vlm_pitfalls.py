@@ -21,6 +21,7 @@ import types
 
 import pytest
 import torch
+from conftest import read_metrics
 from tolerances import U32
 
 from grpo.kl import KL_ESTIMATORS, LOG_RATIO_MAX
@@ -72,6 +73,89 @@ def test_an_empty_or_blank_answer_never_earns_accuracy_reward(monkeypatch):
     total, per_function = compute_rewards(functions, None, BLANK_ANSWERS, ["0"] * len(BLANK_ANSWERS))
     assert total.tolist() == [0.0] * len(BLANK_ANSWERS)
     assert per_function.tolist() == [[0.0, 0.0]] * len(BLANK_ANSWERS)
+
+
+# --- 2. a prompt --max_prompt_length would cut inside its image is skipped and counted ---
+
+
+def _png(size: int, color: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_prompt_cut_inside_its_image_tokens_is_skipped_and_counted_never_fed(tmp_path, train_run, monkeypatch):
+    """TRL #3847, #4488: max_prompt_length truncated the prompt's tokens but not its image, so the
+    image features no longer matched the image tokens left (an error at best; at worst features
+    shifted onto the wrong tokens). Here a prompt over --max_prompt_length is never cut: it is
+    skipped before training and counted in `skipped_long_prompts` (--long_prompts error refuses
+    the run instead: tests/test_faults.py).
+
+    Images of two sizes (16 and 64 image tokens under --max_pixels 224*224) and a limit that ends
+    inside the large images' tokens: every batch the trainer collates holds only the short
+    prompts, whole, each row's image tokens equal to its own image's grid.
+    """
+    import datasets
+
+    from data.collators import GRPOCollator
+    from data.prompts import SYSTEM_PROMPT
+    from data.sources import load_examples
+    from grpo.engine.inputs import count_images_per_prompt, tokens_per_image
+    from models.loading import load_policy, set_pixel_budget
+
+    max_pixels, rows = 224 * 224, 8
+    sizes = [112 if i % 2 == 0 else 224 for i in range(rows)]  # 8x8 and 16x16 patches
+    columns = {
+        "image": [{"bytes": _png(size, "red"), "path": None} for size in sizes],
+        "problem": [f"How many objects are there in the image? ({i})" for i in range(rows)],
+        "solution": [str(i % 5 + 1) for i in range(rows)],
+    }
+    features = {"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")}
+    source = str(tmp_path / "data")
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(source)
+
+    # Where the image tokens sit in each prompt, as the trainer's collator makes it.
+    _, processor = load_policy("tiny")
+    set_pixel_budget(processor, max_pixels=max_pixels)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    merge = processor.image_processor.merge_size
+    examples, _ = load_examples(source, max_pixels=max_pixels)
+    collator = GRPOCollator(processor, system_prompt=SYSTEM_PROMPT)
+    spans = {}  # size -> (prompt length, first image token, last image token)
+    for i, size in enumerate(sizes):
+        ids = collator([examples[i]])["input_ids"][0]  # [P]
+        image_positions = (ids == image_token_id).nonzero().flatten()
+        spans[size] = (len(ids), int(image_positions[0]), int(image_positions[-1]))
+    limit = spans[112][0]  # the short prompts fit exactly...
+    assert spans[224][1] < limit < spans[224][2]  # ...and the long ones would be cut inside their image
+
+    fed = []
+    collate = GRPOCollator.__call__
+
+    def spy(self, batch_examples):
+        batch = collate(self, batch_examples)
+        fed.append(batch)
+        return batch
+
+    monkeypatch.setattr(GRPOCollator, "__call__", spy)
+    out = train_run(
+        tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--max_pixels", str(max_pixels),
+        "--max_prompt_length", str(limit), "--max_steps", "2",
+    )  # fmt: skip
+    assert [record["skipped_long_prompts"] for record in read_metrics(out)] == [4, 4]
+    assert len(fed) >= 2  # (one batch per step at least)
+    for batch in fed:
+        assert (batch["attention_mask"].sum(dim=1) <= limit).all()
+        assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * len(batch["answers"])  # only small images
+        grid = batch["image_grid_thw"]
+        assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+        per_row = (batch["input_ids"] == image_token_id).sum(dim=1).tolist()  # image tokens of each row
+        assert per_row == tokens_per_image(grid, merge)  # one image a row, its tokens all there
+        assert count_images_per_prompt(batch["input_ids"], grid, image_token_id=image_token_id, spatial_merge_size=merge) == [1] * len(per_row)
 
 
 # --- 3. log-ratios of +-100 stay finite, and their gradient is the clamped one ---
