@@ -404,3 +404,75 @@ def test_each_completion_is_scored_with_its_own_prompts_image_grid(model64):
                 got = logprobs * mask[rows, :width]  # [R_m, T_m] padding out
                 want = expected[rows, :width] * mask[rows, :width]  # [R_m, T_m]
                 torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=f"shared={shared} reuse={reuse} rows={rows}")
+
+
+# --- 6. the reward functions get each prompt's own columns, on 2 ranks with dynamic sampling ---
+
+
+@pytest.mark.slow
+def test_reward_functions_get_each_prompts_own_columns_on_two_ranks_with_dynamic_sampling(tmp_path):
+    """The reward functions must see, for each completion, the columns of the prompt it answers:
+    its answer, its image's path, and every other column of the data (a reward that checks the
+    answer against the image, or looks up a per-row tolerance, depends on it). Reported again and
+    again for multi-rank runs and for filtered or re-drawn batches, where the columns of one
+    prompt reach the completions of another. Here: `torchrun` with 2 ranks, --dynamic_sampling
+    dropping the groups of half the prompts (so most steps draw extra rounds), a jsonl dataset
+    with relative image paths, images of two sizes and two extra columns.
+
+    Every call of the reward function, on both ranks, in every round: R = B*G rows, prompt i's G
+    completions consecutive; each row's answer, question, image path, image size, source_row and
+    extra columns all those of one and the same dataset row, the one the `uid` column names.
+    (That row i of the completions continues prompt i is the sampler's layout: test 4 above.)
+    """
+    import json
+
+    from conftest import TORCHRUN, run_command, subprocess_env, train_argv
+    from PIL import Image
+
+    rows, G = 12, 2
+    (tmp_path / "img").mkdir()
+    dataset = []
+    for uid in range(rows):
+        size = 56 if uid % 3 == 0 else 112
+        Image.new("RGB", (size, size), ("red", "green", "blue")[uid % 3]).save(tmp_path / "img" / f"{uid}.png")
+        dataset.append({
+            "image": f"img/{uid}.png", "problem": f"How many objects are there? (row {uid})",
+            "solution": f"<answer>{uid % 5 + 1}</answer>", "uid": uid, "level": f"level-{uid % 4}",
+        })  # fmt: skip
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in dataset))
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+
+    out = tmp_path / "run"
+    argv = train_argv(
+        out, "--dataset", str(source), "--val_fraction", "0.0", "--max_steps", "2", "--device", "cpu",
+        "--save_steps", "0", "--num_generations", str(G), "--dynamic_sampling", "--max_generation_rounds", "3",
+        "--reward_functions", "reward_fns:record_columns",
+    )  # fmt: skip
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--standalone", "train.py", *argv]
+    # 900 s: a guard against a hang, not a speed check (alone this takes ~20 s)
+    result = run_command(command, timeout=900, env=subprocess_env(REWARD_COLUMNS_DIR=str(records_dir)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+
+    calls = {rank: [json.loads(line) for line in (records_dir / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)}
+    assert len(calls[0]) == len(calls[1]) >= 2  # the ranks ran the same rounds
+    for rank, rank_calls in calls.items():
+        for call in rank_calls:
+            R = len(call["completions"])
+            assert R == 2 * G  # per_device_prompts 2
+            for name in ("answers", "questions", "image_paths", "image_sizes", "source_row", "uid", "level", "completion_lengths"):
+                assert len(call[name]) == R, (rank, name)
+            for r in range(R):
+                uid = call["uid"][r]
+                assert call["uid"][r - r % G] == uid  # the G completions of a prompt are consecutive
+                row = dataset[uid]
+                got = (call["answers"][r], call["questions"][r], call["image_paths"][r], call["image_sizes"][r],
+                       call["source_row"][r], call["level"][r])  # fmt: skip
+                size = 56 if uid % 3 == 0 else 112
+                assert got == (str(uid % 5 + 1), row["problem"], [row["image"]], [[size, size]], uid, row["level"]), (rank, r)
+    # Each rank draws its own prompts: the ranks' first rounds share none.
+    assert not set(calls[0][0]["uid"]) & set(calls[1][0]["uid"])
+    assert all(r["dynamic/groups_dropped"] > 0 for r in records)  # dynamic sampling dropped the even uids' groups
