@@ -144,10 +144,10 @@ def test_a_prompt_cut_inside_its_image_tokens_is_skipped_and_counted_never_fed(t
     monkeypatch.setattr(GRPOCollator, "__call__", spy)
     out = train_run(
         tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--max_pixels", str(max_pixels),
-        "--max_prompt_length", str(limit), "--max_steps", "2",
+        "--max_prompt_length", str(limit), "--max_steps", "1",
     )  # fmt: skip
-    assert [record["skipped_long_prompts"] for record in read_metrics(out)] == [4, 4]
-    assert len(fed) >= 2  # (one batch per step at least)
+    assert [record["skipped_long_prompts"] for record in read_metrics(out)] == [4]
+    assert fed  # (one batch per step at least)
     for batch in fed:
         assert (batch["attention_mask"].sum(dim=1) <= limit).all()
         assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * len(batch["answers"])  # only small images
@@ -369,7 +369,7 @@ def test_each_completion_is_scored_with_its_own_prompts_image_grid(model64):
     vision tower re-run), equal the plain HF forward of that one prompt + completion with its own
     pixel_values and image_grid_thw (HF computes the positions itself: an independent oracle).
     """
-    from test_forward import EOS, MERGE, PAD, PATH_TERMS
+    from test_forward import EOS, PAD, PATH_TERMS
     from tolerances import network_error
 
     from grpo.engine.rollout import completion_mask
