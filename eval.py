@@ -123,7 +123,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     from data.loading import check_gold_answers, load_eval_dataset
     from grpo.engine.rollout import sample_rollouts
     from grpo.reward_functions import extract_answer
-    from grpo.rewards import resolve_reward_functions
+    from grpo.rewards import example_columns, resolve_reward_functions
     from grpo.runtime.device import resolve_device, seed_everything
     from grpo.runtime.policy import resolve_model_path
     from models.loading import load_policy, resolve_dtype, special_token_ids
@@ -165,9 +165,9 @@ def evaluate(args: EvalArguments, data_args) -> dict:
             )
             outputs = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             answers = [a for a in batch["answers"] for _ in range(k)]
-            questions = [q for q in batch["questions"] for _ in range(k)]
-            correct = accuracy_fn(outputs, answers, questions=questions)
-            formatted = format_fn[0][1](outputs, answers, questions=questions) if format_fn else [0.0] * len(outputs)
+            columns = example_columns(examples, k)  # questions, images, image_paths, every other column
+            correct = accuracy_fn(outputs, answers, **columns)
+            formatted = format_fn[0][1](outputs, answers, **columns) if format_fn else [0.0] * len(outputs)
             for i, example in enumerate(examples):
                 rows = range(i * k, (i + 1) * k)
                 # None (a reward that cannot score the answer, e.g. unparsable) counts as not correct

@@ -1,6 +1,7 @@
 """Dataset sources: everything `load_examples` turns into the example schema.
 
     images: list[PIL.Image]   question: str   answer: str (tags stripped)   thinking: str | None
+    image_paths: list[str | None]  (each image's path as the source gave it; None if bytes only)
 
 Sources (the `source` argument):
     "synthetic", "synthetic-shifted"          built-in counting scenes (data/synthetic.py)
@@ -45,7 +46,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_COLUMNS = ("images", "question", "answer", "thinking")
+SCHEMA_COLUMNS = ("images", "question", "answer", "thinking", "image_paths")
 SOURCE_ROW = "source_row"  # the example's row in the source, before any shuffle or subset
 # Qwen2-VL's smart_resize (transformers) raises for max(h, w) / min(h, w) above this.
 MAX_ASPECT_RATIO = 200
@@ -134,6 +135,15 @@ def _image_bytes(value, image_root: Path | None) -> tuple[bytes | None, Image.Im
     return bytes(value), image
 
 
+def _image_path(value) -> str | None:
+    """The path an image value names, as the source wrote it (reward functions get it), or None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return value.get("path")
+    return getattr(value, "filename", None) or None  # a PIL image opened from a file
+
+
 def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dict:
     """A {"bytes", "path"} dict for datasets' Image feature; re-encodes only when needed."""
     data, image = _image_bytes(value, image_root)
@@ -174,6 +184,7 @@ def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root:
         if thinking is None and "<think>" in str(raw_answer):
             thinking = raw_answer  # some gold fields carry "<think>..</think><answer>..</answer>"
         out["images"].append(images)
+        out["image_paths"].append([_image_path(v) for v in raw_images])
         out["question"].append(str(batch[columns["question"]][i]).strip())
         out["answer"].append(extract_tag(raw_answer, "answer"))
         thinking = None if thinking is None else extract_tag(thinking, "think")
@@ -293,7 +304,7 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
     features = datasets.Features({
         "images": datasets.List(datasets.Image()), "question": datasets.Value("string"),
         "answer": datasets.Value("string"), "thinking": datasets.Value("string"),
-        **{c: raw.features[c] for c in extras},
+        "image_paths": datasets.List(datasets.Value("string")), **{c: raw.features[c] for c in extras},
     })
     convert = functools.partial(_convert_batch, columns=columns, extras=extras, image_root=root,
                                 max_pixels=max_pixels)

@@ -42,7 +42,7 @@ from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.forward import GenerationBatch
 from grpo.engine.rollout import mask_truncated, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
-from grpo.rewards import compute_rewards, resolve_reward_functions
+from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
 from grpo.runtime.distributed import (
     all_gather_object,
     all_reduce_max,
@@ -224,7 +224,7 @@ class RolloutRounds:
         rewards, per_function = compute_rewards(
             self.reward_functions, gargs.reward_weight_values, completions,
             [answer for answer in batch["answers"] for _ in range(G)],
-            questions=[question for question in batch["questions"] for _ in range(G)],
+            **example_columns(examples, G),  # questions, images, image_paths, every other column
             completion_lengths=rollout.completion_mask.sum(1).tolist(),
         )  # [B*G] (NaN: no function scored it), [B*G, F]
         return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)

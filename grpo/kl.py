@@ -37,14 +37,20 @@ Choices:
 
 1. k3 is evaluated as expm1(x) - x: the same function as exp(x) - x - 1, but without rounding
    exp(x) to a float near 1 first, which makes the naive form slightly negative near x = 0.
-2. x is clamped from above at 20 before exp (`LOG_RATIO_MAX`).
-   Why: exp overflows float32 (and bf16, same exponent range) at x ~ 88.7. On real tokens that
-   cannot happen in practice (the policy sampled the token, so log pi_theta is not near -88),
-   but the caller passes whole [R, T] tensors whose padded positions hold log-probs of tokens
-   the model never chose, and there inf * (mask 0) = NaN would poison the loss and the gradient.
-   Cost: for x > 20 (the reference likes the token e^20 ~ 5e8 times more than the policy) the
-   value is capped at k3(20) ~ 4.85e8 and its gradient is 0. Only the upper side is clamped:
-   for x -> -inf, exp(x) -> 0 and k3 ~ -x - 1 stays finite, with a gradient of size < 1.
+2. x is clamped from above at 20 before exp (`LOG_RATIO_MAX`); grpo/loss.py clamps the log of
+   the importance ratio pi_theta / pi_old the same way.
+   Why: exp overflows float32 (and bf16, same exponent range) at x ~ 88.7. Padded positions hold
+   log-probs of tokens the model never chose, where inf * (mask 0) = NaN would poison the loss
+   and the gradient; and real tokens get there too (NeMo-RL #874): a policy that has drifted
+   from the reference, or from pi_old over inner epochs, by ~89 nats on one token. Unclamped, the
+   ratio's backward then multiplies the clip's 0 by exp's inf (NaN), or the unclipped branch of
+   a negative advantage makes the loss inf.
+   Cost: for x > 20 (e^20 ~ 5e8 times more likely under one policy than the other) the value
+   is capped at its value at x = 20 (k3(20) ~ 4.85e8, a ratio of e^20) and its gradient is 0;
+   for the ratio that only matters for A < 0, since for A > 0 a ratio above 1 + eps_high is
+   clipped (gradient 0) anyway. Only the upper side is clamped: for x -> -inf, exp(x) -> 0,
+   k3 ~ -x - 1 stays finite with a gradient of size < 1, and the ratio tends to 0.
+   tests/test_vlm_pitfalls.py works both out at x = +-100.
 
 Run the tests: `python -m pytest tests/test_kl.py -q`.
 """

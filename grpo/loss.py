@@ -29,7 +29,7 @@ Choices, and where the code departs from the paper:
    micro-batches equals the loss of one big batch, value and gradient. (Micro-batches split
    rows, never a completion's tokens, so each 1/|o_i| is computed whole.)
 4. Padded positions (after EOS) are made neutral before any exp(): their log-ratio is set to 0
-   (ratio 1), and `kl_k3` clamps its log-ratio. The mask then multiplies finite numbers only.
+   (ratio 1). Every log-ratio is clamped above at 20 before exp() (ratio and k3, grpo/kl.py 2.).
 5. The KL metric is reported whenever `ref_logprobs` is given, even with beta = 0 (then it is
    a diagnostic and adds nothing to the loss); without a reference it is 0.0. It is the value of
    the chosen estimator (`kl_estimator`, grpo/kl.py: k3 by default).
@@ -61,7 +61,7 @@ import math
 import torch
 from torch import Tensor
 
-from grpo.kl import KL_ESTIMATORS, kl_estimate
+from grpo.kl import KL_ESTIMATORS, LOG_RATIO_MAX, kl_estimate
 from grpo.sampler_correction import SAMPLER_CORRECTIONS, importance_weights, sampler_logprob_gap
 
 AGGREGATIONS = ("sequence", "token", "constant")
@@ -208,7 +208,7 @@ def grpo_loss(
         # GSPO: the mean log-ratio of each completion (a fully masked one: 0 / 1 = 0, ratio 1).
         sequence_log_ratio = log_ratio.sum(dim=1) / tokens_per_completion.clamp(min=1)  # [R]
         log_ratio = sequence_log_ratio.unsqueeze(1).expand_as(log_ratio)  # [R, T]
-    ratio = torch.exp(log_ratio)  # [R, T]
+    ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))  # [R, T] guard: grpo/kl.py, 2.
     if objective == "clip":
         clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [R, T]
         surrogate = torch.min(ratio * A, clipped_ratio * A)  # [R, T]

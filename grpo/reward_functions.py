@@ -15,8 +15,11 @@ my_module:my_reward`):
   text `<think>`, `</think>`, `<answer>`, `</answer>` kept). The G completions of a prompt are
   consecutive.
 - `answers`: the gold answer of each completion's prompt (repeated G times), tags stripped.
-- `columns`: optional extra per-row lists of the same length R (e.g. `questions=[...]`); accept
-  `**columns` so that new columns never break an old function.
+- `columns`: per-row lists of the same length R, each row its own prompt's value (repeated G
+  times, like `answers`): `questions`, `images` (PIL), `image_paths` (as the dataset gave them;
+  None for images given as bytes), `source_row`, every other column of the dataset under its own
+  name, and `completion_lengths` (tokens through the first EOS; grpo.rewards.example_columns).
+  Accept `**columns` so that new columns never break an old function.
 - Returns one finite float per completion, or `None` for a completion the function cannot
   score (e.g. an answer it cannot parse). An unscored value is left out of that function's
   statistics instead of counted as 0; the total is the weighted sum over the functions that did

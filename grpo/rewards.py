@@ -238,3 +238,35 @@ def reward_metrics(per_function: torch.Tensor, rewards: torch.Tensor, names: Seq
     metrics["reward/total/mean"], metrics["reward/total/std"] = _scored_mean_std(rewards)
     metrics["reward/unscored_frac"] = torch.isnan(rewards).float().mean().item()
     return metrics
+
+
+# --- the columns a reward function gets ---
+
+# The example fields that reach a reward function under another name (`questions`, the name the
+# contract has always used), or not as a column (`answer`: the positional `answers`).
+_COLUMN_NAMES = {"question": "questions", "answer": None}
+# Arguments of the call itself: a dataset column of this name cannot be passed as well.
+_CALL_ARGUMENTS = ("completions", "answers", "completion_lengths")
+
+
+def example_columns(examples: Sequence[dict], group_size: int) -> dict[str, list]:
+    """Every column of `examples` as a per-completion list: example i repeated G times, in order.
+
+    The G completions of prompt i are rows i*G .. i*G + G - 1 (as the sampler lays them out), so
+    each row gets its own prompt's values: `questions`, `images`, `image_paths` (where each image
+    was read from; None for an image given as bytes), `source_row`, and every other column of
+    the data under its own name (as TRL passes them). Only `answer` is left out: it is the call's
+    `answers`. A column named like an argument of the call is a clear error (rename it).
+    """
+    columns: dict[str, list] = {}
+    for field in examples[0] if examples else ():
+        name = _COLUMN_NAMES.get(field, field)
+        if name is None:
+            continue
+        if name in _CALL_ARGUMENTS or name in columns:
+            raise ValueError(
+                f"the dataset column {field!r} would reach the reward functions as {name!r}, which "
+                f"is already an argument of theirs; rename the column in the dataset"
+            )
+        columns[name] = [example[field] for example in examples for _ in range(group_size)]
+    return columns

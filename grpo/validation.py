@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo.rewards import example_columns
 from grpo.runtime.distributed import all_reduce_sum
 
 
@@ -36,7 +37,7 @@ def greedy_accuracy(model, dataset, collator, reward_function, *, tokens, device
             pad_token_id=tokens.pad_token_id, temperature=0.0,
         )
         completions = collator.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = reward_function(completions, batch["answers"], questions=batch["questions"])
+        scores = reward_function(completions, batch["answers"], **example_columns(examples, 1))
         correct += sum(1.0 for score in scores if score is not None and score > 0)
     model.train(was_training)
     total = all_reduce_sum(float(len(rows)))

@@ -74,3 +74,19 @@ def coarse_length_reward(completions, answers, **columns):
 def unscored_sometimes(completions, answers, **columns):
     """length_reward, or None (cannot score) for a completion whose length is a multiple of 3."""
     return [None if len(text) % 3 == 0 else min(len(text), 64) / 64 for text in completions]
+
+
+def record_columns(completions, answers, **columns):
+    """Appends what it was given (one JSON line per call) to $REWARD_COLUMNS_DIR/rank{RANK}.jsonl
+    (images as their sizes), for tests/test_vlm_pitfalls.py. Pays length_reward to the prompts of
+    odd `uid` and a constant 0.5 to the others, whose groups dynamic sampling then drops."""
+    import json
+    from pathlib import Path
+
+    record = {"completions": completions, "answers": answers}
+    record.update({name: values for name, values in columns.items() if name != "images"})
+    record["image_sizes"] = [[list(image.size) for image in images] for images in columns["images"]]
+    path = Path(os.environ["REWARD_COLUMNS_DIR"]) / f"rank{os.environ.get('RANK', '0')}.jsonl"
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+    return [min(len(text), 64) / 64 if uid % 2 else 0.5 for text, uid in zip(completions, columns["uid"], strict=True)]

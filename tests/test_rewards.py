@@ -359,3 +359,23 @@ def test_overlong_is_resolved_with_its_settings_and_weighted_like_the_others():
     assert metrics["reward/overlong/mean"] == -0.75
     with pytest.raises(ValueError, match="overlong: needs the settings"):
         resolve_reward_functions(["overlong"])
+
+
+def test_example_columns_repeat_each_prompts_columns_for_its_completions():
+    from grpo.rewards import example_columns
+
+    examples = [
+        {"images": ["img0"], "question": "q0", "answer": "1", "image_paths": ["a.png"], "level": 3},
+        {"images": ["img1"], "question": "q1", "answer": "2", "image_paths": [None], "level": 5},
+    ]
+    # G = 2: rows 0, 1 answer prompt 0, rows 2, 3 prompt 1; `answer` is the call's `answers`.
+    assert example_columns(examples, 2) == {
+        "images": [["img0"], ["img0"], ["img1"], ["img1"]],
+        "questions": ["q0", "q0", "q1", "q1"],
+        "image_paths": [["a.png"], ["a.png"], [None], [None]],
+        "level": [3, 3, 5, 5],
+    }
+    with pytest.raises(ValueError, match="dataset column 'completions' .* rename the column"):
+        example_columns([{"question": "q", "answer": "1", "completions": "x"}], 2)
+    with pytest.raises(ValueError, match="dataset column 'questions' would reach the reward functions as 'questions'"):
+        example_columns([{"question": "q", "answer": "1", "questions": "x"}], 1)
