@@ -24,11 +24,14 @@ import json
 import math
 import sys
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import yaml
 from transformers import HfArgumentParser
 
+from data.prompts import SYSTEM_PROMPT
+from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
 from grpo.kl import KL_ESTIMATORS
@@ -152,8 +155,6 @@ class DataArguments:
     def system_prompt_text(self) -> str | None:
         """The system prompt to use: the R1 prompt of the blog post and the TRL recipe by default, none when given ''."""
         if self.system_prompt is None:
-            from data.prompts import SYSTEM_PROMPT
-
             return SYSTEM_PROMPT
         return self.system_prompt or None
 
@@ -165,8 +166,6 @@ class DataArguments:
             raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
-        from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
-
         if self.synthetic_layout not in LAYOUTS:
             raise ConfigError(f"--synthetic_layout {self.synthetic_layout!r}: use one of {', '.join(LAYOUTS)}")
         if self.synthetic_layout == "grid" and self.count_max > GRID_CELLS**2:
@@ -609,8 +608,6 @@ class Config:
     sft: SFTArguments
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {group: asdict(getattr(self, group)) for group in ("model", "data", "train", "grpo", "sft")}
 
 
@@ -622,8 +619,6 @@ def _read_config_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: cannot read it ({error})") from None
     if path.endswith((".yaml", ".yml")):
-        import yaml
-
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:

@@ -35,7 +35,9 @@ import time
 
 import torch
 
+from data.collators import GRPOCollator
 from data.index_stream import IndexStream
+from data.loading import load_prompt_dataset
 from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import sample_generation_batch
@@ -164,9 +166,6 @@ class RolloutRounds:
     """
 
     def __init__(self, config: Config, run: TrainingRun):
-        from data.collators import GRPOCollator
-        from data.loading import load_prompt_dataset
-
         targs, gargs, rank = config.train, config.grpo, run.dist.rank
         self.model, self.processor, self.tokens, self.device = run.policy.model, run.policy.processor, run.policy.tokens, run.dist.device
         self.gargs = gargs
