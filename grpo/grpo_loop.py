@@ -2,20 +2,11 @@
 
     torchrun --nproc_per_node 2 train.py --stage grpo --init_from runs/sft --max_steps 100
 
-One generation batch, per rank (B prompts, G completions each), and the file each step opens:
-
-    1. rollout: sample G completions per prompt, the completion mask    grpo/engine/rollout.py
-    2. rewards: decode, score with each reward function, weighted sum r  grpo/rewards.py
-    3. advantages: A = z-score of r within each group of G               grpo/advantages.py
-    4. old logprobs (only when num_iterations > 1; from the sampler with --old_logprobs_from_sampler)
-       and reference logprobs (only when beta > 0): GenerationBatch.logprobs, no grad
-                                                                         grpo/engine/forward.py,
-                                                                         grpo/logprobs.py
-    5. for each of num_iterations inner epochs, for each of steps_per_generation mini-batches:
-         accumulate the GRPO loss over micro-batches                     grpo/loss.py, grpo/kl.py
-         average gradients over ranks, clip the gradient norm, AdamW     grpo/runtime/run.py
-
-(docs/architecture.md, "One GRPO step, file by file").
+The production loop: the algorithm of grpo/minimal.py with every rank, option and checkpoint
+around it. `train_grpo` comes first and reads as the algorithm, one banner section per step (rollout,
+rewards and advantages, old and reference logprobs, policy update, checkpoint); its helpers follow
+in the order it calls them. Where to start reading: README.md, "Where to start"; the files one
+step crosses: docs/architecture.md, "One GRPO step, file by file".
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
