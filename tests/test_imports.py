@@ -125,6 +125,17 @@ def test_the_cycle_finder_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_the_import_reader_tells_top_from_late(tmp_path):
+    source = tmp_path / "example.py"
+    source.write_text(
+        "import os\nfrom grpo.runtime import checkpoint\n\n\ndef f():\n    from grpo.loss import grpo_loss\n\n\n"
+        "if __name__ == '__main__':\n    import models.tiny\n"
+    )
+    assert list(_imports(source)) == [
+        ("os", 1, True), ("grpo.runtime.checkpoint", 2, True), ("grpo.loss", 6, False), ("models.tiny", 10, False),
+    ]  # fmt: skip
+
+
 def test_project_imports_are_at_the_top_of_each_file():
     late, used = [], set()
     for path in FILES.values():
