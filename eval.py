@@ -27,6 +27,18 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from data.collators import GRPOCollator
+from data.loading import check_gold_answers, load_eval_dataset
+from grpo.config import ConfigError, DataArguments
+from grpo.engine.rollout import sample_rollouts
+from grpo.reward_functions import extract_answer
+from grpo.rewards import example_columns, resolve_reward_functions
+from grpo.runtime.device import resolve_device, seed_everything
+from grpo.runtime.start_checks import check_model_source, check_reward_specs, check_writable
+from grpo.runtime.starting_point import resolve_model_path
+from models.loading import load_policy, resolve_dtype, special_token_ids
 
 
 def _help(text, **kwargs):
@@ -119,15 +131,6 @@ def clustered_wilson_interval(correct_per_prompt: list[int], k: int, z: float = 
 
 @torch.no_grad()
 def evaluate(args: EvalArguments, data_args) -> dict:
-    from data.collators import GRPOCollator
-    from data.loading import check_gold_answers, load_eval_dataset
-    from grpo.engine.rollout import sample_rollouts
-    from grpo.reward_functions import extract_answer
-    from grpo.rewards import example_columns, resolve_reward_functions
-    from grpo.runtime.device import resolve_device, seed_everything
-    from grpo.runtime.policy import resolve_model_path
-    from models.loading import load_policy, resolve_dtype, special_token_ids
-
     seed_everything(args.seed)
     device = resolve_device(args.device)
     source = resolve_model_path(args.model)
@@ -221,15 +224,9 @@ def evaluate(args: EvalArguments, data_args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
-
-    from grpo.config import ConfigError, DataArguments
-
     parser = HfArgumentParser((EvalArguments, DataArguments))
     try:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        from grpo.runtime.start_checks import check_model_source, check_reward_specs, check_writable
-
         check_model_source("--model", args.model)
         check_reward_specs("--accuracy_reward", [args.accuracy_reward])
         if args.format_reward:

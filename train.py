@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import sys
 
+from grpo.config import ConfigError, parse_config
+from grpo.grpo_loop import train_grpo
+from grpo.runtime.start_checks import check_before_loading
+from grpo.sft_loop import train_sft
+
 
 def main(argv: list[str] | None = None) -> dict:
-    from grpo.config import ConfigError, parse_config
-    from grpo.runtime.start_checks import check_before_loading
-
     try:
         config = parse_config(argv)
         check_before_loading(config)  # reward functions, model path, output folder: before loading
@@ -26,11 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"train.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if config.train.stage == "sft":
-        from grpo.sft_loop import train_sft
-
         return train_sft(config)
-    from grpo.grpo_loop import train_grpo
-
     return train_grpo(config)
 
 

@@ -23,9 +23,15 @@ Run the tests:  python -m pytest tests/test_data_collators.py -q
 
 from __future__ import annotations
 
+import io
+
+import datasets
 import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from data.prompts import SYSTEM_PROMPT, build_messages
+from data.sources import describe_row
 
 IGNORE_INDEX = -100  # label value the cross-entropy ignores
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
@@ -51,8 +57,6 @@ def _process(processor, texts: list[str], examples: list[dict], padding_side: st
         return processor(text=texts, images=flat_images or None, padding=True,
                          padding_side=padding_side, return_tensors="pt")
     except Exception as error:
-        from data.sources import describe_row
-
         for text, example in zip(texts, examples, strict=True):
             try:
                 processor(text=[text], images=_images(example) or None, return_tensors="pt")
@@ -101,10 +105,6 @@ def filter_long_prompts(dataset, processor, max_prompt_length: int,
 
 def _image_size(value) -> tuple[int, int]:
     """(width, height) of a stored image, from its header only (no pixel decoding)."""
-    import io
-
-    from PIL import Image
-
     if isinstance(value, Image.Image):
         return value.size
     data, path = value.get("bytes"), value.get("path")
@@ -114,8 +114,6 @@ def _image_size(value) -> tuple[int, int]:
 
 def _image_tokens(image_processor, width: int, height: int) -> int:
     """Merged image tokens the Qwen2.5-VL processor makes of a width x height image."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     patch, merge = image_processor.patch_size, image_processor.merge_size
     resized_height, resized_width = smart_resize(
         height, width, factor=patch * merge,
@@ -128,8 +126,6 @@ def longest_example(dataset, processor, system_prompt: str | None = SYSTEM_PROMP
     """(index, tokens) of the dataset's longest prompt (with `target_text(example)`, of the longest
     prompt + target), as the collators would make it, without running the image processor on
     every row: text tokens from the tokenizer, image tokens from each image's header size."""
-    import datasets
-
     tokenizer = processor.tokenizer
     images = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))["images"]
     rows = dataset.remove_columns(["images"]).to_list()

@@ -15,7 +15,12 @@ import json
 import warnings
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet
+
+from data.collators import filter_long_prompts
 from data.sources import load_examples, train_val_split
+from grpo.reward_functions import parse_choice, parse_integer
 
 SYNTHETIC = ("synthetic", "synthetic-shifted")
 
@@ -25,8 +30,6 @@ def _has_no_rows(path: Path) -> bool:
         with open(path, "rb") as file:  # up to the first non-blank byte, not the whole file
             return not any(chunk.strip() for chunk in iter(lambda: file.read(1 << 16), b""))
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet
-
         return pyarrow.parquet.read_metadata(path).num_rows == 0
     if (path / "state.json").is_file():  # save_to_disk of a Dataset: no data files means no rows
         return not json.loads((path / "state.json").read_text()).get("_data_files")
@@ -106,7 +109,6 @@ def quiet_unless_main(is_main: bool):
     if is_main:
         yield
         return
-    import datasets
 
     bars_were_on, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -134,8 +136,6 @@ def _load_prompt_dataset(config, processor, *, is_main: bool):
         max_pixels=config.model.max_pixels,
     )
     if data_args.max_prompt_length is not None:
-        from data.collators import filter_long_prompts
-
         before = len(dataset)
         dataset, skipped = filter_long_prompts(
             dataset, processor, data_args.max_prompt_length, system_prompt=data_args.system_prompt_text
@@ -163,8 +163,6 @@ def check_gold_answers(dataset, reward_names: list[str], dataset_name: str = "")
     count_accuracy and choice_accuracy raise on such an answer, but only at the step that first
     samples its prompt (hours into a run); reading the answer column up front is cheap.
     """
-    from grpo.reward_functions import parse_choice, parse_integer
-
     parsers = {"count_accuracy": ("an integer", parse_integer), "choice_accuracy": ("an option letter A-E", parse_choice)}
     answers = None
     for name in reward_names:

@@ -44,6 +44,8 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from data.synthetic import make_counting_dataset
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_COLUMNS = ("images", "question", "answer", "thinking", "image_paths")
@@ -223,8 +225,6 @@ def _read_source(source, split: str, seed: int, num_examples: int | None,
     if isinstance(source, datasets.Dataset):
         return source, None
     if source in ("synthetic", "synthetic-shifted"):
-        from data.synthetic import make_counting_dataset
-
         offset = SYNTHETIC_SPLIT_SEED_OFFSET.get(split)
         if offset is None:
             raise ValueError(f"synthetic splits are {list(SYNTHETIC_SPLIT_SEED_OFFSET)}, got {split!r}")

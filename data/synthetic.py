@@ -40,6 +40,7 @@ import io
 import json
 import math
 import random
+import textwrap
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -394,11 +395,9 @@ def make_counting_dataset(num_examples: int, seed: int = 0, *, shifted: bool = F
 
 def save_preview(path: str, per_row: int = 4, seed: int = 0, layout: str = "scatter") -> None:
     """A grid: in-distribution scenes on the top row, shifted scenes below, with Q and A."""
-    import textwrap
-
-    import matplotlib
+    import matplotlib  # optional: pip install .[plot]
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: pip install .[plot]
 
     fig, axes = plt.subplots(2, per_row, figsize=(2.3 * per_row, 6.0))
     for row, shifted in enumerate((False, True)):

@@ -17,17 +17,16 @@ The objective (DeepSeekMath, arXiv 2402.03300, eq. 3), maximised; the code minim
                    min( ratio_it * A_i, clip(ratio_it, 1 - eps_low, 1 + eps_high) * A_i )
                    - beta * KL_it ) ]
 
-    ratio_it = exp( log pi_theta(o_it) - log pi_old(o_it) )     grpo.loss.grpo_loss
-    A_i      = (r_i - mean(r)) / (std(r) + eps)  over the group  grpo.advantages.group_advantages
-    KL_it    = exp(x) - x - 1, x = log pi_ref(o_it) - log pi_theta(o_it)   grpo.kl.kl_k3
-    log pi(o_it)  from the logits, chunked                        grpo.logprobs.token_logprobs
-    the tokens t = 1..|o_i|: through the first EOS                grpo.engine.rollout.completion_mask
+    ratio_it = exp( log pi_theta(o_it) - log pi_old(o_it) )
+    A_i      = (r_i - mean(r)) / (std(r) + eps)  over the group of G
+    KL_it    = exp(x) - x - 1, x = log pi_ref(o_it) - log pi_theta(o_it)   (k3)
+    t        = 1..|o_i|: the tokens through the first EOS
 
-The 1/|o_i| then 1/G averaging is one of three aggregations ("sequence", "token", "constant");
-see grpo/loss.py and docs/grpo.md.
+Where to start reading, and where each term is computed: README.md, "Where to start" (the one-file
+grpo/minimal.py, then docs/grpo.md term by term, then grpo/grpo_loop.py).
 
 Only the pure math (tensors in, tensors and metrics out) is imported here; the model-facing
-modules (forward, rollout with its completion mask, loops) are imported from their own files.
+modules (forward, rollout, loops) are imported from their own files.
 """
 
 from __future__ import annotations

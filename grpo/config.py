@@ -4,7 +4,7 @@ Every knob is a dataclass field with its help text. Checks that involve one data
 `__post_init__`; checks that span several (the generation batch against the micro-batch, the stage
 against the checkpoint) live in `validate`. Every error names the flag and says what to change.
 
-    python train.py --help                       # every flag, grouped
+    python train.py --help                       # every flag, in tiers (HELP_TIERS)
     python train.py --config run.yaml --beta 0   # a YAML/JSON file, CLI flags override it
 
 Counting conventions (GRPO stage), per rank:
@@ -24,9 +24,14 @@ import json
 import math
 import sys
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import yaml
+from transformers import HfArgumentParser
+
+from data.prompts import SYSTEM_PROMPT
+from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
 from grpo.kl import KL_ESTIMATORS
@@ -150,8 +155,6 @@ class DataArguments:
     def system_prompt_text(self) -> str | None:
         """The system prompt to use: the R1 prompt of the blog post and the TRL recipe by default, none when given ''."""
         if self.system_prompt is None:
-            from data.prompts import SYSTEM_PROMPT
-
             return SYSTEM_PROMPT
         return self.system_prompt or None
 
@@ -163,8 +166,6 @@ class DataArguments:
             raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
-        from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
-
         if self.synthetic_layout not in LAYOUTS:
             raise ConfigError(f"--synthetic_layout {self.synthetic_layout!r}: use one of {', '.join(LAYOUTS)}")
         if self.synthetic_layout == "grid" and self.count_max > GRID_CELLS**2:
@@ -543,6 +544,58 @@ class SFTArguments:
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments, GRPOArguments, SFTArguments)
 
+# `python train.py --help` in tiers, each flag in exactly one (tests/test_config.py holds them to the
+# dataclasses): first the hyper-parameters a minimal GRPO has (grpo/minimal.py), then the options
+# that change the objective, then how fast and on what it runs, then the run around it.
+HELP_TIERS = (
+    ("GRPO: the minimal loop's hyper-parameters", "The flags of grpo/minimal.py: what Algorithm 1 of the paper needs.", (
+        "per_device_prompts", "num_generations", "max_completion_length", "temperature", "reward_functions",
+        "reward_weights", "num_iterations", "epsilon", "beta", "learning_rate", "max_steps",
+    )),
+    ("GRPO objective and optimizer options", "Variants of the objective (DAPO, Dr. GRPO, GSPO, CISPO, ...), sampling and the optimizer; docs/grpo.md.", (
+        "steps_per_generation", "top_p", "top_k", "epsilon_high", "loss_aggregation", "loss_type",
+        "importance_sampling_level", "objective", "kl_estimator", "advantage_scale", "mask_truncated_completions",
+        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "dynamic_sampling",
+        "max_generation_rounds", "overlong_buffer_length", "top_entropy_quantile", "lr_scheduler", "warmup_steps",
+        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    )),
+    ("engine and speed", "Same objective, other memory and speed: precision, batching, the sampler's decode loop, ranks.", (
+        "dtype", "attn_implementation", "gradient_checkpointing", "micro_batch_size", "decode", "shared_prompt_forward",
+        "reuse_frozen_image_features", "device", "fsdp", "skip_preflight",
+    )),
+    ("run, model and data", "Which model trains (and which of its weights), on which data, and where the run writes.", (
+        "config", "stage", "model", "init_from", "freeze_policy", "num_trainable_layers", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_targets", "dataset", "split", "val_fraction", "num_examples", "image_column",
+        "question_column", "answer_column", "thinking_column", "image_root", "question_kinds", "count_min",
+        "count_max", "image_size", "synthetic_trace", "synthetic_layout", "demonstrator_misses", "max_pixels",
+        "min_pixels", "max_prompt_length", "long_prompts", "system_prompt", "output_dir", "seed", "logging_steps",
+        "sample_log_steps", "report_to", "save_steps", "save_total_limit", "resume", "overwrite_output_dir",
+        "max_nonfinite_steps", "progress_bar",
+    )),
+    ("the SFT stage (--stage sft)", "The supervised warm-up's batch, evaluation and early stopping.", (
+        "per_device_batch_size", "gradient_accumulation_steps", "eval_steps", "max_eval_examples",
+        "eval_accuracy_reward", "early_stopping_patience", "early_stopping_min_delta",
+    )),
+)  # fmt: skip
+_TIER_OF_FLAG = {name: title for title, _, names in HELP_TIERS for name in names}
+
+
+class _TieredParser(HfArgumentParser):
+    """HfArgumentParser whose --help lists the flags by HELP_TIERS (argparse argument groups).
+
+    HfArgumentParser adds each dataclass field through `add_argument`; this routes the flag (and a
+    boolean's `--no_` twin, which shares its dest) into its tier's group. Parsing is unchanged: the
+    groups only order the help.
+    """
+
+    def add_argument(self, *names, **kwargs):
+        tier = _TIER_OF_FLAG.get(kwargs.get("dest") or names[0].lstrip("-"))
+        if tier is None:  # -h/--help (a flag without a tier fails tests/test_config.py)
+            return super().add_argument(*names, **kwargs)
+        if not hasattr(self, "_tiers"):  # the first flag: the groups, in tier order
+            self._tiers = {title: self.add_argument_group(title, about) for title, about, _ in HELP_TIERS}
+        return self._tiers[tier].add_argument(*names, **kwargs)
+
 
 @dataclass
 class Config:
@@ -555,8 +608,6 @@ class Config:
     sft: SFTArguments
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {group: asdict(getattr(self, group)) for group in ("model", "data", "train", "grpo", "sft")}
 
 
@@ -568,8 +619,6 @@ def _read_config_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: cannot read it ({error})") from None
     if path.endswith((".yaml", ".yml")):
-        import yaml
-
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
@@ -631,13 +680,20 @@ def _file_value(path: str, name: str, value, annotation: str):
     raise ConfigError(f"--config {path}: {name}: expected a string, got {_describe(value)}")
 
 
+def build_parser() -> HfArgumentParser:
+    """The command line of train.py: every dataclass field a flag, --help in HELP_TIERS."""
+    parser = _TieredParser(ALL_ARGUMENTS, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]  (--help: the flags, by tier)")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of flag values; CLI flags override it.")
+    for _, _, names in HELP_TIERS:  # within a tier, HELP_TIERS' order rather than the dataclasses'
+        group = parser._tiers[_TIER_OF_FLAG[names[0]]]
+        group._group_actions.sort(key=lambda action: names.index(action.dest))  # argparse keeps a group's flags here
+    return parser
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse CLI flags (and an optional --config YAML/JSON file that CLI flags override)."""
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ALL_ARGUMENTS)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of flag values; CLI flags override it.")
+    parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         values = _read_config_file(known.config)

@@ -37,28 +37,14 @@ Run the tests: `python -m pytest tests/test_dynamic_sampling.py -q`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from grpo.advantages import zero_spread_groups
 from grpo.engine.inputs import image_ranges, tokens_per_image
-from grpo.engine.rollout import Rollout, completion_mask
+from grpo.engine.rollout import Rollout, SampledGroups, completion_mask
 from grpo.runtime.distributed import all_reduce_sum
-
-
-@dataclass
-class SampledGroups:
-    """One round's B prompts, their B*G completions and their rewards (or the merged batch)."""
-
-    examples: list[dict]
-    batch: dict  # the collator's output for `examples` (CPU)
-    batch_on_device: dict  # its tensors on the device
-    rollout: Rollout
-    completions: list[str]  # [B*G] decoded
-    rewards: Tensor  # [B*G] NaN = unscored
-    per_function: Tensor  # [B*G, F]
 
 
 def select_groups(is_zero_spread: list[Tensor], needed: int) -> tuple[list[tuple[int, int]], dict[str, int]]:

@@ -2,20 +2,11 @@
 
     torchrun --nproc_per_node 2 train.py --stage grpo --init_from runs/sft --max_steps 100
 
-One generation batch, per rank (B prompts, G completions each), and the file each step opens:
-
-    1. rollout: sample G completions per prompt, the completion mask    grpo/engine/rollout.py
-    2. rewards: decode, score with each reward function, weighted sum r  grpo/rewards.py
-    3. advantages: A = z-score of r within each group of G               grpo/advantages.py
-    4. old logprobs (only when num_iterations > 1; from the sampler with --old_logprobs_from_sampler)
-       and reference logprobs (only when beta > 0): GenerationBatch.logprobs, no grad
-                                                                         grpo/engine/forward.py,
-                                                                         grpo/logprobs.py
-    5. for each of num_iterations inner epochs, for each of steps_per_generation mini-batches:
-         accumulate the GRPO loss over micro-batches                     grpo/loss.py, grpo/kl.py
-         average gradients over ranks, clip the gradient norm, AdamW     grpo/runtime/run.py
-
-(docs/architecture.md, "One GRPO step, file by file").
+The production loop: the algorithm of grpo/minimal.py with every rank, option and checkpoint
+around it. `train_grpo` comes first and reads as the algorithm, one banner section per step (rollout,
+rewards and advantages, old and reference logprobs, policy update, checkpoint); its helpers follow
+in the order it calls them. Where to start reading: README.md, "Where to start"; the files one
+step crosses: docs/architecture.md, "One GRPO step, file by file".
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
@@ -35,270 +26,21 @@ import time
 
 import torch
 
+from data.collators import GRPOCollator
 from data.index_stream import IndexStream
+from data.loading import load_prompt_dataset
 from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
-from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
+from grpo.dynamic_sampling import sample_generation_batch
 from grpo.engine.forward import GenerationBatch
-from grpo.engine.rollout import mask_truncated, sample_rollouts
+from grpo.engine.rollout import SampledGroups, mask_truncated, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
-from grpo.runtime.distributed import (
-    all_gather_object,
-    all_reduce_max,
-    all_reduce_sum,
-)
-from grpo.runtime.metrics import rollout_metrics
+from grpo.runtime.distributed import all_gather_object, all_reduce_sum
+from grpo.runtime.metrics import StepSums, rollout_metrics
 from grpo.runtime.preflight import grpo_preflight
 from grpo.runtime.run import StopRequest, TrainingRun, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
-
-
-def step_policy_token_mask(
-    model: torch.nn.Module, generation: GenerationBatch, step_rows: torch.Tensor, loss_mask: torch.Tensor, *,
-    quantile: float, micro_batch_size: int, reuse_images: bool,
-) -> tuple[torch.Tensor, float]:
-    """--top_entropy_quantile: [B*G, T] bool, the step's high-entropy tokens, and the threshold.
-
-    The quantile runs over the loss-mask tokens of this optimizer step on every rank (one no-grad
-    forward over the step's rows, one all-gather); grpo/token_selection.py says why.
-    """
-    selected = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)  # [B*G, T]
-    entropies = []
-    with torch.no_grad():
-        for rows in step_rows.split(micro_batch_size):
-            _, entropy = generation.logprobs(model, rows, reuse_rollout_images=reuse_images, return_entropy=True)
-            entropies.append((rows, entropy.float().cpu()))  # [R, T_rows]
-    masks = [loss_mask[rows, : entropy.shape[1]].cpu() for rows, entropy in entropies]  # [R, T_rows] each
-    candidates = torch.cat([entropy[mask > 0] for (_, entropy), mask in zip(entropies, masks, strict=True)])
-    threshold = entropy_threshold(torch.cat(all_gather_object(candidates)), quantile)
-    for (rows, entropy), mask in zip(entropies, masks, strict=True):
-        selected[rows, : entropy.shape[1]] = high_entropy_mask(entropy, mask, threshold).to(selected.device)
-    return selected, threshold
-
-
-def accumulate_step_gradients(
-    model: torch.nn.Module,
-    generation: GenerationBatch,
-    step_rows: torch.Tensor,
-    *,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    gargs: GRPOArguments,
-    reuse_images: bool,
-    world_size: int,
-    sampler_logprobs: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
-
-    step_rows: [R] the rows of the generation batch (B*G rows, this rank's) that the step trains on.
-    advantages [B*G], loss_mask [B*G, T], old/ref/sampler logprobs [B*G, T] or None: the whole batch's.
-    The loss is divided by the step's count over every micro-batch and every rank (/ world_size),
-    so after `sync_gradients` averages over ranks each .grad equals the gradient one process
-    holding every rank's rows would compute. Returns this rank's sums for the step's metrics.
-    Kept out of the loop so a test can run it on two ranks against one process (test_torchrun.py).
-    """
-    # The normaliser spans every micro-batch of this optimizer step on every rank;
-    # DDP-style averaging divides gradients by world_size, so divide it back out.
-    # Clamped to 1: a step whose completions are all masked out contributes zero loss.
-    normaliser = max(
-        all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
-        1.0,
-    ) / world_size
-    sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0,
-            "sampler_gap": 0.0, "sampler_gap_max": 0.0, "sampler_weight": 0.0, "sampler_over_cap": 0.0}
-    policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
-    if gargs.top_entropy_quantile < 1.0:
-        policy_token_mask, sums["entropy_threshold"] = step_policy_token_mask(
-            model, generation, step_rows, loss_mask, quantile=gargs.top_entropy_quantile,
-            micro_batch_size=gargs.micro_batch_size, reuse_images=reuse_images,
-        )  # fmt: skip
-        sums["selected_tokens"] = float(policy_token_mask[step_rows].sum())
-    for rows in step_rows.split(gargs.micro_batch_size):
-        logprobs, entropy = generation.logprobs(
-            model, rows, reuse_rollout_images=reuse_images, return_entropy=True
-        )  # [R, T_rows]
-        length = logprobs.shape[1]
-        mask_rows = loss_mask[rows, :length].to(logprobs.device)  # [R, T_rows]
-        loss, info = grpo_loss(
-            logprobs,
-            None if old_logprobs is None else old_logprobs[rows, :length],
-            None if ref_logprobs is None else ref_logprobs[rows, :length],
-            advantages[rows], mask_rows,
-            epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
-            aggregation=gargs.loss_aggregation, normaliser=normaliser,
-            importance_sampling_level=gargs.importance_sampling_level, objective=gargs.objective,
-            kl_estimator=gargs.kl_estimator, sampler_correction=gargs.sampler_correction,
-            sampler_correction_cap=gargs.sampler_correction_cap,
-            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
-            policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
-        )
-        loss.backward()
-        n = info["num_tokens"]
-        sums["loss"] += loss.item()
-        sums["tokens"] += n
-        sums["clip_low"] += info["clip_frac_low"] * n
-        sums["clip_high"] += info["clip_frac_high"] * n
-        sums["kl"] += info.get("kl_mean", 0.0) * n
-        sums["ratio"] += info["ratio_mean"] * n
-        sums["entropy"] += float((entropy.detach() * mask_rows.to(entropy.device)).sum())
-        sums["sampler_gap"] += info.get("sampler_gap_mean", 0.0) * n
-        sums["sampler_gap_max"] = max(sums["sampler_gap_max"], info.get("sampler_gap_max", 0.0))
-        sums["sampler_weight"] += info.get("sampler_weight_mean", 0.0) * n
-        sums["sampler_over_cap"] += info.get("sampler_over_cap_frac", 0.0) * n
-    return sums
-
-
-def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, world_size: int):
-    """Advantages [B*G] of this rank's rewards [B*G], and group_advantages' metrics.
-
-    A group's completions all live on this rank, so its mean and std are local; only scale="batch"
-    divides by the std of every rank's rewards of the generation batch (as TRL gathers them), so
-    the advantages do not depend on the number of ranks. Kept out of the loop for a 2-rank test.
-    """
-    batch_std = None
-    if scale == "batch" and world_size > 1:
-        every_rank = torch.cat(all_gather_object(rewards.detach().float().cpu()))  # [world*B*G]
-        batch_std = every_rank[~torch.isnan(every_rank)].std().item()  # unscored (NaN) left out
-    return group_advantages(rewards, group_size, scale=scale, batch_std=batch_std)
-
-
-class RolloutRounds:
-    """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
-
-    Owns what the rounds draw from: this rank's prompts (dataset, collator, the index stream a
-    checkpoint keeps), the reward functions and the sampler's generator (its own stream per rank,
-    so ranks explore differently; a checkpoint keeps its state too). sample_generation_batch calls
-    it once, or (--dynamic_sampling) until B groups carry a reward spread; `seconds` keeps each
-    round's time (collate + sample) for the step's metrics.
-    """
-
-    def __init__(self, config: Config, run: TrainingRun):
-        from data.collators import GRPOCollator
-        from data.loading import load_prompt_dataset
-
-        targs, gargs, rank = config.train, config.grpo, run.dist.rank
-        self.model, self.processor, self.tokens, self.device = run.policy.model, run.policy.processor, run.policy.tokens, run.dist.device
-        self.gargs = gargs
-        self.dataset, self.data_report = load_prompt_dataset(config, self.processor, is_main=run.is_main)
-        self.collator = GRPOCollator(self.processor, system_prompt=config.data.system_prompt_text)
-        self.stream = IndexStream(len(self.dataset), seed=targs.seed, rank=rank, world_size=run.dist.world_size)
-        self.reward_functions = resolve_reward_functions(
-            gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
-            overlong_buffer_length=gargs.overlong_buffer_length,
-        )  # fmt: skip
-        self.reward_names = [name for name, _ in self.reward_functions]
-        # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
-        # weights with collectives on every call (not captured into a graph here: not tested).
-        self.decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
-        self.generator = torch.Generator(device=self.device).manual_seed(targs.seed * 7919 + rank)
-        self.seconds: list[float] = []
-
-    def restore(self, state: dict, rank: int) -> None:
-        """The sampler's generator from a checkpoint; a rank the checkpoint did not have (the job
-        grew) keeps its fresh seed (load_trainer_state warned)."""
-        saved = state["extra"].get("sampler_generators", [])
-        if rank < len(saved):
-            self.generator.set_state(saved[rank])
-
-    def checkpoint_extra(self) -> dict:
-        """Every rank's sampler state, for the checkpoint, so a resumed rank samples what it would have."""
-        return {"sampler_generators": all_gather_object(self.generator.get_state())}
-
-    def __call__(self) -> SampledGroups:
-        gargs, tokens, G = self.gargs, self.tokens, self.gargs.num_generations
-        started = time.perf_counter()
-        examples = [self.dataset[i] for i in self.stream.take(gargs.per_device_prompts)]
-        batch = self.collator(examples)
-        batch_on_device = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
-            self.model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
-            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
-            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=self.generator,
-            decode=self.decode_mode,
-        )  # fmt: skip
-        self.seconds.append(time.perf_counter() - started)
-        completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards, per_function = compute_rewards(
-            self.reward_functions, gargs.reward_weight_values, completions,
-            [answer for answer in batch["answers"] for _ in range(G)],
-            **example_columns(examples, G),  # questions, images, image_paths, every other column
-            completion_lengths=rollout.completion_mask.sum(1).tolist(),
-        )  # [B*G] (NaN: no function scored it), [B*G, F]
-        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
-
-
-def first_sample(sampled: SampledGroups, reward_names: list[str]) -> dict:
-    """samples.log's block of a generation batch: its first prompt and completion, each reward."""
-    return dict(
-        question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0], completion=sampled.completions[0],
-        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
-    )
-
-
-def generation_inputs(
-    sampled: SampledGroups, completion_mask: torch.Tensor, gargs: GRPOArguments, merge_size: int
-) -> GenerationBatch:
-    """The inputs every forward of one generation batch shares (prompts, images, completions)."""
-    on_device = sampled.batch_on_device
-    return GenerationBatch(
-        prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
-        pixel_values=on_device["pixel_values"], image_grid_thw=on_device["image_grid_thw"],
-        images_per_prompt=sampled.rollout.images_per_prompt, completion_ids=sampled.rollout.completion_ids,
-        completion_mask=completion_mask, rollout_image_embeds=sampled.rollout.image_embeds,
-        group_size=gargs.num_generations, temperature=gargs.temperature, spatial_merge_size=merge_size,
-        shared_prompt=gargs.shared_prompt_forward,
-    )  # fmt: skip
-
-
-STEP_SUMS = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
-             "sampler_over_cap", "selected_tokens")  # fmt: skip
-
-
-def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) -> dict[str, float]:
-    """One optimizer step's loss and token metrics over every rank: one all-reduce of the sums.
-
-    sums: accumulate_step_gradients' per-rank sums (token-weighted); returns the job's means.
-    """
-    totals = all_reduce_sum(torch.tensor([sums.get(name, 0.0) for name in STEP_SUMS], dtype=torch.float64))
-    total = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
-    tokens = max(total["tokens"], 1.0)
-    metrics = {
-        # Each rank's loss is its share divided by (global count / world_size); undo that.
-        "loss": total["loss"] / world_size,
-        "kl": total["kl"] / tokens,
-        "clip_frac_low": total["clip_low"] / tokens,
-        "clip_frac_high": total["clip_high"] / tokens,
-        "ratio_mean": total["ratio"] / tokens,
-        "entropy": total["entropy"] / tokens,
-        # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
-        "sampler_gap_mean": total["sampler_gap"] / tokens,
-        "sampler_gap_max": all_reduce_max(sums["sampler_gap_max"]),
-    }
-    if gargs.sampler_correction != "none":
-        metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
-        metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
-    if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
-        metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
-        metrics["entropy_threshold"] = sums["entropy_threshold"]
-    return metrics
-
-
-@torch.no_grad()
-def frozen_logprobs(
-    model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
-) -> torch.Tensor:
-    """[B*G, T] logprobs of the rollout's completions under a model that does not train now
-    (the old policy before the update, or the reference), one micro-batch at a time."""
-    num_rows, T = generation.completion_ids.shape
-    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # as completion_logprobs returns
-    logprobs = torch.zeros(num_rows, T, dtype=dtype, device=generation.completion_ids.device)  # [B*G, T]
-    for rows in torch.arange(num_rows).split(micro_batch_size):
-        values = generation.logprobs(model, rows, reuse_rollout_images=reuse_images)  # [R, T_rows]
-        logprobs[rows, : values.shape[1]] = values
-    return logprobs
 
 
 def train_grpo(config: Config) -> dict:
@@ -383,7 +125,7 @@ def train_grpo(config: Config) -> dict:
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
                     reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
                 )  # fmt: skip
-                metrics = step_metrics(sums, gargs, world_size)
+                metrics = sums.means(world_size)  # one all-reduce (grpo/runtime/metrics.py)
                 grad_norm = run.optimizer_step(step, metrics["loss"])  # ranks' average, clip, AdamW
                 if grad_norm is None:
                     continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
@@ -402,3 +144,203 @@ def train_grpo(config: Config) -> dict:
 
         # --- the final save, still under the handlers: a signal now must not kill it (grpo/runtime/run.py) ---
         return run.finish(step, last_saved=last_saved, stop=stop, save=save)
+
+
+class RolloutRounds:
+    """One call, one round of the rollout: B prompts from the stream, G completions each, scored.
+
+    Owns what the rounds draw from: this rank's prompts (dataset, collator, the index stream a
+    checkpoint keeps), the reward functions and the sampler's generator (its own stream per rank,
+    so ranks explore differently; a checkpoint keeps its state too). The loop calls it once per
+    generation batch; with --dynamic_sampling, grpo/dynamic_sampling.py calls it until B groups carry
+    a reward spread. `seconds` keeps each round's time (collate + sample) for the step's metrics.
+    """
+
+    def __init__(self, config: Config, run: TrainingRun):
+        targs, gargs, rank = config.train, config.grpo, run.dist.rank
+        self.model, self.processor, self.tokens, self.device = run.policy.model, run.policy.processor, run.policy.tokens, run.dist.device
+        self.gargs = gargs
+        self.dataset, self.data_report = load_prompt_dataset(config, self.processor, is_main=run.is_main)
+        self.collator = GRPOCollator(self.processor, system_prompt=config.data.system_prompt_text)
+        self.stream = IndexStream(len(self.dataset), seed=targs.seed, rank=rank, world_size=run.dist.world_size)
+        self.reward_functions = resolve_reward_functions(
+            gargs.reward_function_names, max_completion_length=gargs.max_completion_length,
+            overlong_buffer_length=gargs.overlong_buffer_length,
+        )  # fmt: skip
+        self.reward_names = [name for name, _ in self.reward_functions]
+        # auto: a CUDA graph per rollout on CUDA, except under FSDP, whose forward gathers the sharded
+        # weights with collectives on every call (not captured into a graph here: not tested).
+        self.decode_mode = ("dynamic" if targs.fsdp else None) if gargs.decode == "auto" else gargs.decode
+        self.generator = torch.Generator(device=self.device).manual_seed(targs.seed * 7919 + rank)
+        self.seconds: list[float] = []
+
+    def restore(self, state: dict, rank: int) -> None:
+        """The sampler's generator from a checkpoint; a rank the checkpoint did not have (the job
+        grew) keeps its fresh seed (load_trainer_state warned)."""
+        saved = state["extra"].get("sampler_generators", [])
+        if rank < len(saved):
+            self.generator.set_state(saved[rank])
+
+    def checkpoint_extra(self) -> dict:
+        """Every rank's sampler state, for the checkpoint, so a resumed rank samples what it would have."""
+        return {"sampler_generators": all_gather_object(self.generator.get_state())}
+
+    def __call__(self) -> SampledGroups:
+        gargs, tokens, G = self.gargs, self.tokens, self.gargs.num_generations
+        started = time.perf_counter()
+        examples = [self.dataset[i] for i in self.stream.take(gargs.per_device_prompts)]
+        batch = self.collator(examples)
+        batch_on_device = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rollout = sample_rollouts(  # switches to eval mode (no dropout) and back itself
+            self.model, batch_on_device, group_size=G, max_new_tokens=gargs.max_completion_length,
+            eos_token_ids=tokens.eos_token_ids, pad_token_id=tokens.pad_token_id,
+            temperature=gargs.temperature, top_p=gargs.top_p, top_k=gargs.top_k, generator=self.generator,
+            decode=self.decode_mode,
+        )  # fmt: skip
+        self.seconds.append(time.perf_counter() - started)
+        completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards, per_function = compute_rewards(
+            self.reward_functions, gargs.reward_weight_values, completions,
+            [answer for answer in batch["answers"] for _ in range(G)],
+            **example_columns(examples, G),  # questions, images, image_paths, every other column
+            completion_lengths=rollout.completion_mask.sum(1).tolist(),
+        )  # [B*G] (NaN: no function scored it), [B*G, F]
+        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
+
+
+def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, world_size: int):
+    """Advantages [B*G] of this rank's rewards [B*G], and group_advantages' metrics.
+
+    A group's completions all live on this rank, so its mean and std are local; only scale="batch"
+    divides by the std of every rank's rewards of the generation batch (as TRL gathers them), so
+    the advantages do not depend on the number of ranks. Kept out of the loop for a 2-rank test.
+    """
+    batch_std = None
+    if scale == "batch" and world_size > 1:
+        every_rank = torch.cat(all_gather_object(rewards.detach().float().cpu()))  # [world*B*G]
+        batch_std = every_rank[~torch.isnan(every_rank)].std().item()  # unscored (NaN) left out
+    return group_advantages(rewards, group_size, scale=scale, batch_std=batch_std)
+
+
+def generation_inputs(
+    sampled: SampledGroups, completion_mask: torch.Tensor, gargs: GRPOArguments, merge_size: int
+) -> GenerationBatch:
+    """The inputs every forward of one generation batch shares (prompts, images, completions)."""
+    on_device = sampled.batch_on_device
+    return GenerationBatch(
+        prompt_ids=on_device["input_ids"], prompt_mask=on_device["attention_mask"],
+        pixel_values=on_device["pixel_values"], image_grid_thw=on_device["image_grid_thw"],
+        images_per_prompt=sampled.rollout.images_per_prompt, completion_ids=sampled.rollout.completion_ids,
+        completion_mask=completion_mask, rollout_image_embeds=sampled.rollout.image_embeds,
+        group_size=gargs.num_generations, temperature=gargs.temperature, spatial_merge_size=merge_size,
+        shared_prompt=gargs.shared_prompt_forward,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def frozen_logprobs(
+    model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
+) -> torch.Tensor:
+    """[B*G, T] logprobs of the rollout's completions under a model that does not train now
+    (the old policy before the update, or the reference), one micro-batch at a time."""
+    num_rows, T = generation.completion_ids.shape
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # as completion_logprobs returns
+    logprobs = torch.zeros(num_rows, T, dtype=dtype, device=generation.completion_ids.device)  # [B*G, T]
+    for rows in torch.arange(num_rows).split(micro_batch_size):
+        values = generation.logprobs(model, rows, reuse_rollout_images=reuse_images)  # [R, T_rows]
+        logprobs[rows, : values.shape[1]] = values
+    return logprobs
+
+
+def accumulate_step_gradients(
+    model: torch.nn.Module,
+    generation: GenerationBatch,
+    step_rows: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    gargs: GRPOArguments,
+    reuse_images: bool,
+    world_size: int,
+    sampler_logprobs: torch.Tensor | None = None,
+) -> StepSums:
+    """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
+
+    step_rows: [R] the rows of the generation batch (B*G rows, this rank's) that the step trains on.
+    advantages [B*G], loss_mask [B*G, T], old/ref/sampler logprobs [B*G, T] or None: the whole batch's.
+    The loss is divided by the step's count over every micro-batch and every rank (/ world_size),
+    so after `sync_gradients` averages over ranks each .grad equals the gradient one process
+    holding every rank's rows would compute. Returns this rank's sums for the step's metrics
+    (`StepSums.means` reduces them over the ranks).
+    Kept out of the loop so a test can run it on two ranks against one process (test_torchrun.py).
+    """
+    # The normaliser spans every micro-batch of this optimizer step on every rank;
+    # DDP-style averaging divides gradients by world_size, so divide it back out.
+    # Clamped to 1: a step whose completions are all masked out contributes zero loss.
+    normaliser = max(
+        all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
+        1.0,
+    ) / world_size
+    sums = StepSums(sampler_correction=gargs.sampler_correction != "none")
+    policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
+    if gargs.top_entropy_quantile < 1.0:
+        policy_token_mask, sums.entropy_threshold = step_policy_token_mask(
+            model, generation, step_rows, loss_mask, quantile=gargs.top_entropy_quantile,
+            micro_batch_size=gargs.micro_batch_size, reuse_images=reuse_images,
+        )  # fmt: skip
+        sums.selected_tokens = float(policy_token_mask[step_rows].sum())
+    for rows in step_rows.split(gargs.micro_batch_size):
+        logprobs, entropy = generation.logprobs(
+            model, rows, reuse_rollout_images=reuse_images, return_entropy=True
+        )  # [R, T_rows]
+        length = logprobs.shape[1]
+        mask_rows = loss_mask[rows, :length].to(logprobs.device)  # [R, T_rows]
+        loss, info = grpo_loss(
+            logprobs,
+            None if old_logprobs is None else old_logprobs[rows, :length],
+            None if ref_logprobs is None else ref_logprobs[rows, :length],
+            advantages[rows], mask_rows,
+            epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
+            aggregation=gargs.loss_aggregation, normaliser=normaliser,
+            importance_sampling_level=gargs.importance_sampling_level, objective=gargs.objective,
+            kl_estimator=gargs.kl_estimator, sampler_correction=gargs.sampler_correction,
+            sampler_correction_cap=gargs.sampler_correction_cap,
+            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
+            policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
+        )
+        loss.backward()
+        sums.add(loss, info, entropy, mask_rows)
+    return sums
+
+
+def step_policy_token_mask(
+    model: torch.nn.Module, generation: GenerationBatch, step_rows: torch.Tensor, loss_mask: torch.Tensor, *,
+    quantile: float, micro_batch_size: int, reuse_images: bool,
+) -> tuple[torch.Tensor, float]:
+    """--top_entropy_quantile: [B*G, T] bool, the step's high-entropy tokens, and the threshold.
+
+    The quantile runs over the loss-mask tokens of this optimizer step on every rank (one no-grad
+    forward over the step's rows, one all-gather); grpo/token_selection.py says why.
+    """
+    selected = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)  # [B*G, T]
+    entropies = []
+    with torch.no_grad():
+        for rows in step_rows.split(micro_batch_size):
+            _, entropy = generation.logprobs(model, rows, reuse_rollout_images=reuse_images, return_entropy=True)
+            entropies.append((rows, entropy.float().cpu()))  # [R, T_rows]
+    masks = [loss_mask[rows, : entropy.shape[1]].cpu() for rows, entropy in entropies]  # [R, T_rows] each
+    candidates = torch.cat([entropy[mask > 0] for (_, entropy), mask in zip(entropies, masks, strict=True)])
+    threshold = entropy_threshold(torch.cat(all_gather_object(candidates)), quantile)
+    for (rows, entropy), mask in zip(entropies, masks, strict=True):
+        selected[rows, : entropy.shape[1]] = high_entropy_mask(entropy, mask, threshold).to(selected.device)
+    return selected, threshold
+
+
+def first_sample(sampled: SampledGroups, reward_names: list[str]) -> dict:
+    """samples.log's block of a generation batch: its first prompt and completion, each reward."""
+    return dict(
+        question=sampled.batch["questions"][0], answer=sampled.batch["answers"][0], completion=sampled.completions[0],
+        rewards={name: float(sampled.per_function[0, i]) for i, name in enumerate(reward_names)},
+    )

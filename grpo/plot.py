@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from grpo.runtime.metrics import read_metrics
+
 # (title, metric names); "reward/*/mean" stands for every reward function's mean, total first.
 PANELS = (
     ("rewards of the sampled completions", ("reward/*/mean",)),
@@ -81,10 +83,10 @@ def plot_curves(records: Sequence[dict], path: str | Path, title: str | None = N
     Raises ImportError (with the pip command) without matplotlib, ValueError without records.
     """
     try:
-        import matplotlib
+        import matplotlib  # optional: pip install .[plot]
 
         matplotlib.use("Agg")  # files only: works without a display
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: pip install .[plot]
     except ImportError as error:
         raise ImportError("matplotlib is not installed: pip install -e '.[plot]' (or pip install matplotlib)") from error
     if not records:
@@ -121,8 +123,6 @@ def plot_curves(records: Sequence[dict], path: str | Path, title: str | None = N
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from grpo.runtime.metrics import read_metrics
-
     parser = argparse.ArgumentParser(prog="python -m grpo.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="A training run's --output_dir (the folder holding metrics.jsonl).")
     parser.add_argument("--output", default=None, help="Where to write the PNG (default: RUN_DIR/curves.png).")

@@ -169,7 +169,7 @@ def choice_accuracy_reward(completions: list[str], answers: list[str], **columns
 
 def import_math_verify():
     try:
-        import math_verify
+        import math_verify  # optional: pip install .[math]
     except ImportError as error:
         raise ImportError(
             "the math_accuracy reward needs the math-verify package; install it with "

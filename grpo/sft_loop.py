@@ -18,10 +18,12 @@ import time
 
 import torch
 
-from data.collators import IGNORE_INDEX
+from data.collators import IGNORE_INDEX, GRPOCollator, SFTCollator
 from data.index_stream import IndexStream
+from data.loading import load_sft_datasets
 from grpo.config import Config
 from grpo.logprobs import token_logprobs
+from grpo.rewards import resolve_reward_functions
 from grpo.runtime.distributed import all_reduce_sum
 from grpo.runtime.preflight import sft_preflight
 from grpo.runtime.run import StopRequest, start_run
@@ -62,9 +64,6 @@ def train_sft(config: Config) -> dict:
     policy, scheduler = run.policy, run.scheduler
     model, processor = policy.model, policy.processor
 
-    from data.collators import SFTCollator
-    from data.loading import load_sft_datasets
-
     train_set, val_set, data_report = load_sft_datasets(config, is_main=is_main)
     collator = SFTCollator(processor, system_prompt=config.data.system_prompt_text)
     stream = IndexStream(len(train_set), seed=targs.seed, rank=rank, world_size=world_size)
@@ -76,9 +75,6 @@ def train_sft(config: Config) -> dict:
     )
     accuracy_reward, prompt_collator = None, None
     if sargs.eval_accuracy_reward and val_set is not None:
-        from data.collators import GRPOCollator
-        from grpo.rewards import resolve_reward_functions
-
         [(_, accuracy_reward)] = resolve_reward_functions([sargs.eval_accuracy_reward])
         prompt_collator = GRPOCollator(processor, system_prompt=config.data.system_prompt_text)
     stopped_at_plateau = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo.engine.rollout import sample_rollouts
 from grpo.rewards import example_columns
 from grpo.runtime.distributed import all_reduce_sum
 
@@ -22,8 +23,6 @@ from grpo.runtime.distributed import all_reduce_sum
 def greedy_accuracy(model, dataset, collator, reward_function, *, tokens, device, batch_size: int,
                     max_new_tokens: int, max_examples: int, rank: int = 0, world_size: int = 1) -> float:
     """Fraction of the first `max_examples` examples of `dataset` answered correctly, greedily."""
-    from grpo.engine.rollout import sample_rollouts
-
     was_training = model.training
     model.eval()
     rows = list(range(rank, min(len(dataset), max_examples), world_size))  # this rank's share

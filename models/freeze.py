@@ -28,6 +28,7 @@ import warnings
 from torch import nn
 
 from models.lora import apply_lora
+from models.tiny import build_tiny_policy
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 if __name__ == "__main__":
-    from models.tiny import build_tiny_policy
-
     for name in FREEZE_POLICIES:
         tiny_model, _ = build_tiny_policy()
         apply_freeze_policy(tiny_model, name, num_trainable_layers=1)

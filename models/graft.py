@@ -31,6 +31,8 @@ import logging
 import os
 
 import torch
+from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE and the local cache
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -120,7 +122,6 @@ def build_graft_config(vl_config: Qwen2_5_VLConfig, text_config, token_ids: dict
 def _local_dir(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
-    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE and the local cache
 
     return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
 
@@ -131,8 +132,6 @@ def _read_vision_state(directory: str) -> dict[str, torch.Tensor]:
     Saved checkpoints name them `visual.*` (the Hub layout, which transformers 5 still writes)
     or `model.visual.*`; both map to keys of `model.model.visual.state_dict()`.
     """
-    from safetensors import safe_open
-
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -213,8 +214,6 @@ def make_reference(model: torch.nn.Module, device: str | torch.device | None = N
 
 
 if __name__ == "__main__":
-    import sys
-
     loaded_model, loaded_processor = load_policy(sys.argv[1] if len(sys.argv) > 1 else "tiny")
     n_params = sum(p.numel() for p in loaded_model.parameters())
     print(f"{type(loaded_model).__name__}: {n_params:,} parameters, dtype {loaded_model.dtype}")

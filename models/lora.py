@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from models.tiny import build_tiny_policy
+
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable low-rank update (alpha / r) * B @ A."""
@@ -129,8 +131,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 if __name__ == "__main__":
-    from models.tiny import build_tiny_policy
-
     tiny_model, _ = build_tiny_policy()
     wrapped = apply_lora(tiny_model, prefix="model.language_model.")
     n_adapter = sum(p.numel() for p in lora_parameters(tiny_model))

@@ -24,6 +24,7 @@ Run: `python -m models.tiny` prints the parameter counts and a tokenised example
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -275,13 +276,9 @@ def build_tiny_policy(
 
 
 if __name__ == "__main__":
-    from PIL import Image
-
-    from models.freeze import count_parameters
-
     for name in SIZES:
         m, _ = build_tiny_policy(size=name)
-        print(f"{name}: {count_parameters(m)['total']:,} parameters")
+        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
     model, processor = build_tiny_policy()
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},

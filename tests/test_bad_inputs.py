@@ -48,12 +48,16 @@ def _save_dataset(path, rows: int, *, answers=None, sizes=None) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Make loading a model fail the test: the error under test must come before it."""
+    import eval as eval_cli
+    import grpo.runtime.policy
     import models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(models.loading, "load_policy", refuse)
+    # load_policy, in its module and where train.py (through the policy) and eval.py call it
+    for module in (models.loading, grpo.runtime.policy, eval_cli):
+        monkeypatch.setattr(module, "load_policy", refuse)
 
 
 def _exit_2(argv, capsys, main=train.main) -> str:

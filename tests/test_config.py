@@ -1,6 +1,7 @@
 """The typed config: defaults run offline, bad settings fail at start with the flag and the fix."""
 
 import json
+import re
 
 import pytest
 
@@ -110,3 +111,47 @@ def test_old_freeze_policy_name_trains_the_same_parameters():
         n for n, p in new.named_parameters() if p.requires_grad
     ]
     assert 0 < counts_new["trainable"] < counts_new["total"]  # a real subset, not everything or nothing
+
+
+def _help_sections(text: str, titles: list[str]) -> dict[str, list[str]]:
+    """The long flags (`--name`, not the `--no_name` twins) listed under each group title of --help."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line.endswith(":") and line[:-1] in titles + ["options"]:
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None and (match := re.match(r"  --(\w+)", line)) and not match.group(1).startswith("no_"):
+            current.append(match.group(1))
+    return sections
+
+
+def test_help_lists_every_flag_once_in_tiers_core_grpo_first():
+    from dataclasses import fields
+
+    from grpo.config import ALL_ARGUMENTS, HELP_TIERS, build_parser
+
+    titles = [title for title, _, _ in HELP_TIERS]
+    text = build_parser().format_help()
+    # the groups appear in HELP_TIERS' order: the minimal loop's flags, the objective, the engine, the run
+    assert [line[:-1] for line in text.splitlines() if line[:-1] in titles] == titles
+    assert titles[0].startswith("GRPO: the minimal loop") and titles[1].startswith("GRPO objective")
+    assert titles[2] == "engine and speed" and titles[3].startswith("run")
+    # each group lists exactly its tier's flags, in the tier's order; nothing is left untiered
+    sections = _help_sections(text, titles)
+    assert sections.pop("options", []) == [], "a flag without a tier: add it to grpo/config.py HELP_TIERS"
+    assert sections == {title: list(names) for title, _, names in HELP_TIERS}
+    # every flag in exactly one tier: the dataclass fields and --config, each once
+    tiered = [name for _, _, names in HELP_TIERS for name in names]
+    flags = [f.name for cls in ALL_ARGUMENTS for f in fields(cls)] + ["config"]
+    assert sorted(tiered) == sorted(flags)
+    # the hyper-parameters a minimal GRPO has come first
+    core = set(HELP_TIERS[0][2])
+    assert {"num_generations", "per_device_prompts", "max_completion_length", "temperature", "learning_rate", "beta",
+            "epsilon", "num_iterations", "max_steps"} <= core  # fmt: skip
+
+
+def test_tiered_help_parses_as_before():
+    # The tiers only order the help: a flag from each tier still reaches its dataclass field.
+    config = parse_config(["--num_generations", "4", "--kl_estimator", "k2", "--micro_batch_size", "2",
+                           "--no_shared_prompt_forward", "--seed", "3", "--eval_steps", "5"])  # fmt: skip
+    assert (config.grpo.num_generations, config.grpo.kl_estimator, config.grpo.micro_batch_size) == (4, "k2", 2)
+    assert (config.grpo.shared_prompt_forward, config.train.seed, config.sft.eval_steps) == (False, 3, 5)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from grpo.dynamic_sampling import (
-    SampledGroups,
     draw_rounds,
     merge_groups,
     sample_generation_batch,
     select_groups,
 )
+from grpo.engine.rollout import SampledGroups
 
 NAN = float("nan")
 

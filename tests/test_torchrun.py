@@ -166,8 +166,8 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: d
                 problem, problem["per_rank"][rank], rows, aggregation, micro=2, world_size=world_size, quantile=quantile
             )
             results[f"{aggregation}-{quantile}"] = {
-                "synced": synced, "local": local, "loss": distributed.all_reduce_sum(sums["loss"]) / world_size,
-                "selected": distributed.all_reduce_sum(sums.get("selected_tokens", 0.0)),
+                "synced": synced, "local": local, "loss": distributed.all_reduce_sum(sums.loss) / world_size,
+                "selected": distributed.all_reduce_sum(sums.selected_tokens),
             }  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -193,15 +193,15 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, 
             # 33 loss tokens on the two ranks (10 + 23); the 0.6 quantile sits at sorted position
             # 0.6 * (33 - 1) = 19.2, between the 20th and 21st smallest: the 13 largest are kept,
             # the same tokens in one process (micro-batches of 3) as on two ranks (2 + 2)
-            assert sums["selected_tokens"] == 13.0
-            assert ranks[0][f"{aggregation}-{quantile}"]["selected"] == sums["selected_tokens"]
+            assert sums.selected_tokens == 13.0
+            assert ranks[0][f"{aggregation}-{quantile}"]["selected"] == sums.selected_tokens
         aggregation = f"{aggregation}-{quantile}"
         scale = max(g.abs().max() for g in single)
         assert scale > 1e-3, "the gradient must not be trivially 0"
         # Each |log p| <= 10 moves by network_error(.., 10); the loss weighs them by |A| * ratio
         # (+ beta's KL weight) < 10 per normalised token.
         loss_tol = network_error(TINY_PATH_TERMS, 10.0 * 10.0)
-        assert ranks[0][aggregation]["loss"] == pytest.approx(sums["loss"], rel=0, abs=loss_tol)
+        assert ranks[0][aggregation]["loss"] == pytest.approx(sums.loss, rel=0, abs=loss_tol)
         # The backward doubles the path; bound at the largest gradient entry.
         atol = network_error(2 * TINY_PATH_TERMS, scale)
         for rank in range(2):

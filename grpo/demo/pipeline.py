@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+import eval as eval_cli
+from grpo.demo.report import write_report
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py
 MARKER = ".grpo-demo"  # written into every output_dir this demo creates; nothing else is ever deleted
 
@@ -142,8 +145,6 @@ def evaluate(model: str, out_dir: Path, *, seed: int, dataset: str, part: str, n
              num_samples: int = 1) -> dict:
     """eval.py's command line, run in this process (many evaluations would otherwise pay many
     interpreter start-ups); the result is read back from the summary.json it writes."""
-    import eval as eval_cli
-
     argv = [
         "--model", model, "--output_dir", str(out_dir), "--seed", str(seed), "--eval_part", part,
         "--num_examples", str(num_examples), "--batch_size", "64", "--max_completion_length", "64",
@@ -300,8 +301,6 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir).resolve()
     prepare_output_dir(out)
     records = [run_seed(args, seed, out / f"seed-{seed}") for seed in args.seed_list]
-
-    from grpo.demo.report import write_report
 
     report = write_report(out, args, records, argv if argv is not None else sys.argv[1:])
     print("\n" + report, flush=True)

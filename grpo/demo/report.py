@@ -15,6 +15,12 @@ import statistics
 import subprocess
 from pathlib import Path
 
+import torch
+import transformers
+
+from eval import wilson_interval as interval
+from grpo.plot import plot_curves
+
 MODELS = (
     ("base", "untrained tiny Qwen2.5-VL"),
     ("sft", "SFT (to its plateau)"),
@@ -25,8 +31,6 @@ DATASETS = (("synthetic", "in-distribution"), ("synthetic-shifted", "shifted (OO
 
 
 def wilson_interval(correct: float, total: int) -> tuple[float, float]:
-    from eval import wilson_interval as interval
-
     return interval(round(correct), total)
 
 
@@ -41,9 +45,6 @@ def _cell(summary: dict) -> str:
 
 def machine() -> dict:
     """CPU model, cores, library versions and the commit: what a reader needs to rerun this."""
-    import torch
-    import transformers
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -168,10 +169,10 @@ def plot(records: list[dict], path: Path) -> bool:
     """Validation accuracy of GRPO and of continued SFT against training wall time (same axes),
     and GRPO's training reward; one line per seed."""
     try:
-        import matplotlib
+        import matplotlib  # optional: pip install .[plot]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional: pip install .[plot]
     except ImportError:
         print("demo: matplotlib is not installed (pip install -e '.[plot]'); no plot written")
         return False
@@ -205,7 +206,6 @@ def plot(records: list[dict], path: Path) -> bool:
 def write_report(out: Path, args, records: list[dict], argv: list[str]) -> str:
     plotted = plot(records, out / "demo_curves.png")
     if plotted:  # each GRPO run's own diagnostics (rewards, KL, clipping, entropy, lengths): grpo/plot.py
-        from grpo.plot import plot_curves
 
         for record in records:
             plot_curves(record["grpo_metrics"], out / f"seed-{record['seed']}" / "grpo_curves.png",

@@ -157,6 +157,23 @@ class Rollout:
     """Tokens generated over all rows, each row counted through its first EOS."""
 
 
+@dataclass
+class SampledGroups:
+    """One round's B prompts, their B*G completions and their rewards (or dynamic sampling's merged batch).
+
+    The GRPO loop's rollout step returns one (grpo/grpo_loop.py, RolloutRounds): the Rollout above,
+    with the prompts it was sampled from, the decoded completions and their scores.
+    """
+
+    examples: list[dict]
+    batch: dict  # the collator's output for `examples` (CPU)
+    batch_on_device: dict  # its tensors on the device
+    rollout: Rollout
+    completions: list[str]  # [B*G] decoded
+    rewards: Tensor  # [B*G] NaN = unscored
+    per_function: Tensor  # [B*G, F]
+
+
 def _in_eval_mode(function):
     """Run `function(model, ...)` with the model in eval mode, and put its mode back after.
 

@@ -28,6 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main as torchrun_main
+
 from grpo.runtime.run import STOP_REPORT_DIR
 
 NO_DEADLINE_SECONDS = (
@@ -47,9 +50,6 @@ def clean_stop_reports(folder: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import main as torchrun_main
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _shutdown_timeout_given(argv):
         argv = ["--shutdown_timeout", str(NO_DEADLINE_SECONDS), *argv]

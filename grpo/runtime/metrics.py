@@ -15,6 +15,8 @@
 - Only rank 0 should write: build both with `enabled=is_main(info)`.
 - `rollout_metrics`: what the GRPO loop logs of one generation batch (rewards, advantages,
   lengths), over every rank's completions.
+- `StepSums`: one optimizer step's loss and token metrics, summed micro-batch by micro-batch on
+  each rank (`add`), then reduced over every rank into the job's means (`means`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numbers
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +34,7 @@ import torch
 from grpo.advantages import advantage_metrics
 from grpo.reward_functions import extract_answer
 from grpo.rewards import reward_metrics
-from grpo.runtime.distributed import all_gather_object
+from grpo.runtime.distributed import all_gather_object, all_reduce_max, all_reduce_sum
 
 
 def _to_float(key: str, value) -> float:
@@ -249,3 +252,71 @@ def rollout_metrics(
         "completion_length_max": lengths.max().item(),
         "truncated_frac": truncated.mean().item(),
     }
+
+
+@dataclass
+class StepSums:
+    """One optimizer step's loss and token metrics: this rank's sums, then the job's means.
+
+    The GRPO loop builds one per optimizer step, calls `add` after each micro-batch's backward and
+    `means` once at the end: one all-reduce of the sums (token-weighted, so the means weigh every
+    token of every rank alike) and one of the largest sampler gap.
+    """
+
+    sampler_correction: bool = False  # --sampler_correction != none: log the weights it applied
+    loss: float = 0.0  # this rank's share of the step's loss (already divided by the normaliser)
+    tokens: float = 0.0  # loss-mask tokens
+    clip_low: float = 0.0  # the token-weighted sums of the loss's per-micro-batch means
+    clip_high: float = 0.0
+    kl: float = 0.0
+    ratio: float = 0.0
+    entropy: float = 0.0  # sum of the policy's entropy over the loss-mask tokens
+    sampler_gap: float = 0.0
+    sampler_weight: float = 0.0
+    sampler_over_cap: float = 0.0
+    selected_tokens: float = 0.0  # --top_entropy_quantile: the tokens the step selected
+    sampler_gap_max: float = 0.0  # a max, not a sum
+    entropy_threshold: float | None = None  # --top_entropy_quantile: the step's threshold (the same on every rank)
+
+    SUMMED = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
+              "sampler_over_cap", "selected_tokens")  # fmt: skip
+
+    def add(self, loss: torch.Tensor, info: Mapping[str, float], entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        """One micro-batch: its loss, grpo_loss's info, the policy's entropy [R, T] and loss mask [R, T]."""
+        n = info["num_tokens"]
+        self.loss += loss.item()
+        self.tokens += n
+        self.clip_low += info["clip_frac_low"] * n
+        self.clip_high += info["clip_frac_high"] * n
+        self.kl += info.get("kl_mean", 0.0) * n
+        self.ratio += info["ratio_mean"] * n
+        self.entropy += float((entropy.detach() * mask.to(entropy.device)).sum())
+        self.sampler_gap += info.get("sampler_gap_mean", 0.0) * n
+        self.sampler_gap_max = max(self.sampler_gap_max, info.get("sampler_gap_max", 0.0))
+        self.sampler_weight += info.get("sampler_weight_mean", 0.0) * n
+        self.sampler_over_cap += info.get("sampler_over_cap_frac", 0.0) * n
+
+    def means(self, world_size: int) -> dict[str, float]:
+        """The step's metrics over every rank: one all-reduce of the sums (every rank must call it)."""
+        summed = torch.tensor([getattr(self, name) for name in self.SUMMED], dtype=torch.float64)
+        total = dict(zip(self.SUMMED, all_reduce_sum(summed).tolist(), strict=True))
+        tokens = max(total["tokens"], 1.0)
+        metrics = {
+            # Each rank's loss is its share divided by (global count / world_size); undo that.
+            "loss": total["loss"] / world_size,
+            "kl": total["kl"] / tokens,
+            "clip_frac_low": total["clip_low"] / tokens,
+            "clip_frac_high": total["clip_high"] / tokens,
+            "ratio_mean": total["ratio"] / tokens,
+            "entropy": total["entropy"] / tokens,
+            # |log pi_theta - log pi_sampler| over completion tokens (grpo/sampler_correction.py)
+            "sampler_gap_mean": total["sampler_gap"] / tokens,
+            "sampler_gap_max": all_reduce_max(self.sampler_gap_max),
+        }
+        if self.sampler_correction:
+            metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
+            metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
+        if self.entropy_threshold is not None:  # the step's high-entropy token selection
+            metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
+            metrics["entropy_threshold"] = self.entropy_threshold
+        return metrics

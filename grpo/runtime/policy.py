@@ -1,6 +1,6 @@
 """The policy a run trains: loading it (and its frozen reference), freezing, LoRA state, FSDP views.
 
-- build_policy: the starting point (or a checkpoint to resume), the reference copied before any
+- build_policy: the starting point (grpo/runtime/starting_point.py; or a checkpoint to resume), the reference copied before any
   LoRA adapter exists, the freezing policy (models/freeze.py);
 - adapter_state / restore_adapters: the LoRA tensors a checkpoint's trainer state keeps;
 - shard_policy, model_for_saving, optimizer_for_checkpoint: with --fsdp, the sharded policy and
@@ -9,33 +9,23 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from grpo.config import Config, ModelArguments
-from models.loading import resolve_dtype
-
-
-def resolve_model_path(path: str) -> str:
-    """A model folder, a checkpoint folder (holding model/), or a run's output_dir (latest checkpoint)."""
-    root = Path(path)
-    if not root.exists():
-        return path  # a hub id or a reserved preset name: let the loader decide
-    if (root / "config.json").exists():
-        return str(root)
-    if (root / "model" / "config.json").exists():
-        return str(root / "model")
-    from grpo.runtime.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(root)
-    if latest is not None:
-        return str(latest / "model")
-    raise FileNotFoundError(
-        f"{path} holds no model: expected config.json, model/config.json, or checkpoint-N folders "
-        "(pass --init_from a model folder or a previous stage's --output_dir)"
-    )
+from grpo.runtime.fsdp import FullModel, FullStateOptimizer, shard_model
+from grpo.runtime.starting_point import (
+    check_fingerprint,
+    describe_starting_point,
+    recorded_starting_point,
+    starting_point_for_resume,
+)
+from models.freeze import apply_freeze_policy, describe_trainable, enable_gradient_checkpointing
+from models.loading import load_policy, make_reference, resolve_dtype, special_token_ids
+from models.lora import merge_lora
 
 
 @dataclass
@@ -60,15 +50,6 @@ def build_policy(
     whatever --init_from says now. With LoRA the checkpoint's model/ holds merged weights, so the
     base comes from the starting point and the caller restores the adapters from the trainer state.
     """
-    from grpo.runtime.starting_point import (
-        check_fingerprint,
-        describe_starting_point,
-        recorded_starting_point,
-        starting_point_for_resume,
-    )
-    from models.freeze import apply_freeze_policy, describe_trainable, enable_gradient_checkpointing
-    from models.loading import load_policy, make_reference, special_token_ids
-
     args: ModelArguments = config.model
     if resume_dir is None:
         starting_point = describe_starting_point(args.init_from, args.model)
@@ -137,8 +118,6 @@ def restore_adapters(policy: Policy, adapters: dict) -> None:
 def shard_policy(policy: Policy, device: torch.device) -> None:
     """--fsdp: shard the policy and the reference over the ranks, in place of broadcast_parameters
     (before the optimizer is built: the optimizer must see the sharded parameters)."""
-    from grpo.runtime.fsdp import shard_model
-
     shard_model(policy.model, device)
     if policy.reference is not None:  # as large as the policy; never runs backward
         shard_model(policy.reference, device, reshard_root_after_forward=True)
@@ -151,14 +130,9 @@ def model_for_saving(policy: Policy) -> torch.nn.Module:
     Under --fsdp the full weights are gathered to rank 0 first: every rank must call this.
     """
     if policy.fsdp:
-        from grpo.runtime.fsdp import FullModel
-
         return FullModel(policy.model)
     if not policy.uses_lora:
         return policy.model
-    import copy
-
-    from models.lora import merge_lora
 
     return merge_lora(copy.deepcopy(policy.model))
 
@@ -171,7 +145,6 @@ def optimizer_for_checkpoint(policy: Policy, optimizer: torch.optim.Optimizer, *
     """
     if not policy.fsdp:
         return optimizer
-    from grpo.runtime.fsdp import FullStateOptimizer
 
     view = FullStateOptimizer(optimizer)
     return view.gather() if gather else view

@@ -23,6 +23,9 @@ import time
 import torch
 
 from data.collators import longest_example
+from grpo.engine.forward import GenerationBatch
+from grpo.engine.inputs import count_images_per_prompt
+from grpo.engine.rollout import completion_mask as build_completion_mask
 
 
 def _forward_backward(step) -> None:
@@ -69,10 +72,6 @@ def _run(model, step, *, device: torch.device, what: str, advice: str, is_main: 
 
 def grpo_preflight(model, dataset, collator, *, gargs, tokens, device, world_size, merge_size, step_gradients, is_main=True) -> None:
     """One GRPO micro-batch at the longest prompt; step_gradients is grpo_loop.accumulate_step_gradients."""
-    from grpo.engine.forward import GenerationBatch
-    from grpo.engine.inputs import count_images_per_prompt
-    from grpo.engine.rollout import completion_mask as build_completion_mask
-
     index, prompt_tokens = longest_example(dataset, collator.processor, collator.system_prompt)
     G, micro, T = gargs.num_generations, gargs.micro_batch_size, gargs.max_completion_length
     num_prompts = -(-micro // G)  # the micro-batch's rows continue this many prompts at most

@@ -109,7 +109,7 @@ class Reporter:
         if "tensorboard" in backends:
             self._tensorboard = _open_tensorboard(Path(targs.output_dir) / "tensorboard", run_config, start_step)
         if "wandb" in backends:
-            import wandb
+            import wandb  # optional: pip install .[logging]
 
             self._wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "vlm-grpo"), dir=targs.output_dir,
@@ -143,7 +143,7 @@ class Reporter:
             # Indented four spaces: a Markdown code block, so TensorBoard keeps the line breaks.
             self._tensorboard.add_text("samples", "\n".join("    " + line for line in text.splitlines()), step)
         if self._wandb is not None:
-            import wandb
+            import wandb  # optional: pip install .[logging]
 
             self._wandb.log({"samples": wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
@@ -157,8 +157,8 @@ class Reporter:
 
 
 def _open_tensorboard(log_dir: Path, run_config: dict, start_step: int):
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard import SummaryWriter  # optional: pip install .[logging]
+    from torch.utils.tensorboard.summary import hparams  # optional: pip install .[logging]
 
     # purge_step: on resume from step S, TensorBoard discards this directory's events at steps
     # >= S + 1 written before now (the dead run's steps after its checkpoint).

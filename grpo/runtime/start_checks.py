@@ -15,14 +15,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import constants, try_to_load_from_cache
+
 from grpo.config import Config, ConfigError
+from grpo.rewards import resolve_reward_functions
+from models.loading import TINY_PRESETS
 
 
 def check_reward_specs(flag: str, names: list[str], **settings) -> None:
     """Import every reward function now (fails on unknown names, modules and attributes).
     settings: what some built-ins need bound (grpo.rewards.resolve_reward_functions)."""
-    from grpo.rewards import resolve_reward_functions
-
     try:
         resolve_reward_functions(names, **settings)
     except (ValueError, ImportError, AttributeError, TypeError) as error:
@@ -36,8 +38,6 @@ def _hub_offline() -> bool:
 
 def check_model_source(flag: str, value: str) -> None:
     """A preset name, an existing path, or an owner/name Hub id (in the cache, when offline)."""
-    from models.loading import TINY_PRESETS
-
     if value in TINY_PRESETS or Path(value).expanduser().exists():
         return  # a folder that holds no model is reported by resolve_model_path with what it expected
     if value.startswith((".", "/", "~")) or value.count("/") != 1:
@@ -46,8 +46,6 @@ def check_model_source(flag: str, value: str) -> None:
             f"({', '.join(sorted(TINY_PRESETS))})"
         )
     if _hub_offline():
-        from huggingface_hub import constants, try_to_load_from_cache
-
         cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
         if not isinstance(try_to_load_from_cache(value, "config.json", cache_dir=cache_dir), str):
             raise ConfigError(

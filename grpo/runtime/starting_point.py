@@ -24,11 +24,29 @@ from pathlib import Path
 
 import torch
 
+from grpo.runtime.checkpoint import latest_checkpoint
+
+
+def resolve_model_path(path: str) -> str:
+    """A model folder, a checkpoint folder (holding model/), or a run's output_dir (latest checkpoint)."""
+    root = Path(path)
+    if not root.exists():
+        return path  # a hub id or a reserved preset name: let the loader decide
+    if (root / "config.json").exists():
+        return str(root)
+    if (root / "model" / "config.json").exists():
+        return str(root / "model")
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        return str(latest / "model")
+    raise FileNotFoundError(
+        f"{path} holds no model: expected config.json, model/config.json, or checkpoint-N folders "
+        "(pass --init_from a model folder or a previous stage's --output_dir)"
+    )
+
 
 def describe_starting_point(init_from: str | None, model: str) -> dict:
     """The record of a fresh run's starting point (without its fingerprint: the model is not loaded yet)."""
-    from grpo.runtime.policy import resolve_model_path
-
     flag, argument = ("--init_from", init_from) if init_from else ("--model", model)
     resolved = resolve_model_path(argument)
     is_local = Path(resolved).exists()
