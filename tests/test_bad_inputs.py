@@ -360,3 +360,47 @@ def test_longest_prompt_is_found_without_running_the_processor_on_every_row():
     exact = prompt_lengths(processor, list(dataset))
     index, length = longest_example(dataset, processor)
     assert length == max(exact) and index == exact.index(max(exact))
+
+
+# --- round two, data loss: what --overwrite_output_dir and an empty --output_dir must not do ---
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished one-step SFT run (checkpoint-00000001): a model a GRPO run can start from."""
+    out = tmp_path_factory.mktemp("start") / "sft"
+    train.main(train_argv(out, "--max_steps", "1", stage="sft"))
+    return out
+
+
+@pytest.mark.parametrize("flag, argument", [
+    ("--init_from", "{out}"),                                   # the run folder: its latest checkpoint
+    ("--init_from", "{out}/checkpoint-00000001/model"),          # one checkpoint's model/ folder
+    ("--model", "{out}/checkpoint-00000001"),                   # a checkpoint folder, as --model
+])  # fmt: skip
+def test_overwrite_never_deletes_the_model_the_run_starts_from(sft_run, capsys, no_model_load, flag, argument):
+    argument = argument.format(out=sft_run)
+    before = sorted(path.name for path in sft_run.iterdir())
+    err = _exit_2(train_argv(sft_run, flag, argument, "--overwrite_output_dir"), capsys)
+    assert f"{flag} {argument} is " in err and f"inside --output_dir {sft_run}" in err
+    assert "would delete it before it loads; write the new run to another --output_dir" in err
+    assert sorted(path.name for path in sft_run.iterdir()) == before  # nothing deleted
+    assert (latest_model_dir(sft_run) / "config.json").is_file()
+
+
+def test_overwrite_into_another_folder_still_starts_from_the_model(sft_run, tmp_path, capsys):
+    """The check refuses only a start inside output_dir: --init_from a run into a new folder trains."""
+    out = tmp_path / "grpo"
+    out.mkdir()
+    train.main(train_argv(out, "--init_from", str(sft_run), "--overwrite_output_dir", "--max_steps", "1"))
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_output_dir_is_refused_naming_the_flag(tmp_path, capsys, no_model_load, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)  # where Path("") would have written
+    err = _exit_2(train_argv(value), capsys)
+    assert "--output_dir is empty (an unset shell variable" in err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no metrics.jsonl in the working directory
+    err = _exit_2(["--model", "tiny", "--output_dir", value], capsys, eval_script.main)
+    assert "--output_dir is empty" in err

@@ -4,7 +4,10 @@ otherwise surface minutes later, after the model and the data have loaded, as a 
 - the reward functions resolve (built-in names, `module:function` imports);
 - `--model` / `--init_from` name a preset, an existing folder, or a Hub id that can be reached
   (offline, a Hub id must already be in the local cache);
-- `--output_dir` can be written to (a probe file in it, or in the nearest folder above it that exists).
+- `--output_dir` is given (not '', as an unset shell variable makes it) and can be written to (a
+  probe file in it, or in the nearest folder above it that exists);
+- `--overwrite_output_dir` would not delete the model the run starts from (a checkpoint inside
+  `--output_dir`, named by `--init_from` / `--model`).
 
 Each raises `ConfigError`, which the scripts turn into `error: ...` and exit code 2.
 """
@@ -59,6 +62,11 @@ def check_model_source(flag: str, value: str) -> None:
 
 def check_writable(flag: str, output_dir: str) -> None:
     """Write (and remove) a probe file where the run will write, without creating output_dir."""
+    if not output_dir.strip():  # Path("") is ".": the run would write into the working directory
+        raise ConfigError(
+            f"{flag} is empty (an unset shell variable, e.g. {flag} $OUT?); give the folder to write to, "
+            f"e.g. {flag} runs/grpo"
+        )
     target = Path(output_dir).expanduser()
     existing = target
     while not existing.exists() and existing != existing.parent:
@@ -75,6 +83,30 @@ def check_writable(flag: str, output_dir: str) -> None:
     os.unlink(probe)
 
 
+def check_overwrite_spares_the_start(config: Config) -> None:
+    """--overwrite_output_dir deletes output_dir's checkpoints before the model loads: refuse when
+    the model the run starts from (--init_from, else --model) is one of them."""
+    from grpo.runtime.policy import resolve_model_path
+
+    if not config.train.overwrite_output_dir:
+        return
+    flag, argument = ("--init_from", config.model.init_from) if config.model.init_from else ("--model", config.model.model)
+    try:
+        source = Path(resolve_model_path(argument)).expanduser()
+    except FileNotFoundError:
+        return  # a folder without a model: resolve_model_path says what it expected, when the model loads
+    if not source.exists():
+        return  # a preset or a Hub id
+    output_dir = Path(config.train.output_dir).expanduser().resolve()
+    source = source.resolve()
+    if source != output_dir and output_dir in source.parents:
+        raise ConfigError(
+            f"{flag} {argument} is {source}, inside --output_dir {config.train.output_dir}, and "
+            "--overwrite_output_dir would delete it before it loads; write the new run to another --output_dir "
+            f"(or copy {source} out of it first)"
+        )
+
+
 def check_before_loading(config: Config) -> None:
     """Everything about train.py's command line that can be checked without the model or the data."""
     if config.train.stage == "grpo":
@@ -89,3 +121,4 @@ def check_before_loading(config: Config) -> None:
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)
     check_writable("--output_dir", config.train.output_dir)
+    check_overwrite_spares_the_start(config)
