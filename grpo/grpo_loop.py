@@ -40,7 +40,7 @@ from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.forward import GenerationBatch
-from grpo.engine.rollout import mask_truncated, sample_rollouts
+from grpo.engine.rollout import in_eval_mode, mask_truncated, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.rewards import compute_rewards, resolve_reward_functions
 from grpo.runtime.distributed import (
@@ -54,6 +54,7 @@ from grpo.runtime.run import StopRequest, TrainingRun, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
+@in_eval_mode  # no dropout in the entropy that selects the tokens
 def step_policy_token_mask(
     model: torch.nn.Module, generation: GenerationBatch, step_rows: torch.Tensor, loss_mask: torch.Tensor, *,
     quantile: float, micro_batch_size: int, reuse_images: bool,
@@ -287,6 +288,7 @@ def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) 
 
 
 @torch.no_grad()
+@in_eval_mode  # pi_old and pi_ref without dropout, on every generation batch alike
 def frozen_logprobs(
     model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
 ) -> torch.Tensor:

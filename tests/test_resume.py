@@ -24,6 +24,11 @@ CASES = {
     "sft": ("sft", ["--gradient_accumulation_steps", "2", "--eval_steps", "2"]),
     # LoRA dropout draws from torch's global generator: a save (merging LoRA) must not move it.
     "grpo-lora-dropout": ("grpo", ["--freeze_policy", "lora", "--lora_dropout", "0.1", "--learning_rate", "1e-2"]),
+    # LoRA dropout and two inner epochs: pi_old's forward runs in eval mode on every generation batch,
+    # not in eval on a process's first one and in train mode (dropout on) after (issue: resume drifted).
+    "grpo-lora-dropout-two-epochs": ("grpo", [
+        "--freeze_policy", "lora", "--lora_dropout", "0.1", "--num_iterations", "2", "--learning_rate", "1e-2",
+    ]),  # fmt: skip
     # Dynamic sampling draws a varying number of prompts per batch: the stream must resume where
     # the rounds left it. With the other batch options: unscored rewards, overlong, top entropy.
     "grpo-dynamic-sampling": ("grpo", [
