@@ -123,7 +123,7 @@ def evaluate(args: EvalArguments, data_args) -> dict:
     from data.loading import check_gold_answers, load_eval_dataset
     from grpo.engine.rollout import sample_rollouts
     from grpo.reward_functions import extract_answer
-    from grpo.rewards import resolve_reward_functions
+    from grpo.rewards import check_reward_output, resolve_reward_functions
     from grpo.runtime.device import resolve_device, seed_everything
     from grpo.runtime.policy import resolve_model_path
     from models.loading import load_policy, resolve_dtype, special_token_ids
@@ -166,17 +166,27 @@ def evaluate(args: EvalArguments, data_args) -> dict:
             outputs = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             answers = [a for a in batch["answers"] for _ in range(k)]
             questions = [q for q in batch["questions"] for _ in range(k)]
-            correct = accuracy_fn(outputs, answers, questions=questions)
-            formatted = format_fn[0][1](outputs, answers, questions=questions) if format_fn else [0.0] * len(outputs)
+            # Checked as training checks them: one finite number (or None) per completion, named if not.
+            correct = check_reward_output(accuracy_name, accuracy_fn(outputs, answers, questions=questions), len(outputs))
+            if all(math.isnan(value) for value in correct):  # None for every one: an accuracy of 0 would be made up
+                raise ValueError(
+                    f"--accuracy_reward {accuracy_name}: returned None for every one of the {len(outputs)} completions of "
+                    f"examples {start}-{start + len(examples) - 1}, so it scored none; None is for a completion it cannot "
+                    "score: return 0.0 for a wrong one"
+                )
+            formatted = (
+                check_reward_output(format_fn[0][0], format_fn[0][1](outputs, answers, questions=questions), len(outputs))
+                if format_fn else [0.0] * len(outputs)
+            )  # fmt: skip
             for i, example in enumerate(examples):
                 rows = range(i * k, (i + 1) * k)
-                # None (a reward that cannot score the answer, e.g. unparsable) counts as not correct
-                is_correct = [bool(correct[r] is not None and correct[r] > 0) for r in rows]
+                # None (NaN here: a reward that cannot score the answer, e.g. unparsable) counts as not correct
+                is_correct = [bool(correct[r] > 0) for r in rows]  # NaN > 0 is False
                 totals["examples"] += 1
                 totals["pass"] += int(any(is_correct))
                 totals["correct_samples"] += sum(is_correct)
                 correct_per_prompt.append(sum(is_correct))
-                totals["formatted_samples"] += sum(bool(formatted[r] is not None and formatted[r] > 0) for r in rows)
+                totals["formatted_samples"] += sum(bool(formatted[r] > 0) for r in rows)
                 totals["samples"] += k
                 record = {
                     "question": example["question"],

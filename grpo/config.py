@@ -99,6 +99,11 @@ class ModelArguments:
             raise ConfigError("--num_trainable_layers must be >= 0")
         if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_r {self.lora_r} / --lora_dropout {self.lora_dropout}: need r >= 1 and dropout in [0, 1)")
+        if self.freeze_policy == "lora" and self.lora_alpha <= 0:  # alpha / r scales the update: 0 never trains
+            raise ConfigError(
+                f"--lora_alpha {self.lora_alpha}: must be > 0 (the LoRA update is scaled by alpha / r, so 0 makes "
+                "every gradient exactly 0); the usual choice is 2 * --lora_r or the default 32"
+            )
 
 
 @dataclass
@@ -235,6 +240,11 @@ class TrainArguments:
             raise ConfigError("--warmup_steps and --save_steps must be >= 0, --save_total_limit >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError(
+                "pass only one of --resume and --overwrite_output_dir: --resume continues the run in "
+                "--output_dir, --overwrite_output_dir deletes its checkpoints and starts over"
+            )
         if self.max_nonfinite_steps < 1:
             raise ConfigError("--max_nonfinite_steps must be >= 1")
         if self.max_grad_norm < 0:
@@ -504,6 +514,11 @@ class GRPOArguments:
             raise ConfigError(
                 f"--reward_weights has {len(weights)} values but --reward_functions names "
                 f"{len(self.reward_function_names)} functions; give one weight per function"
+            )
+        if weights and all(w == 0 for w in weights):  # the reward would be 0 for every completion
+            raise ConfigError(
+                f"--reward_weights {self.reward_weights!r}: every weight is 0, so every reward and advantage "
+                "would be 0 and nothing would train; give at least one function a non-zero weight"
             )
         return weights
 

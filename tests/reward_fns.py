@@ -74,3 +74,23 @@ def coarse_length_reward(completions, answers, **columns):
 def unscored_sometimes(completions, answers, **columns):
     """length_reward, or None (cannot score) for a completion whose length is a multiple of 3."""
     return [None if len(text) % 3 == 0 else min(len(text), 64) / 64 for text in completions]
+
+
+def always_none(completions, answers, **columns):
+    """None (cannot score) for every completion: a broken reward that would train on zero advantages."""
+    return [None] * len(completions)
+
+
+def nan_for_the_second(completions, answers, **columns):
+    """even_parity, but NaN for completion 1: a value eval.py must refuse, not count as wrong."""
+    values = even_parity(completions, answers)
+    if len(values) > 1:
+        values[1] = math.nan
+    return values
+
+
+def fails_on_batches(completions, answers, **columns):
+    """Scores one completion at a time; raises on any batch of two or more (a batch-level bug)."""
+    if len(completions) > 1:
+        raise ValueError("expected one completion")
+    return length_reward(completions, answers)

@@ -6,6 +6,7 @@ otherwise surface minutes later, after the model and the data have loaded, as a 
   (offline, a Hub id must already be in the local cache);
 - `--output_dir` is given (not '', as an unset shell variable makes it) and can be written to (a
   probe file in it, or in the nearest folder above it that exists);
+- `--resume` changes no flag that changes what a step computes (RESUMABLE lists those that may change);
 - `--overwrite_output_dir` would not delete the model the run starts from (a checkpoint inside
   `--output_dir`, named by `--init_from` / `--model`).
 
@@ -14,6 +15,7 @@ Each raises `ConfigError`, which the scripts turn into `error: ...` and exit cod
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -107,6 +109,64 @@ def check_overwrite_spares_the_start(config: Config) -> None:
         )
 
 
+# Flags a resumed run may change: where and how often it saves and logs, how far it goes, how fast
+# it computes the same numbers. Every other flag must be the checkpoint's, or the resumed run is
+# not the run it continues (a changed --num_generations, --learning_rate, --seed ... would silently
+# start another one halfway). --model / --init_from: grpo/runtime/starting_point.py checks them.
+RESUMABLE = {
+    "model": {"model", "init_from", "attn_implementation", "gradient_checkpointing"},
+    "train": {
+        "output_dir", "max_steps", "save_steps", "save_total_limit", "resume", "overwrite_output_dir", "logging_steps",
+        "report_to", "progress_bar", "skip_preflight", "max_nonfinite_steps", "device", "fsdp",
+    },
+    "grpo": {"sample_log_steps", "decode", "shared_prompt_forward", "reuse_frozen_image_features"},
+    "sft": {"eval_steps", "max_eval_examples", "eval_accuracy_reward", "early_stopping_patience", "early_stopping_min_delta"},
+    "data": set(),
+}  # fmt: skip
+
+
+def check_resume_settings(config: Config) -> None:
+    """--resume: refuse a flag that differs from the latest checkpoint's run_config.json (outside
+    RESUMABLE), naming it, both values and the two ways on."""
+    from grpo.runtime.checkpoint import RUN_CONFIG, _stage_of, latest_checkpoint
+
+    if not config.train.resume:
+        return
+    checkpoint = latest_checkpoint(config.train.output_dir)
+    if checkpoint is None:
+        return  # a fresh start (check_output_dir warns)
+    try:
+        saved = json.loads((checkpoint / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return  # unreadable: the resume itself reports it
+    stage = config.train.stage
+    if _stage_of(saved) not in (None, stage):
+        return  # check_output_dir names the stage mismatch
+    current = json.loads(json.dumps(config.to_dict(), default=str))  # as run_config.json holds it
+    groups = ("model", "data", "train", stage)
+    changed = [
+        (name, saved[group][name], value)
+        for group in groups
+        if isinstance(saved.get(group), dict)
+        for name, value in current[group].items()
+        if name not in RESUMABLE[group] and name in saved[group] and saved[group][name] != value
+    ]
+    if config.train.lr_scheduler == "cosine" and saved.get("train", {}).get("max_steps", config.train.max_steps) != config.train.max_steps:
+        changed.append(("max_steps", saved["train"]["max_steps"], config.train.max_steps))  # the cosine's length
+    if changed:
+        listed = ", ".join(f"--{name} {new} (the run has {old})" for name, old, new in changed)
+        may_change = sorted(
+            name for group in groups for name in RESUMABLE[group] if name not in ("resume", "overwrite_output_dir")
+        )
+        raise ConfigError(
+            f"--resume: {listed}; a resumed run must compute the steps the run would have, so resume with "
+            f"the run's values (its {checkpoint / RUN_CONFIG}), or start a new run from the checkpoint "
+            f"(--init_from {checkpoint} --output_dir NEW). Flags that may change on resume: "
+            + ", ".join(f"--{name}" for name in may_change)
+            + (" (--max_steps not under --lr_scheduler cosine, whose length it sets)" if config.train.lr_scheduler == "cosine" else "")
+        )
+
+
 def check_before_loading(config: Config) -> None:
     """Everything about train.py's command line that can be checked without the model or the data."""
     if config.train.stage == "grpo":
@@ -122,3 +182,4 @@ def check_before_loading(config: Config) -> None:
         check_model_source("--init_from", config.model.init_from)
     check_writable("--output_dir", config.train.output_dir)
     check_overwrite_spares_the_start(config)
+    check_resume_settings(config)
