@@ -398,7 +398,8 @@ def train_grpo(config: Config) -> dict:
                     break
 
             # --- checkpoint (only between generation batches, so a resume starts a fresh one) ---
-            if targs.save_steps and step - last_saved >= targs.save_steps and step < targs.max_steps:
+            # on the first batch end past each multiple of --save_steps, so a resumed run saves where the straight one does
+            if targs.save_steps and step // targs.save_steps > last_saved // targs.save_steps and step < targs.max_steps:
                 save(step)
                 last_saved = step
 

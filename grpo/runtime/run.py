@@ -106,6 +106,14 @@ class TrainingRun:
         restore_adapters(self.policy, state["extra"].get("lora_adapters", {}))
         if self.is_main:
             print(f"[resume] {self.resume_from} at step {state['step']}", flush=True)
+            max_steps = self.config.train.max_steps
+            if state["step"] >= max_steps:  # a finished run relaunched (a scheduler retry) or a lower --max_steps
+                print(
+                    f"[resume] nothing to train: the run is at step {state['step']} and --max_steps is {max_steps}"
+                    + (" (below it: the steps after it stay as they are)" if state["step"] > max_steps else "")
+                    + "; raise --max_steps to train further",
+                    flush=True,
+                )
         return state
 
     def save(self, step: int, stream: IndexStream, extra: dict | None = None) -> None:
