@@ -70,6 +70,10 @@ class EvalArguments:
             )
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+        from grpo.engine.sampling import MIN_TEMPERATURE
+
+        if self.num_samples > 1 and self.temperature < MIN_TEMPERATURE:  # logits / temperature overflow to inf
+            raise ValueError(f"--temperature {self.temperature}: sample at a temperature >= {MIN_TEMPERATURE}")
         if self.eval_part not in ("validation", "test", "train", "all"):
             raise ValueError(f"--eval_part {self.eval_part!r}: use validation, test, train or all")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
+from grpo.engine.sampling import MIN_TEMPERATURE
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
@@ -164,8 +165,11 @@ class DataArguments:
         _reject_non_finite(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.count_min < 0 or self.count_max < self.count_min:
-            raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
+        if self.count_min < 1 or self.count_max < self.count_min:  # a scene holds at least one object (data/synthetic.py)
+            raise ConfigError(
+                f"--count_min {self.count_min} / --count_max {self.count_max}: need 1 <= --count_min <= --count_max "
+                "(a synthetic scene holds at least one object)"
+            )
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
         from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
@@ -444,6 +448,11 @@ class GRPOArguments:
             raise ConfigError(f"--advantage_scale {self.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
         if self.temperature < 0:
             raise ConfigError("--temperature must be >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"--temperature {self.temperature}: below {MIN_TEMPERATURE} logits / temperature can overflow to "
+                f"inf (and sampling is greedy in all but name); use 0 for greedy decoding, or >= {MIN_TEMPERATURE}"
+            )
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
         if self.max_generation_rounds < 1:

@@ -404,3 +404,34 @@ def test_an_empty_output_dir_is_refused_naming_the_flag(tmp_path, capsys, no_mod
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no metrics.jsonl in the working directory
     err = _exit_2(["--model", "tiny", "--output_dir", value], capsys, eval_script.main)
     assert "--output_dir is empty" in err
+
+
+# --- round two: tracebacks where a named error belongs ---
+
+NAMED_AT_START = [
+    # The sampler divided by 1e-40 after its finite check: logits inf, "index 927 is out of bounds".
+    (["--temperature", "1e-40"], "--temperature 1e-40: below 0.01 logits / temperature can overflow to inf"),
+    # A scene of 0 objects failed in the data generator, after the model had loaded.
+    (["--count_min", "0", "--count_max", "0"], "--count_min 0 / --count_max 0: need 1 <= --count_min <= --count_max"),
+    # CUDA graphs on the CPU failed in the first rollout, after metrics.jsonl was created.
+    (["--decode", "cuda_graph", "--device", "cpu"], "--decode cuda_graph needs CUDA, but this run is on the CPU (--device cpu"),
+]
+
+
+@pytest.mark.parametrize("flags, message", NAMED_AT_START, ids=[flags[0] for flags, _ in NAMED_AT_START])
+def test_settings_that_failed_with_a_traceback_exit_2_naming_the_flag(tmp_path, capsys, no_model_load, flags, message):
+    err = _exit_2(train_argv(tmp_path / "run", *flags), capsys)
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_model_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path, capsys, no_model_load, monkeypatch):
+    # runs/nothere has the owner/name shape of a Hub id: it went to the Hub (33 s of retries, a traceback).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: the case that used to reach the Hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "runs").mkdir()
+    err = _exit_2(train_argv(tmp_path / "out", "--model", "runs/nothere"), capsys)
+    assert "--model runs/nothere: no such directory (./runs exists, so it reads as a local path" in err
+    err = _exit_2(train_argv(tmp_path / "out", "--init_from", "runs/nothere"), capsys)
+    assert "--init_from runs/nothere: no such directory" in err

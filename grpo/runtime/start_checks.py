@@ -39,6 +39,35 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir()), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_decode_device(config: Config) -> None:
+    """--decode cuda_graph captures CUDA graphs: refuse it where the run will not be on CUDA."""
+    import torch
+
+    if config.train.stage != "grpo" or config.grpo.decode != "cuda_graph":
+        return
+    if config.train.device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(
+            f"--decode cuda_graph needs CUDA, but this run is on the CPU (--device {config.train.device}"
+            + ("" if config.train.device == "cpu" else ", and no CUDA device is visible")
+            + "); use --decode auto (dynamic on the CPU), dynamic or static"
+        )
+
+
 def check_model_source(flag: str, value: str) -> None:
     """A preset name, an existing path, or an owner/name Hub id (in the cache, when offline)."""
     from models.loading import TINY_PRESETS
@@ -50,13 +79,16 @@ def check_model_source(flag: str, value: str) -> None:
             f"{flag} {value}: no such directory, and not a Hub id (owner/name) or a preset "
             f"({', '.join(sorted(TINY_PRESETS))})"
         )
+    owner = Path(value).parent  # runs/nothere: "runs" is a folder here, so a local path was meant
+    if owner.is_dir() and not _in_hub_cache(value):
+        raise ConfigError(
+            f"{flag} {value}: no such directory (./{owner} exists, so it reads as a local path, not the Hub id "
+            f"{value}); check the folder name, or run from a folder without ./{owner} to fetch it from the Hub"
+        )
     if _hub_offline():
-        from huggingface_hub import constants, try_to_load_from_cache
-
-        cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-        if not isinstance(try_to_load_from_cache(value, "config.json", cache_dir=cache_dir), str):
+        if not _in_hub_cache(value):
             raise ConfigError(
-                f"{flag} {value}: not a local directory, and not in the local cache ({cache_dir}) while the "
+                f"{flag} {value}: not a local directory, and not in the local cache ({_hub_cache_dir()}) while the "
                 "Hub is offline (HF_HUB_OFFLINE=1); download it where the Hub can be reached "
                 f"(huggingface-cli download {value}) or pass a local folder written by save_pretrained"
             )
@@ -177,6 +209,7 @@ def check_before_loading(config: Config) -> None:
         )
     if config.train.stage == "sft" and config.sft.eval_accuracy_reward:
         check_reward_specs("--eval_accuracy_reward", [config.sft.eval_accuracy_reward])
+    check_decode_device(config)
     check_model_source("--model", config.model.model)
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)
