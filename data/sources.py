@@ -137,14 +137,19 @@ def _image_bytes(value, image_root: Path | None) -> tuple[bytes | None, Image.Im
 def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dict:
     """A {"bytes", "path"} dict for datasets' Image feature; re-encodes only when needed."""
     data, image = _image_bytes(value, image_root)
-    width, height = image.size
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ValueError(
-            f"a {width} x {height} px image: its aspect ratio {max(width, height) / min(width, height):.1f} is over "
-            f"{MAX_ASPECT_RATIO}, which the Qwen2.5-VL processor refuses"
-        )
+    original = image.size
     if max_pixels is not None and image.width * image.height > max_pixels:
         image, data = resize_to_max_pixels(image.convert("RGB"), max_pixels), None
+    # Checked on the image the processor will get: the downscale floors both sides, so a 4000 x 20
+    # image (ratio 200) becomes 3620 x 18 (ratio 201.1) under --max_pixels 65536, which the processor
+    # would refuse at the step that samples it, on every start and resume.
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        shrunk = f" ({original[0]} x {original[1]} px before --max_pixels shrank it)" if image.size != original else ""
+        raise ValueError(
+            f"a {width} x {height} px image{shrunk}: its aspect ratio {max(width, height) / min(width, height):.1f} "
+            f"is over {MAX_ASPECT_RATIO}, which the Qwen2.5-VL processor refuses"
+        )
     if data is None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)

@@ -252,6 +252,23 @@ def test_an_image_with_an_aspect_ratio_over_200_is_skipped_and_counted(tmp_path,
     assert [r["skipped_images"] for r in read_metrics(out)] == [2, 2]
 
 
+def test_an_image_that_max_pixels_shrinks_past_ratio_200_is_skipped_at_load(tmp_path, train_run):
+    """4000 x 20 (ratio 200) passes the check as it is, but --max_pixels 65536 shrinks it by
+    sqrt(65536 / 80000) = 0.905 to floor(3620.4) x floor(18.1) = 3620 x 18, ratio 201.1, which the
+    processor refuses: every start failed in the pre-flight, every resume at the same step."""
+    from data.sources import load_examples
+
+    source = _save_dataset(tmp_path / "data", rows=12, sizes={5: (4000, 20)})
+    with pytest.warns(UserWarning, match=r"skipped 1 of 12 rows"):
+        dataset, report = load_examples(source, max_pixels=65536)
+    assert report.skipped_images == 1 and 5 not in dataset["source_row"]
+    _, report = load_examples(source)  # without the downscale the processor takes it (ratio 200)
+    assert report.skipped_images == 0
+    with pytest.warns(UserWarning, match="skipped 1 of 12 rows"):
+        out = train_run(tmp_path / "run", "--dataset", source, "--max_steps", "1", "--max_pixels", "65536")
+    assert [r["skipped_images"] for r in read_metrics(out)] == [1]
+
+
 def test_an_image_the_processor_rejects_during_a_step_names_its_row():
     from data.collators import GRPOCollator, SFTCollator
     from models.loading import load_policy
