@@ -242,9 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((EvalArguments, DataArguments))
     try:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        from grpo.runtime.start_checks import check_model_source, check_reward_specs, check_writable
+        from grpo.runtime.start_checks import (
+            check_attn_implementation,
+            check_model_source,
+            check_reward_specs,
+            check_writable,
+        )
 
         check_model_source("--model", args.model)
+        check_attn_implementation("--attn_implementation", args.attn_implementation)
         check_reward_specs("--accuracy_reward", [args.accuracy_reward])
         if args.format_reward:
             check_reward_specs("--format_reward", [args.format_reward])

@@ -102,6 +102,34 @@ def extract_tag(text, tag: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def _raise_on_the_bad_json_line(path: Path, error: Exception) -> None:
+    """datasets failed to read a .jsonl/.json file: find the line it choked on and name it."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON document
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            raise ValueError(f"--dataset {path}: line {bad.lineno} is not valid JSON ({bad.msg}); fix it") from error
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise ValueError(
+                f"--dataset {path}: line {number} is not valid JSON ({bad.msg} at column {bad.colno}): "
+                f"{line[:120]!r}; fix or delete that line (one JSON object per line)"
+            ) from error
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"--dataset {path}: line {number} is a JSON {type(row).__name__}, not an object: {line[:120]!r}; "
+                "each line must be one object such as {\"image\": ..., \"problem\": ..., \"solution\": ...}"
+            ) from error
+
+
 # --------------------------------------------------------------------------- image helpers
 
 def resize_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -239,8 +267,13 @@ def _read_source(source, split: str, seed: int, num_examples: int | None,
         builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r} (parquet, jsonl, json)")
-        loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
-                                       cache_dir=cache_dir)
+        try:
+            loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
+                                           cache_dir=cache_dir)
+        except Exception as error:  # datasets' DatasetGenerationError names no line
+            if builder == "json":
+                _raise_on_the_bad_json_line(path, error)
+            raise
         return loaded, path.parent
     if path.is_dir():  # a folder of parquet / jsonl files; datasets infers splits from names
         return datasets.load_dataset(str(path), split=split, cache_dir=cache_dir), path

@@ -10,6 +10,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bad_inputs.py -q
 from __future__ import annotations
 
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -452,3 +453,24 @@ def test_a_relative_model_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_pa
     assert "--model runs/nothere: no such directory (./runs exists, so it reads as a local path" in err
     err = _exit_2(train_argv(tmp_path / "out", "--init_from", "runs/nothere"), capsys)
     assert "--init_from runs/nothere: no such directory" in err
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path):
+    from data.sources import load_examples
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "problem": "How many?", "solution": "1"})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([good, good, '{"image": "a.png", "problem": "How many?", "solution": ', good]) + "\n")
+    # datasets said only DatasetGenerationError, naming no line.
+    with pytest.raises(ValueError, match=r"--dataset .*data.jsonl: line 3 is not valid JSON \(Expecting value at column \d+\)"):
+        load_examples(str(path), image_root=str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_flash_attn_exits_2_and_leaves_no_output_dir(tmp_path, capsys, no_model_load):
+    err = _exit_2(train_argv(tmp_path / "run", "--attn_implementation", "flash_attention_2"), capsys)
+    assert "--attn_implementation flash_attention_2 needs the flash-attn package, which is not installed" in err
+    assert not (tmp_path / "run").exists()  # it used to leave an empty output_dir behind
+    err = _exit_2(["--attn_implementation", "flash_attention_2", "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert "needs the flash-attn package" in err

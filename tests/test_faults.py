@@ -569,3 +569,21 @@ def test_resume_refuses_a_flag_that_changes_the_steps_and_names_what_may_change(
     with pytest.raises(SystemExit):
         train_run(cosine, "--max_steps", "3", "--resume", "--lr_scheduler", "cosine")
     assert "--max_steps 3 (the run has 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damaged", ["model/model.safetensors", "trainer_state.pt"])
+def test_a_truncated_file_in_the_latest_checkpoint_names_it_and_offers_the_previous(tmp_path, train_run, damaged):
+    out = train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "1")
+    target = out / "checkpoint-00000002" / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a copy cut short
+    shown = str(out / "checkpoint-00000002" / damaged.split("/")[0])  # model/ names the folder
+    # It used to be a raw PytorchStreamReader / SafetensorError naming no file.
+    with pytest.raises(RuntimeError, match="cannot be read") as info:
+        train_run(out, "--max_steps", "3", "--resume")
+    message = str(info.value)
+    assert f"checkpoint {out / 'checkpoint-00000002'} is marked complete but {shown}" in message
+    assert f"The previous complete checkpoint is {out / 'checkpoint-00000001'}: move the damaged one aside" in message
+    # What it says works: moved aside, --resume continues from step 1.
+    (out / "checkpoint-00000002").rename(out / "damaged-checkpoint-00000002")
+    train_run(out, "--max_steps", "3", "--resume")
+    assert _steps(out) == [1, 2, 3]

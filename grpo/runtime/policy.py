@@ -89,7 +89,14 @@ def build_policy(
         )
 
     resume_weights = resume_dir is not None and args.freeze_policy != "lora"
-    model, processor = load(str(Path(resume_dir) / "model") if resume_weights else source)
+    try:
+        model, processor = load(str(Path(resume_dir) / "model") if resume_weights else source)
+    except Exception as error:
+        if not resume_weights:
+            raise
+        from grpo.runtime.checkpoint import damaged_checkpoint_error
+
+        raise damaged_checkpoint_error(resume_dir, Path(resume_dir) / "model", error) from error
     tokens = special_token_ids(model, processor)
     if not resume_weights:  # the model holds the starting point's weights: fingerprint (or check) them
         starting_point = check_fingerprint(starting_point, model)

@@ -68,6 +68,18 @@ def check_decode_device(config: Config) -> None:
         )
 
 
+def check_attn_implementation(flag: str, value: str) -> None:
+    """flash_attention_2 needs the flash_attn package; without it transformers fails at load time,
+    after output_dir was made."""
+    import importlib.util
+
+    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"{flag} flash_attention_2 needs the flash-attn package, which is not installed: pip install "
+            f"flash-attn (CUDA only), or use {flag} sdpa (the default) or eager"
+        )
+
+
 def check_model_source(flag: str, value: str) -> None:
     """A preset name, an existing path, or an owner/name Hub id (in the cache, when offline)."""
     from models.loading import TINY_PRESETS
@@ -210,6 +222,7 @@ def check_before_loading(config: Config) -> None:
     if config.train.stage == "sft" and config.sft.eval_accuracy_reward:
         check_reward_specs("--eval_accuracy_reward", [config.sft.eval_accuracy_reward])
     check_decode_device(config)
+    check_attn_implementation("--attn_implementation", config.model.attn_implementation)
     check_model_source("--model", config.model.model)
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)
