@@ -108,6 +108,19 @@ def is_main(info: DistInfo | None = None) -> bool:
     return (info.rank if info is not None else get_rank()) == 0
 
 
+def quiet_other_ranks(rank: int) -> None:
+    """On ranks other than 0, turn off the progress bars datasets and transformers draw themselves
+    ("Casting the dataset", "Loading weights"): rank 0 reports for the job, and under torchrun
+    every rank's copy would otherwise land in the same console or in each rank's own log."""
+    if rank == 0:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_initialized():

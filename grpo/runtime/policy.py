@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import Config, ModelArguments
+from grpo.runtime.distributed import is_main
 from models.loading import resolve_dtype
 
 
@@ -120,7 +121,8 @@ def build_policy(
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     vision_trainable = any(p.requires_grad for p in model.model.visual.parameters())
-    print(f"[model] {source if not resume_weights else resume_dir}: {describe_trainable(model)}", flush=True)
+    if is_main():  # rank 0 prints for the job (README: logs come from rank 0 only)
+        print(f"[model] {source if not resume_weights else resume_dir}: {describe_trainable(model)}", flush=True)
     return Policy(
         model, processor, tokens, reference, vision_trainable, args.freeze_policy == "lora", starting_point=starting_point
     )

@@ -49,6 +49,7 @@ from grpo.runtime.distributed import (
     broadcast_parameters,
     cleanup,
     init_distributed,
+    quiet_other_ranks,
     sync_gradients,
 )
 from grpo.runtime.metrics import MetricsLogger, SampleLogger
@@ -221,6 +222,7 @@ def report_clean_stop(step: int) -> None:
 def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRun:
     """Join the ranks, lock and check the run directory, load the policy (and reference), build AdamW."""
     dist_info = init_distributed(config.train.device)
+    quiet_other_ranks(dist_info.rank)  # before the model and the data load
     seed_everything(config.train.seed)
     targs = config.train
     # Rank 0 locks the folder, then decides (and deletes, with --overwrite_output_dir); the others
