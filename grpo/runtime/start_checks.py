@@ -3,7 +3,9 @@ otherwise surface minutes later, after the model and the data have loaded, as a 
 
 - the reward functions resolve (built-in names, `module:function` imports);
 - `--model` / `--init_from` name a preset, an existing folder, or a Hub id that can be reached
-  (offline, a Hub id must already be in the local cache);
+  (offline, a Hub id must already be in the local cache; a relative path whose first folder
+  exists here, such as runs/nothere, is a missing folder, not a Hub id);
+- `--decode cuda_graph` has CUDA; `--attn_implementation flash_attention_2` has flash-attn;
 - `--output_dir` is given (not '', as an unset shell variable makes it) and can be written to (a
   probe file in it, or in the nearest folder above it that exists);
 - `--resume` changes no flag that changes what a step computes (RESUMABLE lists those that may change);
