@@ -33,10 +33,16 @@ from data.collators import GRPOCollator
 from data.loading import check_gold_answers, load_eval_dataset
 from grpo.config import ConfigError, DataArguments
 from grpo.engine.rollout import sample_rollouts
+from grpo.engine.sampling import MIN_TEMPERATURE
 from grpo.reward_functions import extract_answer
-from grpo.rewards import example_columns, resolve_reward_functions
+from grpo.rewards import check_reward_output, example_columns, resolve_reward_functions
 from grpo.runtime.device import resolve_device, seed_everything
-from grpo.runtime.start_checks import check_model_source, check_reward_specs, check_writable
+from grpo.runtime.start_checks import (
+    check_attn_implementation,
+    check_model_source,
+    check_reward_specs,
+    check_writable,
+)
 from grpo.runtime.starting_point import resolve_model_path
 from models.loading import load_policy, resolve_dtype, special_token_ids
 
@@ -82,6 +88,8 @@ class EvalArguments:
             )
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+        if self.num_samples > 1 and self.temperature < MIN_TEMPERATURE:  # logits / temperature overflow to inf
+            raise ValueError(f"--temperature {self.temperature}: sample at a temperature >= {MIN_TEMPERATURE}")
         if self.eval_part not in ("validation", "test", "train", "all"):
             raise ValueError(f"--eval_part {self.eval_part!r}: use validation, test, train or all")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:
@@ -169,17 +177,27 @@ def evaluate(args: EvalArguments, data_args) -> dict:
             outputs = processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             answers = [a for a in batch["answers"] for _ in range(k)]
             columns = example_columns(examples, k)  # questions, images, image_paths, every other column
-            correct = accuracy_fn(outputs, answers, **columns)
-            formatted = format_fn[0][1](outputs, answers, **columns) if format_fn else [0.0] * len(outputs)
+            # Checked as training checks them: one finite number (or None) per completion, named if not.
+            correct = check_reward_output(accuracy_name, accuracy_fn(outputs, answers, **columns), len(outputs))
+            if all(math.isnan(value) for value in correct):  # None for every one: an accuracy of 0 would be made up
+                raise ValueError(
+                    f"--accuracy_reward {accuracy_name}: returned None for every one of the {len(outputs)} completions of "
+                    f"examples {start}-{start + len(examples) - 1}, so it scored none; None is for a completion it cannot "
+                    "score: return 0.0 for a wrong one"
+                )
+            formatted = (
+                check_reward_output(format_fn[0][0], format_fn[0][1](outputs, answers, **columns), len(outputs))
+                if format_fn else [0.0] * len(outputs)
+            )  # fmt: skip
             for i, example in enumerate(examples):
                 rows = range(i * k, (i + 1) * k)
-                # None (a reward that cannot score the answer, e.g. unparsable) counts as not correct
-                is_correct = [bool(correct[r] is not None and correct[r] > 0) for r in rows]
+                # None (NaN here: a reward that cannot score the answer, e.g. unparsable) counts as not correct
+                is_correct = [bool(correct[r] > 0) for r in rows]  # NaN > 0 is False
                 totals["examples"] += 1
                 totals["pass"] += int(any(is_correct))
                 totals["correct_samples"] += sum(is_correct)
                 correct_per_prompt.append(sum(is_correct))
-                totals["formatted_samples"] += sum(bool(formatted[r] is not None and formatted[r] > 0) for r in rows)
+                totals["formatted_samples"] += sum(bool(formatted[r] > 0) for r in rows)
                 totals["samples"] += k
                 record = {
                     "question": example["question"],
@@ -228,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
         check_model_source("--model", args.model)
+        check_attn_implementation("--attn_implementation", args.attn_implementation)
         check_reward_specs("--accuracy_reward", [args.accuracy_reward])
         if args.format_reward:
             check_reward_specs("--format_reward", [args.format_reward])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import json
 import logging
 import math
 import re
@@ -105,6 +106,32 @@ def extract_tag(text, tag: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def _raise_on_the_bad_json_line(path: Path, error: Exception) -> None:
+    """datasets failed to read a .jsonl/.json file: find the line it choked on and name it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON document
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            raise ValueError(f"--dataset {path}: line {bad.lineno} is not valid JSON ({bad.msg}); fix it") from error
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise ValueError(
+                f"--dataset {path}: line {number} is not valid JSON ({bad.msg} at column {bad.colno}): "
+                f"{line[:120]!r}; fix or delete that line (one JSON object per line)"
+            ) from error
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"--dataset {path}: line {number} is a JSON {type(row).__name__}, not an object: {line[:120]!r}; "
+                "each line must be one object such as {\"image\": ..., \"problem\": ..., \"solution\": ...}"
+            ) from error
+
+
 # --------------------------------------------------------------------------- image helpers
 
 def resize_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -149,14 +176,19 @@ def _image_path(value) -> str | None:
 def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dict:
     """A {"bytes", "path"} dict for datasets' Image feature; re-encodes only when needed."""
     data, image = _image_bytes(value, image_root)
-    width, height = image.size
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ValueError(
-            f"a {width} x {height} px image: its aspect ratio {max(width, height) / min(width, height):.1f} is over "
-            f"{MAX_ASPECT_RATIO}, which the Qwen2.5-VL processor refuses"
-        )
+    original = image.size
     if max_pixels is not None and image.width * image.height > max_pixels:
         image, data = resize_to_max_pixels(image.convert("RGB"), max_pixels), None
+    # Checked on the image the processor will get: the downscale floors both sides, so a 4000 x 20
+    # image (ratio 200) becomes 3620 x 18 (ratio 201.1) under --max_pixels 65536, which the processor
+    # would refuse at the step that samples it, on every start and resume.
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        shrunk = f" ({original[0]} x {original[1]} px before --max_pixels shrank it)" if image.size != original else ""
+        raise ValueError(
+            f"a {width} x {height} px image{shrunk}: its aspect ratio {max(width, height) / min(width, height):.1f} "
+            f"is over {MAX_ASPECT_RATIO}, which the Qwen2.5-VL processor refuses"
+        )
     if data is None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)
@@ -245,8 +277,13 @@ def _read_source(source, split: str, seed: int, num_examples: int | None,
         builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r} (parquet, jsonl, json)")
-        loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
-                                       cache_dir=cache_dir)
+        try:
+            loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
+                                           cache_dir=cache_dir)
+        except Exception as error:  # datasets' DatasetGenerationError names no line
+            if builder == "json":
+                _raise_on_the_bad_json_line(path, error)
+            raise
         return loaded, path.parent
     if path.is_dir():  # a folder of parquet / jsonl files; datasets infers splits from names
         return datasets.load_dataset(str(path), split=split, cache_dir=cache_dir), path

@@ -34,6 +34,7 @@ from data.prompts import SYSTEM_PROMPT
 from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
+from grpo.engine.sampling import MIN_TEMPERATURE
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
@@ -104,6 +105,11 @@ class ModelArguments:
             raise ConfigError("--num_trainable_layers must be >= 0")
         if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_r {self.lora_r} / --lora_dropout {self.lora_dropout}: need r >= 1 and dropout in [0, 1)")
+        if self.freeze_policy == "lora" and self.lora_alpha <= 0:  # alpha / r scales the update: 0 never trains
+            raise ConfigError(
+                f"--lora_alpha {self.lora_alpha}: must be > 0 (the LoRA update is scaled by alpha / r, so 0 makes "
+                "every gradient exactly 0); the usual choice is 2 * --lora_r or the default 32"
+            )
 
 
 @dataclass
@@ -162,8 +168,11 @@ class DataArguments:
         _reject_non_finite(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.count_min < 0 or self.count_max < self.count_min:
-            raise ConfigError(f"--count_min {self.count_min} / --count_max {self.count_max}: need 0 <= min <= max")
+        if self.count_min < 1 or self.count_max < self.count_min:  # a scene holds at least one object (data/synthetic.py)
+            raise ConfigError(
+                f"--count_min {self.count_min} / --count_max {self.count_max}: need 1 <= --count_min <= --count_max "
+                "(a synthetic scene holds at least one object)"
+            )
         if self.long_prompts not in ("skip", "error"):
             raise ConfigError(f"--long_prompts {self.long_prompts!r}: use skip or error")
         if self.synthetic_layout not in LAYOUTS:
@@ -236,6 +245,11 @@ class TrainArguments:
             raise ConfigError("--warmup_steps and --save_steps must be >= 0, --save_total_limit >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError(
+                "pass only one of --resume and --overwrite_output_dir: --resume continues the run in "
+                "--output_dir, --overwrite_output_dir deletes its checkpoints and starts over"
+            )
         if self.max_nonfinite_steps < 1:
             raise ConfigError("--max_nonfinite_steps must be >= 1")
         if self.max_grad_norm < 0:
@@ -435,6 +449,11 @@ class GRPOArguments:
             raise ConfigError(f"--advantage_scale {self.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
         if self.temperature < 0:
             raise ConfigError("--temperature must be >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"--temperature {self.temperature}: below {MIN_TEMPERATURE} logits / temperature can overflow to "
+                f"inf (and sampling is greedy in all but name); use 0 for greedy decoding, or >= {MIN_TEMPERATURE}"
+            )
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
         if self.max_generation_rounds < 1:
@@ -505,6 +524,11 @@ class GRPOArguments:
             raise ConfigError(
                 f"--reward_weights has {len(weights)} values but --reward_functions names "
                 f"{len(self.reward_function_names)} functions; give one weight per function"
+            )
+        if weights and all(w == 0 for w in weights):  # the reward would be 0 for every completion
+            raise ConfigError(
+                f"--reward_weights {self.reward_weights!r}: every weight is 0, so every reward and advantage "
+                "would be 0 and nothing would train; give at least one function a non-zero weight"
             )
         return weights
 

@@ -33,7 +33,7 @@ from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import sample_generation_batch
 from grpo.engine.forward import GenerationBatch
-from grpo.engine.rollout import SampledGroups, mask_truncated, sample_rollouts
+from grpo.engine.rollout import SampledGroups, in_eval_mode, mask_truncated, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
 from grpo.runtime.distributed import all_gather_object, all_reduce_sum
@@ -138,7 +138,8 @@ def train_grpo(config: Config) -> dict:
                     break
 
             # --- checkpoint (only between generation batches, so a resume starts a fresh one) ---
-            if targs.save_steps and step - last_saved >= targs.save_steps and step < targs.max_steps:
+            # on the first batch end past each multiple of --save_steps, so a resumed run saves where the straight one does
+            if targs.save_steps and step // targs.save_steps > last_saved // targs.save_steps and step < targs.max_steps:
                 save(step)
                 last_saved = step
 
@@ -238,6 +239,7 @@ def generation_inputs(
 
 
 @torch.no_grad()
+@in_eval_mode  # pi_old and pi_ref without dropout, on every generation batch alike
 def frozen_logprobs(
     model: torch.nn.Module, generation: GenerationBatch, *, micro_batch_size: int, reuse_images: bool
 ) -> torch.Tensor:
@@ -315,6 +317,7 @@ def accumulate_step_gradients(
     return sums
 
 
+@in_eval_mode  # no dropout in the entropy that selects the tokens
 def step_policy_token_mask(
     model: torch.nn.Module, generation: GenerationBatch, step_rows: torch.Tensor, loss_mask: torch.Tensor, *,
     quantile: float, micro_batch_size: int, reuse_images: bool,

@@ -112,18 +112,19 @@ def _truncate(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
 
 
-def _find_failing_row(function: RewardFunction, completions, answers, columns) -> int:
-    """Re-run `function` one row at a time to find the first row it fails on (error path only)."""
+def _find_failing_row(function: RewardFunction, completions, answers, columns) -> int | None:
+    """Re-run `function` one row at a time to find the first row it fails on (error path only);
+    None when it fails on none alone (only on the whole batch)."""
     for row in range(len(completions)):
         row_columns = {key: [values[row]] for key, values in columns.items()}
         try:
             function([completions[row]], [answers[row]], **row_columns)
         except Exception:
             return row
-    return 0  # fails only on the whole batch; show the first row
+    return None
 
 
-def _check_output(name: str, output, num_rows: int) -> list[float]:
+def check_reward_output(name: str, output, num_rows: int) -> list[float]:
     """The function's values as floats, None (unscored) as NaN; anything else is an error."""
     if isinstance(output, torch.Tensor):
         output = output.detach().cpu().reshape(-1).tolist() if output.dim() else [output.item()]
@@ -190,12 +191,20 @@ def compute_rewards(
             output = function(list(completions), list(answers), **columns)
         except Exception as error:
             row = _find_failing_row(function, completions, answers, columns)
-            raise RuntimeError(
-                f"reward function {name!r} raised {type(error).__name__}: {error}\n"
-                f"  on completion {row}: {_truncate(completions[row])!r}\n"
-                f"  with gold answer: {_truncate(answers[row])!r}"
-            ) from error
-        per_function[:, column] = torch.tensor(_check_output(name, output, num_rows), dtype=torch.float32)
+            where = (
+                f"  on completion {row}: {_truncate(completions[row])!r}\n  with gold answer: {_truncate(answers[row])!r}"
+                if row is not None
+                else f"  on the whole batch of {num_rows} completions: called on each one alone it raises on none, "
+                "so look at what it does with the batch (its length, how it pairs the lists)"
+            )
+            raise RuntimeError(f"reward function {name!r} raised {type(error).__name__}: {error}\n{where}") from error
+        per_function[:, column] = torch.tensor(check_reward_output(name, output, num_rows), dtype=torch.float32)
+    if num_rows and bool(torch.isnan(per_function).all()):  # nothing scored: every advantage would be 0
+        raise ValueError(
+            f"the reward functions {names} returned None for every one of the {num_rows} completions of this "
+            "batch, so no completion has a reward and the step would train on zero advantages; None is for a "
+            "completion a function cannot score: return a number for the others (grpo/reward_functions.py)"
+        )
 
     rewards = weighted_sum(per_function, weights)  # [R] the one place the weights are applied
     return rewards, per_function

@@ -90,3 +90,23 @@ def record_columns(completions, answers, **columns):
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
     return [min(len(text), 64) / 64 if uid % 2 else 0.5 for text, uid in zip(completions, columns["uid"], strict=True)]
+
+
+def always_none(completions, answers, **columns):
+    """None (cannot score) for every completion: a broken reward that would train on zero advantages."""
+    return [None] * len(completions)
+
+
+def nan_for_the_second(completions, answers, **columns):
+    """even_parity, but NaN for completion 1: a value eval.py must refuse, not count as wrong."""
+    values = even_parity(completions, answers)
+    if len(values) > 1:
+        values[1] = math.nan
+    return values
+
+
+def fails_on_batches(completions, answers, **columns):
+    """Scores one completion at a time; raises on any batch of two or more (a batch-level bug)."""
+    if len(completions) > 1:
+        raise ValueError("expected one completion")
+    return length_reward(completions, answers)

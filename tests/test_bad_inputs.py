@@ -10,6 +10,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bad_inputs.py -q
 from __future__ import annotations
 
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -256,6 +257,23 @@ def test_an_image_with_an_aspect_ratio_over_200_is_skipped_and_counted(tmp_path,
     assert [r["skipped_images"] for r in read_metrics(out)] == [2, 2]
 
 
+def test_an_image_that_max_pixels_shrinks_past_ratio_200_is_skipped_at_load(tmp_path, train_run):
+    """4000 x 20 (ratio 200) passes the check as it is, but --max_pixels 65536 shrinks it by
+    sqrt(65536 / 80000) = 0.905 to floor(3620.4) x floor(18.1) = 3620 x 18, ratio 201.1, which the
+    processor refuses: every start failed in the pre-flight, every resume at the same step."""
+    from data.sources import load_examples
+
+    source = _save_dataset(tmp_path / "data", rows=12, sizes={5: (4000, 20)})
+    with pytest.warns(UserWarning, match=r"skipped 1 of 12 rows"):
+        dataset, report = load_examples(source, max_pixels=65536)
+    assert report.skipped_images == 1 and 5 not in dataset["source_row"]
+    _, report = load_examples(source)  # without the downscale the processor takes it (ratio 200)
+    assert report.skipped_images == 0
+    with pytest.warns(UserWarning, match="skipped 1 of 12 rows"):
+        out = train_run(tmp_path / "run", "--dataset", source, "--max_steps", "1", "--max_pixels", "65536")
+    assert [r["skipped_images"] for r in read_metrics(out)] == [1]
+
+
 def test_an_image_the_processor_rejects_during_a_step_names_its_row():
     from data.collators import GRPOCollator, SFTCollator
     from models.loading import load_policy
@@ -364,3 +382,99 @@ def test_longest_prompt_is_found_without_running_the_processor_on_every_row():
     exact = prompt_lengths(processor, list(dataset))
     index, length = longest_example(dataset, processor)
     assert length == max(exact) and index == exact.index(max(exact))
+
+
+# --- round two, data loss: what --overwrite_output_dir and an empty --output_dir must not do ---
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished one-step SFT run (checkpoint-00000001): a model a GRPO run can start from."""
+    out = tmp_path_factory.mktemp("start") / "sft"
+    train.main(train_argv(out, "--max_steps", "1", stage="sft"))
+    return out
+
+
+@pytest.mark.parametrize("flag, argument", [
+    ("--init_from", "{out}"),                                   # the run folder: its latest checkpoint
+    ("--init_from", "{out}/checkpoint-00000001/model"),          # one checkpoint's model/ folder
+    ("--model", "{out}/checkpoint-00000001"),                   # a checkpoint folder, as --model
+])  # fmt: skip
+def test_overwrite_never_deletes_the_model_the_run_starts_from(sft_run, capsys, no_model_load, flag, argument):
+    argument = argument.format(out=sft_run)
+    before = sorted(path.name for path in sft_run.iterdir())
+    err = _exit_2(train_argv(sft_run, flag, argument, "--overwrite_output_dir"), capsys)
+    assert f"{flag} {argument} is " in err and f"inside --output_dir {sft_run}" in err
+    assert "would delete it before it loads; write the new run to another --output_dir" in err
+    assert sorted(path.name for path in sft_run.iterdir()) == before  # nothing deleted
+    assert (latest_model_dir(sft_run) / "config.json").is_file()
+
+
+def test_overwrite_into_another_folder_still_starts_from_the_model(sft_run, tmp_path, capsys):
+    """The check refuses only a start inside output_dir: --init_from a run into a new folder trains."""
+    out = tmp_path / "grpo"
+    out.mkdir()
+    train.main(train_argv(out, "--init_from", str(sft_run), "--overwrite_output_dir", "--max_steps", "1"))
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_output_dir_is_refused_naming_the_flag(tmp_path, capsys, no_model_load, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)  # where Path("") would have written
+    err = _exit_2(train_argv(value), capsys)
+    assert "--output_dir is empty (an unset shell variable" in err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no metrics.jsonl in the working directory
+    err = _exit_2(["--model", "tiny", "--output_dir", value], capsys, eval_script.main)
+    assert "--output_dir is empty" in err
+
+
+# --- round two: tracebacks where a named error belongs ---
+
+NAMED_AT_START = [
+    # The sampler divided by 1e-40 after its finite check: logits inf, "index 927 is out of bounds".
+    (["--temperature", "1e-40"], "--temperature 1e-40: below 0.01 logits / temperature can overflow to inf"),
+    # A scene of 0 objects failed in the data generator, after the model had loaded.
+    (["--count_min", "0", "--count_max", "0"], "--count_min 0 / --count_max 0: need 1 <= --count_min <= --count_max"),
+    # CUDA graphs on the CPU failed in the first rollout, after metrics.jsonl was created.
+    (["--decode", "cuda_graph", "--device", "cpu"], "--decode cuda_graph needs CUDA, but this run is on the CPU (--device cpu"),
+]
+
+
+@pytest.mark.parametrize("flags, message", NAMED_AT_START, ids=[flags[0] for flags, _ in NAMED_AT_START])
+def test_settings_that_failed_with_a_traceback_exit_2_naming_the_flag(tmp_path, capsys, no_model_load, flags, message):
+    err = _exit_2(train_argv(tmp_path / "run", *flags), capsys)
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_model_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path, capsys, no_model_load, monkeypatch):
+    # runs/nothere has the owner/name shape of a Hub id: it went to the Hub (33 s of retries, a traceback).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: the case that used to reach the Hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "runs").mkdir()
+    err = _exit_2(train_argv(tmp_path / "out", "--model", "runs/nothere"), capsys)
+    assert "--model runs/nothere: no such directory (./runs exists, so it reads as a local path" in err
+    err = _exit_2(train_argv(tmp_path / "out", "--init_from", "runs/nothere"), capsys)
+    assert "--init_from runs/nothere: no such directory" in err
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path):
+    from data.sources import load_examples
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "problem": "How many?", "solution": "1"})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([good, good, '{"image": "a.png", "problem": "How many?", "solution": ', good]) + "\n")
+    # datasets said only DatasetGenerationError, naming no line.
+    with pytest.raises(ValueError, match=r"--dataset .*data.jsonl: line 3 is not valid JSON \(Expecting value at column \d+\)"):
+        load_examples(str(path), image_root=str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_flash_attn_exits_2_and_leaves_no_output_dir(tmp_path, capsys, no_model_load):
+    err = _exit_2(train_argv(tmp_path / "run", "--attn_implementation", "flash_attention_2"), capsys)
+    assert "--attn_implementation flash_attention_2 needs the flash-attn package, which is not installed" in err
+    assert not (tmp_path / "run").exists()  # it used to leave an empty output_dir behind
+    err = _exit_2(["--attn_implementation", "flash_attention_2", "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert "needs the flash-attn package" in err

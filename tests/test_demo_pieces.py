@@ -128,3 +128,19 @@ def test_every_arm_is_chosen_by_its_best_validation_accuracy():
               {"step": 60, "accuracy": 0.81}, {"step": 80, "accuracy": 0.78}]
     assert best_step(points, "accuracy") == 40  # the best; the earliest of a tie (40 and 60)
     assert best_step(points[2:], "accuracy") == 60
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,0"], "--seeds '0,0': a seed is given twice"),  # ran seed 0, then FileExistsError
+    (["--output_dir", "{file}"], "is a file, not a folder"),  # NotADirectoryError traceback
+    (["--output_dir", ""], "--output_dir is empty"),
+])  # fmt: skip
+def test_demo_command_line_mistakes_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    from grpo.demo.pipeline import parse_args
+
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = [arg.format(file=tmp_path / "a-file") for arg in argv]
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err

@@ -117,3 +117,29 @@ def test_collective_with_a_stuck_peer_times_out_instead_of_hanging(tmp_path, ren
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["outcome"] != "returned"
     assert 1.5 < result["seconds"] < 20  # about the 2-second timeout, not forever
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_prints_the_model_line_and_the_dataset_bars(monkeypatch, capsys, rank):
+    """README: rank 0 logs for the job. Rank 1 printed its own `[model] tiny: trainable ...` line and
+    datasets' "Casting the dataset" bar (seen in its own torchrun log files)."""
+    import datasets
+    import transformers
+
+    from data.sources import load_examples
+    from grpo.config import parse_config
+    from grpo.runtime.policy import build_policy
+
+    monkeypatch.setattr(distributed, "get_rank", lambda: rank)  # as under torchrun, without a process group
+    config = parse_config(["--model", "tiny", "--beta", "0"])
+    try:
+        distributed.quiet_other_ranks(rank)
+        build_policy(config, torch.device("cpu"), with_reference=False)
+        load_examples("synthetic", num_examples=4)
+        captured = capsys.readouterr()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    printed = captured.out + captured.err
+    assert ("[model] tiny:" in printed) == (rank == 0)
+    assert ("Casting the dataset" in printed) == (rank == 0)  # rank 0 still shows them

@@ -99,3 +99,16 @@ def test_wilson_interval_holds_its_estimate_at_the_edges():
 def test_eval_of_a_folder_without_a_model_says_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no model: expected config.json"):
         eval_script.main(["--model", str(tmp_path), "--output_dir", str(tmp_path / "eval"), *TINY_EVAL])
+
+
+@pytest.mark.parametrize("function, error, message", [
+    # NaN used to count as wrong (an accuracy below the truth), all-None as 0.000, a short list an IndexError.
+    ("nan_for_the_second", ValueError, r"reward function 'nan_for_the_second' returned nan for completion 1; every reward must be a finite"),
+    ("always_none", ValueError, r"--accuracy_reward always_none: returned None for every one of the 4 completions of examples 0-3"),
+    ("wrong_length", ValueError, r"reward function 'wrong_length' returned 3 values for 4 completions"),
+])  # fmt: skip
+def test_eval_checks_the_accuracy_reward_as_training_does(tmp_path, function, error, message):
+    argv = ["--model", "tiny", "--output_dir", str(tmp_path / "e"), *TINY_EVAL, "--accuracy_reward", f"reward_fns:{function}"]
+    with pytest.raises(error, match=message):
+        eval_script.main(argv)
+    assert not (tmp_path / "e" / "summary.json").exists()  # no made-up accuracy written

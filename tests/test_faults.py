@@ -325,8 +325,9 @@ def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_pa
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]  # the old run's line is gone, not duplicated
     assert records[0]["lr"] == pytest.approx(1e-3)  # the new run's settings; the lr is a float64 python product of the schedule: exact to a few ulps; approx's rel 1e-6 is far above
-    with pytest.raises(ValueError, match="only one of --resume and --overwrite_output_dir"):
+    with pytest.raises(SystemExit):  # exit 2 before anything is read (test_settings_that_train_nothing_...)
         train_run(out, "--resume", "--overwrite_output_dir")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
 def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path, train_run):
@@ -344,10 +345,20 @@ def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run):
     assert _steps(grpo) == [1]
 
 
-def test_resuming_with_other_trainable_parameters_is_refused(tmp_path, train_run):
+def test_resuming_with_other_trainable_parameters_is_refused(tmp_path, train_run, capsys):
     out = train_run(tmp_path / "run", "--max_steps", "1")
-    with pytest.raises(ValueError, match=r"the optimizer state in .* does not fit this run's optimizer .*--freeze_policy"):
+    with pytest.raises(SystemExit) as exit_info:  # the flag is named before the model loads
         train_run(out, "--max_steps", "2", "--resume", "--freeze_policy", "language")
+    assert exit_info.value.code == 2 and "--freeze_policy language (the run has full)" in capsys.readouterr().err
+    assert _steps(out) == [1]
+    # Past the flag check (a library caller, or a checkpoint without run_config values), the optimizer
+    # state still refuses to fit.
+    from grpo.runtime import start_checks
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(start_checks, "check_resume_settings", lambda config: None)
+        with pytest.raises(ValueError, match=r"the optimizer state in .* does not fit this run's optimizer .*--freeze_policy"):
+            train_run(out, "--max_steps", "2", "--resume", "--freeze_policy", "language")
     assert _steps(out) == [1]
 
 
@@ -509,3 +520,70 @@ def _process_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+# --- round two: rewards that train on nothing, a failure only on the whole batch ---
+
+
+def test_a_reward_that_scores_nothing_stops_the_run(tmp_path, train_run):
+    # unscored_frac 1.0 used to be the only sign: every advantage 0, the steps trained on nothing.
+    with pytest.raises(ValueError, match=r"the reward functions \['always_none'\] returned None for every one of the 4 completions"):
+        train_run(tmp_path / "run", "--reward_functions", "reward_fns:always_none", "--max_steps", "1")
+
+
+def test_a_reward_that_fails_only_on_the_whole_batch_says_so(tmp_path, train_run):
+    with pytest.raises(RuntimeError, match=r"raised ValueError: expected one completion\n  on the whole batch of 4 completions") as info:
+        train_run(tmp_path / "run", "--reward_functions", "reward_fns:fails_on_batches", "--max_steps", "1")
+    assert "on completion 0" not in str(info.value)  # completion 0 alone scores fine
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward_functions", "format,count_accuracy", "--reward_weights", "0,0"], "--reward_weights '0,0': every weight is 0"),
+    (["--freeze_policy", "lora", "--lora_alpha", "0"], "--lora_alpha 0.0: must be > 0"),
+    (["--resume", "--overwrite_output_dir"], "pass only one of --resume and --overwrite_output_dir"),
+], ids=["reward_weights", "lora_alpha", "resume_and_overwrite"])  # fmt: skip
+def test_settings_that_train_nothing_exit_2_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_argv(tmp_path / "run", *flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_flag_that_changes_the_steps_and_names_what_may_change(tmp_path, train_run, capsys):
+    out = train_run(tmp_path / "run", "--max_steps", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        train_run(out, "--max_steps", "2", "--resume", "--num_generations", "4", "--learning_rate", "1e-2")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume: --learning_rate 0.01 (the run has 0.001), --num_generations 4 (the run has 2)" in err
+    assert f"--init_from {out / 'checkpoint-00000001'} --output_dir NEW" in err
+    assert "Flags that may change on resume:" in err and "--max_steps" in err and "--save_steps" in err
+    assert _steps(out) == [1]  # nothing touched
+    # What may change does: more steps, another save interval, another logging interval.
+    train_run(out, "--max_steps", "2", "--resume", "--save_steps", "5", "--logging_steps", "1")
+    assert _steps(out) == [1, 2]
+    # A cosine schedule's length is --max_steps: changing it on resume would bend the schedule.
+    cosine = train_run(tmp_path / "cosine", "--max_steps", "1", "--lr_scheduler", "cosine")
+    with pytest.raises(SystemExit):
+        train_run(cosine, "--max_steps", "3", "--resume", "--lr_scheduler", "cosine")
+    assert "--max_steps 3 (the run has 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damaged", ["model/model.safetensors", "trainer_state.pt"])
+def test_a_truncated_file_in_the_latest_checkpoint_names_it_and_offers_the_previous(tmp_path, train_run, damaged):
+    out = train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "1")
+    target = out / "checkpoint-00000002" / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a copy cut short
+    shown = str(out / "checkpoint-00000002" / damaged.split("/")[0])  # model/ names the folder
+    # It used to be a raw PytorchStreamReader / SafetensorError naming no file.
+    with pytest.raises(RuntimeError, match="cannot be read") as info:
+        train_run(out, "--max_steps", "3", "--resume")
+    message = str(info.value)
+    assert f"checkpoint {out / 'checkpoint-00000002'} is marked complete but {shown}" in message
+    assert f"The previous complete checkpoint is {out / 'checkpoint-00000001'}: move the damaged one aside" in message
+    # What it says works: moved aside, --resume continues from step 1.
+    (out / "checkpoint-00000002").rename(out / "damaged-checkpoint-00000002")
+    train_run(out, "--max_steps", "3", "--resume")
+    assert _steps(out) == [1, 2, 3]

@@ -24,6 +24,11 @@ CASES = {
     "sft": ("sft", ["--gradient_accumulation_steps", "2", "--eval_steps", "2"]),
     # LoRA dropout draws from torch's global generator: a save (merging LoRA) must not move it.
     "grpo-lora-dropout": ("grpo", ["--freeze_policy", "lora", "--lora_dropout", "0.1", "--learning_rate", "1e-2"]),
+    # LoRA dropout and two inner epochs: pi_old's forward runs in eval mode on every generation batch,
+    # not in eval on a process's first one and in train mode (dropout on) after (issue: resume drifted).
+    "grpo-lora-dropout-two-epochs": ("grpo", [
+        "--freeze_policy", "lora", "--lora_dropout", "0.1", "--num_iterations", "2", "--learning_rate", "1e-2",
+    ]),  # fmt: skip
     # Dynamic sampling draws a varying number of prompts per batch: the stream must resume where
     # the rounds left it. With the other batch options: unscored rewards, overlong, top entropy.
     "grpo-dynamic-sampling": ("grpo", [
@@ -67,15 +72,30 @@ def test_resumed_run_repeats_the_straight_run(train_run, tmp_path, case):
     assert all(torch.equal(a, b) for a, b in zip(*moments, strict=True))
 
 
-def test_resume_of_a_finished_run_does_nothing_more(train_run, tmp_path):
-    """Relaunching a finished job (a scheduler retry) must neither train nor duplicate metrics."""
+def test_resume_of_a_finished_run_does_nothing_more(train_run, tmp_path, capsys):
+    """Relaunching a finished job (a scheduler retry) must neither train nor duplicate metrics,
+    and says so (it used to exit 0 without a word)."""
     out = train_run(tmp_path / "run", "--max_steps", "2")
     before = read_metrics(out)
     weights = saved_weights(latest_model_dir(out))
+    capsys.readouterr()
     train_run(out, "--max_steps", "2", "--resume")
+    assert "[resume] nothing to train: the run is at step 2 and --max_steps is 2; raise --max_steps" in capsys.readouterr().out
+    train_run(out, "--max_steps", "1", "--resume")
+    assert "the run is at step 2 and --max_steps is 1 (below it: the steps after it stay as they are)" in capsys.readouterr().out
     assert read_metrics(out) == before
     after = saved_weights(latest_model_dir(out))
     assert all(torch.equal(weights[name], after[name]) for name in weights)
+
+
+def test_a_resumed_run_saves_at_the_multiples_of_save_steps(train_run, tmp_path):
+    """Saves land on multiples of --save_steps however the run got to its checkpoint: a run stopped
+    at step 2 and resumed with --save_steps 3 saves at 3 and 6 (and 7, the end), not 5 (2 + 3)."""
+    out = train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "0")  # only the final save, at 2
+    train_run(out, "--max_steps", "7", "--save_steps", "3", "--save_total_limit", "10", "--resume")
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == [
+        "checkpoint-00000002", "checkpoint-00000003", "checkpoint-00000006", "checkpoint-00000007",
+    ]  # fmt: skip
 
 
 def test_save_steps_do_not_change_a_lora_dropout_run(train_run, tmp_path):

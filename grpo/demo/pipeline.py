@@ -44,7 +44,9 @@ import time
 from pathlib import Path
 
 import eval as eval_cli
+from grpo.config import ConfigError
 from grpo.demo.report import write_report
+from grpo.runtime.start_checks import check_writable
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py
 MARKER = ".grpo-demo"  # written into every output_dir this demo creates; nothing else is ever deleted
@@ -91,6 +93,12 @@ def parse_args(argv=None):
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if not args.seed_list:
         parser.error("--seeds is empty")
+    if len(set(args.seed_list)) < len(args.seed_list):  # each seed writes its own folder, seed-N
+        parser.error(f"--seeds {args.seeds!r}: a seed is given twice; give each once, e.g. 0,1,2")
+    try:  # a file where the folder goes, an unwritable place, '' (an unset variable)
+        check_writable("--output_dir", args.output_dir)
+    except ConfigError as error:
+        parser.error(str(error))
     if args.quick:
         args.sft_examples, args.grpo_examples, args.val_examples, args.eval_examples, args.pass_examples = 64, 64, 16, 16, 8
         args.sft_max_steps, args.sft_eval_steps, args.sft_patience = 4, 2, 1

@@ -174,15 +174,20 @@ class SampledGroups:
     per_function: Tensor  # [B*G, F]
 
 
-def _in_eval_mode(function):
+def in_eval_mode(function):
     """Run `function(model, ...)` with the model in eval mode, and put its mode back after.
 
-    Sampling runs in eval mode: no dropout (so sampler_logprobs are the policy's), and HF turns the
-    KV cache off when gradient checkpointing is on in train mode.
+    Every no-grad forward of a step runs in eval mode: the sampler (here), the old policy and the
+    reference (grpo_loop.frozen_logprobs), the entropy of --top_entropy_quantile. Eval means no
+    dropout: sampler_logprobs and pi_old are the policy itself, not one dropout draw of it, and
+    the same on every generation batch, whatever mode the model was left in (a process's first
+    batch finds it in eval mode after loading, later ones in train mode after the update), so a
+    resumed run repeats the uninterrupted one. Also HF turns the KV cache off when gradient
+    checkpointing is on in train mode.
     """
 
     @functools.wraps(function)
-    def in_eval_mode(model: torch.nn.Module, *args, **kwargs):
+    def run_in_eval_mode(model: torch.nn.Module, *args, **kwargs):
         was_training = model.training
         model.eval()
         try:
@@ -190,11 +195,11 @@ def _in_eval_mode(function):
         finally:
             model.train(was_training)
 
-    return in_eval_mode
+    return run_in_eval_mode
 
 
 @torch.no_grad()
-@_in_eval_mode
+@in_eval_mode
 def sample_rollouts(
     model: torch.nn.Module,
     batch: dict,
@@ -215,7 +220,7 @@ def sample_rollouts(
     `generator` must live on the model's device (tokens are drawn on the logits' device).
     `sampling_method`: "inverse_cdf" | "multinomial" | None (by device), see `sample_next_token`.
     `decode`: "dynamic" | "static" | "cuda_graph" | None (by device), see `default_decode`.
-    The model runs in eval mode and gets its mode back after (`_in_eval_mode`).
+    The model runs in eval mode and gets its mode back after (`in_eval_mode`).
     """
     input_ids = batch["input_ids"]  # [B, P] left padded
     prompt_mask = batch["attention_mask"]  # [B, P]

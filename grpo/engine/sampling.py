@@ -16,6 +16,11 @@ import torch
 from torch import Tensor
 
 SAMPLING_METHODS = ("inverse_cdf", "multinomial")
+# The smallest sampling temperature but 0 (greedy). The logits are divided by tau in their own dtype:
+# an LM's logits reach a few hundred, so tau = 1e-2 keeps them below ~1e5 (finite even in float16's
+# 65504 for logits under 650), while tau = 1e-40 turns them into inf and the draw into an
+# out-of-range index. Below 1e-2 sampling is greedy in all but name anyway: use 0.
+MIN_TEMPERATURE = 1e-2
 
 
 def default_sampling_method(device: torch.device) -> str:

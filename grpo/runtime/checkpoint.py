@@ -345,6 +345,25 @@ def _load_into(name: str, target, state, checkpoint_dir: Path) -> None:
         ) from error
 
 
+def damaged_checkpoint_error(checkpoint_dir: str | os.PathLike, file: str | os.PathLike, error: BaseException) -> RuntimeError:
+    """A checkpoint marked COMPLETE whose file cannot be read (truncated by a copy, a disk fault):
+    name the file, and offer the previous complete checkpoint (moving the damaged one aside, so
+    that --resume takes the previous one; nothing is deleted)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    older = [path for _, path in list_checkpoints(checkpoint_dir.parent) if path.name < checkpoint_dir.name]
+    fallback = (
+        f"The previous complete checkpoint is {older[-1]}: move the damaged one aside "
+        f"(mv {checkpoint_dir} {checkpoint_dir.parent / ('damaged-' + checkpoint_dir.name)}) and rerun with --resume "
+        "to continue from it"
+        if older else "There is no earlier checkpoint to fall back to; restore the file from a copy, or start over"
+    )
+    return RuntimeError(
+        f"checkpoint {checkpoint_dir} is marked complete but {file} cannot be read "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): the file is damaged "
+        f"(truncated by a copy or a full disk?). {fallback}."
+    )
+
+
 def load_trainer_state(
     checkpoint_dir: str | os.PathLike,
     *,
@@ -365,7 +384,10 @@ def load_trainer_state(
             f"{checkpoint_dir} is not a complete checkpoint (no {COMPLETE_MARKER} file); pass a "
             "checkpoint-N folder, or use latest_checkpoint(output_dir)"
         )
-    state = torch.load(checkpoint_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or corrupted file: say which, and what is left
+        raise damaged_checkpoint_error(checkpoint_dir, checkpoint_dir / TRAINER_STATE, error) from error
     if optimizer is not None:
         _load_into("optimizer", optimizer, _with_this_runs_kernels(state["optimizer"], optimizer), checkpoint_dir)
     if scheduler is not None:

@@ -27,8 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import datasets
 import torch
 import torch.distributed as dist
+import transformers
 
 from grpo.runtime.device import resolve_device
 
@@ -106,6 +108,16 @@ def get_world_size() -> int:
 def is_main(info: DistInfo | None = None) -> bool:
     """True on global rank 0 (the rank that logs and saves)."""
     return (info.rank if info is not None else get_rank()) == 0
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """On ranks other than 0, turn off the progress bars datasets and transformers draw themselves
+    ("Casting the dataset", "Loading weights"): rank 0 reports for the job, and under torchrun
+    every rank's copy would otherwise land in the same console or in each rank's own log."""
+    if rank == 0:
+        return
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def barrier() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from grpo.config import Config, ModelArguments
+from grpo.runtime.checkpoint import damaged_checkpoint_error
+from grpo.runtime.distributed import is_main
 from grpo.runtime.fsdp import FullModel, FullStateOptimizer, shard_model
 from grpo.runtime.starting_point import (
     check_fingerprint,
@@ -70,7 +72,12 @@ def build_policy(
         )
 
     resume_weights = resume_dir is not None and args.freeze_policy != "lora"
-    model, processor = load(str(Path(resume_dir) / "model") if resume_weights else source)
+    try:
+        model, processor = load(str(Path(resume_dir) / "model") if resume_weights else source)
+    except Exception as error:
+        if not resume_weights:
+            raise
+        raise damaged_checkpoint_error(resume_dir, Path(resume_dir) / "model", error) from error
     tokens = special_token_ids(model, processor)
     if not resume_weights:  # the model holds the starting point's weights: fingerprint (or check) them
         starting_point = check_fingerprint(starting_point, model)
@@ -94,7 +101,8 @@ def build_policy(
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     vision_trainable = any(p.requires_grad for p in model.model.visual.parameters())
-    print(f"[model] {source if not resume_weights else resume_dir}: {describe_trainable(model)}", flush=True)
+    if is_main():  # rank 0 prints for the job (README: logs come from rank 0 only)
+        print(f"[model] {source if not resume_weights else resume_dir}: {describe_trainable(model)}", flush=True)
     return Policy(
         model, processor, tokens, reference, vision_trainable, args.freeze_policy == "lora", starting_point=starting_point
     )

@@ -49,6 +49,7 @@ from grpo.runtime.distributed import (
     broadcast_parameters,
     cleanup,
     init_distributed,
+    quiet_other_ranks,
     sync_gradients,
 )
 from grpo.runtime.metrics import MetricsLogger, SampleLogger
@@ -106,6 +107,14 @@ class TrainingRun:
         restore_adapters(self.policy, state["extra"].get("lora_adapters", {}))
         if self.is_main:
             print(f"[resume] {self.resume_from} at step {state['step']}", flush=True)
+            max_steps = self.config.train.max_steps
+            if state["step"] >= max_steps:  # a finished run relaunched (a scheduler retry) or a lower --max_steps
+                print(
+                    f"[resume] nothing to train: the run is at step {state['step']} and --max_steps is {max_steps}"
+                    + (" (below it: the steps after it stay as they are)" if state["step"] > max_steps else "")
+                    + "; raise --max_steps to train further",
+                    flush=True,
+                )
         return state
 
     def save(self, step: int, stream: IndexStream, extra: dict | None = None) -> None:
@@ -213,6 +222,7 @@ def report_clean_stop(step: int) -> None:
 def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRun:
     """Join the ranks, lock and check the run directory, load the policy (and reference), build AdamW."""
     dist_info = init_distributed(config.train.device)
+    quiet_other_ranks(dist_info.rank)  # before the model and the data load
     seed_everything(config.train.seed)
     targs = config.train
     # Rank 0 locks the folder, then decides (and deletes, with --overwrite_output_dir); the others
