@@ -2,8 +2,11 @@
 
     python train.py --stage sft --output_dir runs/sft-minimal --max_steps 100 --learning_rate 1e-3 \
         --warmup_steps 15 --per_device_batch_size 32 --num_examples 1000 --dataset synthetic \
-        --question_kinds total --synthetic_layout grid --system_prompt ""    # ~35 s on 2 CPU cores
-    python -m grpo.minimal --init_from runs/sft-minimal                       # reward rises in ~2 min
+        --question_kinds total --synthetic_layout grid --system_prompt ""    # ~45 s of CPU
+    python -m grpo.minimal --init_from runs/sft-minimal                       # ~50 s of CPU, one thread
+
+The second prints a line per step; its mean reward (format + count_accuracy, at most 2) went from
+0.61 over steps 1-10 to 0.91 over steps 51-60 (format 0.55 -> 0.80, count accuracy 0.05 -> 0.10).
 
 Read this file first; the production trainer (train.py -> grpo/grpo_loop.py) computes the same loss
 and gradients at its default flags (tests/test_minimal.py), with every option users arrive with.

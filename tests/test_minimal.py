@@ -4,8 +4,8 @@
    minimal file and the production update (`production_step`, the one adapter to re-point when
    grpo/grpo_loop.py changes), at the trainer's default flags (GRPOArguments()), in float64: the
    losses and every parameter's gradient agree within tolerances.network_error (two computation
-   orders of one network: the minimal file runs each row as [prompt ; completion] in one forward,
-   production each prompt once with its KV cache copied to its rows, in micro-batches). Also with
+   orders of one network: the minimal file runs each row as [prompt ; completion], production each
+   prompt once with its KV cache copied to its rows, per --micro_batch_size rows). Also with
    num_iterations = 2 (a second inner epoch: the policy has moved since the old logprobs, so
    ratios leave 1 and some are clipped) and with beta = 0 (no reference).
 2. The minimal loop learns: on the tiny preset, rewarded by `learning_rewards:digit_fraction`
