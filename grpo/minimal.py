@@ -246,7 +246,7 @@ def train(hp: Hyper, log=print) -> list[float]:
             raise ValueError(f"--reward_functions {hp.reward_functions}: some completions got no reward (None)")
         # 4. advantages
         A = group_advantages(rewards, hp.G, hp.std_eps)  # [R]
-        # 5. old-policy and reference logprobs of the sampled tokens, no grad, eval mode
+        # 5. old-policy and reference logprobs of the sampled tokens, no grad, eval mode (as the sampler left it)
         with torch.no_grad():
             old_logprobs = completion_logprobs(model, batch, completion_ids, hp) if hp.num_iterations > 1 else None
             ref_logprobs = completion_logprobs(reference, batch, completion_ids, hp) if hp.beta > 0 else None
