@@ -22,7 +22,7 @@ LAYERS = [
     ("config", ["grpo.config"]),
     ("runtime", ["grpo.runtime"]),
     ("algorithm on the runtime", ["grpo.dynamic_sampling", "grpo.validation"]),
-    ("loops", ["grpo.grpo_loop", "grpo.sft_loop"]),
+    ("loops", ["grpo.grpo_loop", "grpo.sft_loop", "grpo.minimal"]),
     ("demo", ["grpo.demo", "grpo.plot"]),
 ]  # fmt: skip
 FORBIDDEN_IN_MATH = ("torch.distributed", "transformers", "models", "torch.optim")
