@@ -73,7 +73,7 @@ def production_step(model, reference, batch, completion_ids, rewards, gargs: GRP
         model, generation, torch.arange(B * G), advantages=advantages, loss_mask=loss_mask, old_logprobs=old,
         ref_logprobs=ref, gargs=gargs, reuse_images=reuse_images, world_size=1,
     )  # fmt: skip
-    return sums["loss"], {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, sums
+    return sums.loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, sums
 
 
 def minimal_step(model, reference, batch, completion_ids, rewards, hp: minimal.Hyper, eos, move_policy):
@@ -160,9 +160,9 @@ def test_minimal_loss_and_gradients_equal_the_production_step(generation, float6
     # The comparison means something: gradients flow everywhere, the KL and the clipping are live.
     assert got_grads.keys() == expected_grads.keys() and any("visual" in name for name in got_grads)
     if gargs.beta > 0:
-        assert sums["kl"] / sums["tokens"] > 1e-4
+        assert sums.kl / sums.tokens > 1e-4
     if gargs.num_iterations > 1:
-        assert sums["clip_low"] + sums["clip_high"] > 0
+        assert sums.clip_low + sums.clip_high > 0
 
     # Loss: each logprob is two evaluation orders of the network apart, at most delta; a token's
     # loss moves by its sensitivity to log pi times delta: |A| * ratio (surrogate) + beta * |e^x - 1|
