@@ -24,7 +24,7 @@ The objective (DeepSeekMath, arXiv 2402.03300, eq. 3), maximised; the code minim
     the tokens t = 1..|o_i|: through the first EOS                grpo.engine.rollout.completion_mask
 
 The 1/|o_i| then 1/G averaging is one of three aggregations ("sequence", "token", "constant");
-see grpo/loss.py and docs/grpo.md.
+see grpo/loss.py, grpo/objectives.py (the options, one `LossOptions`) and docs/grpo.md.
 
 Only the pure math (tensors in, tensors and metrics out) is imported here; the model-facing
 modules (forward, rollout with its completion mask, loops) are imported from their own files.
@@ -35,11 +35,13 @@ from __future__ import annotations
 from grpo.advantages import ADVANTAGE_SCALES, group_advantages
 from grpo.kl import kl_k3
 from grpo.logprobs import token_entropy, token_logprobs, token_logprobs_naive
-from grpo.loss import AGGREGATIONS, grpo_loss, step_normaliser
+from grpo.loss import grpo_loss, step_normaliser
+from grpo.objectives import AGGREGATIONS, LossOptions
 
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
+    "LossOptions",
     "group_advantages",
     "grpo_loss",
     "kl_k3",
