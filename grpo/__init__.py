@@ -21,13 +21,13 @@ The objective (DeepSeekMath, arXiv 2402.03300, eq. 3), maximised; the code minim
     A_i      = (r_i - mean(r)) / (std(r) + eps)  over the group  grpo.advantages.group_advantages
     KL_it    = exp(x) - x - 1, x = log pi_ref(o_it) - log pi_theta(o_it)   grpo.kl.kl_k3
     log pi(o_it)  from the logits, chunked                        grpo.logprobs.token_logprobs
-    the tokens t = 1..|o_i|: through the first EOS                grpo.engine.rollout.completion_mask
+    the tokens t = 1..|o_i|: through the first EOS                grpo.masks.completion_mask
 
 The 1/|o_i| then 1/G averaging is one of three aggregations ("sequence", "token", "constant");
 see grpo/loss.py, grpo/objectives.py (the options, one `LossOptions`) and docs/grpo.md.
 
 Only the pure math (tensors in, tensors and metrics out) is imported here; the model-facing
-modules (forward, rollout with its completion mask, loops) are imported from their own files.
+modules (forward, rollout, loops) are imported from their own files.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.forward import GenerationBatch
-from grpo.engine.rollout import mask_truncated, sample_rollouts
+from grpo.engine.rollout import sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.masks import mask_truncated
 from grpo.rewards import compute_rewards, resolve_reward_functions
 from grpo.runtime.distributed import (
     all_gather_object,
