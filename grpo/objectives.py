@@ -132,9 +132,8 @@ class LossOptions:
         self, old_logprobs: Tensor, mask: Tensor, sampler_logprobs: Tensor | None, policy_token_mask: Tensor | None
     ) -> Tensor | float:
         """[R, T] (or [R, 1], or 1.0 when no weight is on) the product of the policy-term weights."""
-        return sampler_correction_weights(old_logprobs, mask, sampler_logprobs, self) * token_selection_weights(
-            policy_token_mask, mask
-        )
+        sampler_weight = sampler_correction_weights(old_logprobs, mask, sampler_logprobs, self)  # [R, T], [R, 1] or 1.0
+        return sampler_weight * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
 
     def kl(self, logprobs: Tensor, ref_logprobs: Tensor | None, ratio: Tensor) -> Tensor | float:
         """[R, T] the per-token KL estimate (KL_ESTIMATORS), or 0.0 when beta = 0 (no penalty)."""
