@@ -138,7 +138,7 @@ def grpo_loss(
     kl = options.kl(logprobs, ref_logprobs, ratio)  # [R, T] k3; 0.0 when beta == 0
     per_token_loss = -(surrogate - options.beta * kl)  # [R, T]
     loss = options.aggregate(per_token_loss * mask, mask) / normaliser  # []
-    return loss, loss_metrics(logprobs, old_logprobs, ref_logprobs, sampler_logprobs, ratio, A, mask, options)
+    return loss, loss_metrics(logprobs, old_logprobs, ref_logprobs, sampler_logprobs, ratio, A, mask, kl, options)
 
 
 def loss_metrics(
@@ -149,6 +149,7 @@ def loss_metrics(
     ratio: Tensor,
     A: Tensor,
     mask: Tensor,
+    kl: Tensor | float,
     options: LossOptions,
 ) -> dict[str, float]:
     """The loss's metrics over this micro-batch's completion tokens, as python floats (one device sync).
@@ -168,11 +169,11 @@ def loss_metrics(
         token_count = num_tokens.clamp(min=1)  # []
         is_clipped_low, is_clipped_high = options.clipped_tokens(ratio, A)  # [R, T] each
         is_clipped_low, is_clipped_high = is_clipped_low & is_completion, is_clipped_high & is_completion
-        # The KL as a diagnostic whenever a reference is given, even with beta == 0 (point 5).
-        if ref_logprobs is not None:
-            kl_sum = (kl_estimate(logprobs, ref_logprobs, options.kl_estimator, ratio=ratio) * mask).sum()  # []
-        else:
-            kl_sum = num_tokens.new_zeros(())  # []
+        # The KL as a diagnostic whenever a reference is given, even with beta == 0 (point 5); kl is
+        # the loss's own [R, T] estimate, or 0.0 when beta == 0.
+        if ref_logprobs is not None and not isinstance(kl, Tensor):
+            kl = kl_estimate(logprobs, ref_logprobs, options.kl_estimator, ratio=ratio)  # [R, T]
+        kl_sum = (kl * mask).sum() if ref_logprobs is not None else num_tokens.new_zeros(())  # []
         metrics = {
             "clip_frac_low": is_clipped_low.sum() / token_count,
             "clip_frac_high": is_clipped_high.sum() / token_count,
