@@ -29,8 +29,8 @@ Where it departs from `model.generate()` on G repeated prompts:
     `completion_logprobs` on the same tokens and can serve as old-policy logprobs. Greedy
     (tau = 0) records logprobs at tau = 1.
 
-Which completion tokens count is the math layer's: `grpo.masks.completion_mask` (through the
-first EOS) and `mask_truncated`, which the sampler calls on the tokens it drew.
+Which completion tokens count is the math layer's (grpo/masks.py): the sampler masks the tokens
+it drew through the first EOS with `completion_mask`; the loop applies `mask_truncated`.
 
 `grpo/engine/hf_generate.py` keeps the `generate()` version, the twin that tests and benchmarks
 compare this sampler with.
