@@ -1,4 +1,4 @@
-"""Tests for the objectives beyond GRPO in grpo/loss.py: GSPO's sequence ratio, CISPO, --loss_type.
+"""Tests for the objectives beyond GRPO (grpo/objectives.py, through grpo_loss): GSPO's sequence ratio, CISPO, --loss_type, LossOptions.
 
 The numbers reuse tests/test_loss.py's worked example: R = 2 completions, T = 3,
 
