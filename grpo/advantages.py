@@ -30,7 +30,8 @@ Every token of completion i gets the same A_i. Choices where papers and code dif
    mean and the unbiased std are over the n scored completions only (std divides by n - 1), the
    batch std over every scored reward; an unscored completion gets A = 0 exactly, and a group
    with fewer than 2 scored completions counts as zero-spread (all its A = 0). With every
-   completion scored this is point 1-4 unchanged, bit for bit.
+   completion scored this is point 1-4 unchanged, bit for bit. This is a separate, earlier step
+   (`fill_unscored`), so the z-score itself stays the textbook line A = (r - mean) / (std + eps).
 
 Run the tests: `python -m pytest tests/test_advantages.py -q`.
 """
@@ -57,6 +58,20 @@ def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
     highest = torch.where(is_scored, grouped, -math.inf).amax(dim=1)  # [B]
     lowest = torch.where(is_scored, grouped, math.inf).amin(dim=1)  # [B]
     return (highest == lowest) | (is_scored.sum(dim=1) < 2)  # [B]
+
+
+def fill_unscored(grouped: Tensor) -> tuple[Tensor, Tensor]:
+    """Each unscored reward (NaN) replaced by its group's mean of scored rewards (point 5).
+
+    grouped: [B, G] rewards. Returns r [B, G] and is_scored [B, G] bool. A filled-in reward adds 0 to
+    every deviation from the group mean, so the group's mean is that of its scored rewards, and its
+    sum of squares too (the caller rescales the std from G - 1 to n - 1). With every reward scored,
+    r is `grouped` itself. A group with no scored reward is filled with 0 (0 / max(n, 1)).
+    """
+    is_scored = ~torch.isnan(grouped)  # [B, G]
+    num_scored = is_scored.sum(dim=1, keepdim=True)  # [B, 1]
+    scored_mean = torch.where(is_scored, grouped, 0.0).sum(dim=1, keepdim=True) / num_scored.clamp(min=1)  # [B, 1]
+    return torch.where(is_scored, grouped, scored_mean), is_scored  # [B, G], [B, G]
 
 
 def group_advantages(
@@ -108,36 +123,28 @@ def group_advantages(
         raise ValueError(f"rewards contain {num_infinite} inf values; fix the reward function")
 
     grouped = rearrange(rewards, "(b g) -> b g", g=group_size)  # [B, G]: a prompt's G completions adjacent
-    is_scored = ~torch.isnan(grouped)  # [B, G]
-    num_scored = is_scored.sum(dim=1, keepdim=True)  # [B, 1]
-    # Unscored rewards are replaced by their group's mean of scored rewards: they then add 0 to
-    # every deviation, and the group's mean and std (rescaled from G - 1 to n - 1 below) are those
-    # of the scored rewards alone. With every reward scored, `scored_rewards` is `grouped` itself.
-    scored_mean = torch.where(is_scored, grouped, 0.0).sum(dim=1, keepdim=True) / num_scored.clamp(min=1)  # [B, 1]
-    scored_rewards = torch.where(is_scored, grouped, scored_mean)  # [B, G]
-    group_mean = scored_rewards.mean(dim=1, keepdim=True)  # [B, 1]
-    deviation = scored_rewards - group_mean  # [B, G]
+    r, is_scored = fill_unscored(grouped)  # [B, G], [B, G] unscored rewards out of the statistics first
     is_zero_spread = zero_spread_groups(rewards, group_size)[:, None]  # [B, 1]
 
+    mean = r.mean(dim=1, keepdim=True)  # [B, 1]
     if scale == "group":
         # std over G values of which G - n are the mean: sum of squares / (G - 1); the factor makes
         # it / (n - 1), the unbiased std of the n scored rewards (exactly 1.0 when n = G).
+        num_scored = is_scored.sum(dim=1, keepdim=True)  # [B, 1]
         to_scored = ((group_size - 1) / (num_scored - 1).clamp(min=1)).sqrt()  # [B, 1]
-        denominator = scored_rewards.std(dim=1, keepdim=True) * to_scored + eps  # [B, 1] unbiased std
+        std = r.std(dim=1, keepdim=True) * to_scored  # [B, 1] unbiased, over the scored rewards
     elif scale == "batch":
         # The std over every rank's scored rewards when the loop passes it in (unscored = NaN left out).
         scored = rewards[~torch.isnan(rewards)]  # [scored rows]
-        std = scored.std() if batch_std is None else torch.tensor(float(batch_std))  # [] unbiased
-        denominator = std.expand(grouped.shape[0], 1) + eps  # [B, 1]
-    else:  # "none"
-        denominator = torch.ones_like(group_mean)  # [B, 1]
+        batch = scored.std() if batch_std is None else torch.tensor(float(batch_std))  # [] unbiased
+        std = batch.expand(grouped.shape[0], 1)  # [B, 1]
+    else:  # "none" (Dr. GRPO): no division; x / (1 + 0) is x exactly
+        std, eps = torch.ones_like(mean), 0.0  # [B, 1]
+    A = (r - mean) / (std + eps)  # [B, G]
 
     # Zero-spread groups and unscored completions get exactly 0. torch.where also hides the
     # 0/0 = NaN a zero-spread group would give with eps = 0 (its deviation is ~0 and so is its std).
-    advantages = rearrange(
-        torch.where(is_zero_spread | ~is_scored, torch.zeros_like(deviation), deviation / denominator),
-        "b g -> (b g)",
-    )  # [B*G]
+    advantages = rearrange(torch.where(is_zero_spread | ~is_scored, 0.0, A), "b g -> (b g)")  # [B*G]
 
     return advantages, advantage_metrics(rewards, advantages, group_size)
 

@@ -36,7 +36,13 @@ from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their optio
 from grpo.engine.decoders import DECODE_MODES
 from grpo.engine.sampling import MIN_TEMPERATURE
 from grpo.kl import KL_ESTIMATORS
-from grpo.loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, OBJECTIVES
+from grpo.objectives import (
+    AGGREGATIONS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    OBJECTIVES,
+    LossOptions,
+)
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
 from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
 
@@ -481,11 +487,18 @@ class GRPOArguments:
                 f"each optimizer step takes {mini_batch} completions, which --micro_batch_size "
                 f"{self.micro_batch_size} does not divide; pick a divisor of {mini_batch}"
             )
+        # The loss's options, built and checked once, here (the loss never re-checks them).
+        self.loss_options = LossOptions(
+            epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
+            aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
+            objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
+            sampler_correction_cap=self.sampler_correction_cap,
+        )  # fmt: skip
 
     def _resolve_loss_type(self) -> None:
         """--loss_type fills --loss_aggregation, --importance_sampling_level and --objective; a value
         given for one of them must agree. Unset ones fall back to GRPO (sequence, token, clip)."""
-        flag_of = {"aggregation": "loss_aggregation"}  # grpo_loss's argument -> this class's field
+        flag_of = {"aggregation": "loss_aggregation"}  # LossOptions' field -> this class's field
         if self.loss_type is not None:
             if self.loss_type not in LOSS_TYPES:
                 hint = {

@@ -33,8 +33,9 @@ from grpo.advantages import group_advantages
 from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import sample_generation_batch
 from grpo.engine.forward import GenerationBatch
-from grpo.engine.rollout import SampledGroups, in_eval_mode, mask_truncated, sample_rollouts
+from grpo.engine.rollout import SampledGroups, in_eval_mode, sample_rollouts
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.masks import mask_truncated
 from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
 from grpo.runtime.distributed import all_gather_object, all_reduce_sum
 from grpo.runtime.metrics import StepSums, rollout_metrics
@@ -303,12 +304,7 @@ def accumulate_step_gradients(
             logprobs,
             None if old_logprobs is None else old_logprobs[rows, :length],
             None if ref_logprobs is None else ref_logprobs[rows, :length],
-            advantages[rows], mask_rows,
-            epsilon_low=gargs.epsilon, epsilon_high=gargs.epsilon_high, beta=gargs.beta,
-            aggregation=gargs.loss_aggregation, normaliser=normaliser,
-            importance_sampling_level=gargs.importance_sampling_level, objective=gargs.objective,
-            kl_estimator=gargs.kl_estimator, sampler_correction=gargs.sampler_correction,
-            sampler_correction_cap=gargs.sampler_correction_cap,
+            advantages[rows], mask_rows, gargs.loss_options, normaliser=normaliser,
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
             policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
         )

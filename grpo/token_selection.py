@@ -20,7 +20,7 @@ Choices, and where implementations differ:
    (`>=`), as in TRL: q = 0 keeps only the highest-entropy token(s), q = 1 keeps every token.
 3. The entropy is the policy's at the start of the optimizer step (a no-grad forward over the
    step's rows, at the loss's temperature), the same for every inner epoch's micro-batch.
-4. Only the surrogate is masked (grpo/loss.py point 6); the KL and the normaliser keep every token.
+4. Only the surrogate is masked (grpo/objectives.py point 4); the KL and the normaliser keep every token.
 
 Run the tests: `python -m pytest tests/test_token_selection.py -q`.
 """

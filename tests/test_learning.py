@@ -24,6 +24,7 @@ from conftest import read_metrics
 
 from grpo.advantages import group_advantages
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.objectives import LossOptions
 
 # The G = 4 completions: tokens 0, 1, 2, 0 with rewards 1, 0, 0, 1.
 TOKENS = torch.tensor([0, 1, 2, 0])  # [G]
@@ -43,7 +44,7 @@ def _bandit_step(ref_logprobs: torch.Tensor | None, beta: float) -> torch.Tensor
     mask = torch.ones(4, 1)  # [G, 1]
     loss, _ = grpo_loss(
         logprobs, None, None if ref_logprobs is None else ref_logprobs[TOKENS].unsqueeze(1),
-        advantages, mask, beta=beta, aggregation="sequence", normaliser=step_normaliser(mask, "sequence"),
+        advantages, mask, LossOptions(beta=beta, aggregation="sequence"), normaliser=step_normaliser(mask, "sequence"),
     )  # fmt: skip
     loss.backward()
     optimizer.step()

@@ -34,6 +34,7 @@ from tolerances import U32, sum_error
 
 from grpo.kl import kl_k3
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.objectives import LossOptions
 
 
 def _term_bound(logprobs, old_logprobs, ref_logprobs, advantages, beta) -> float:
@@ -75,8 +76,7 @@ def test_worked_example(aggregation, max_completion_length, expected):
         None,
         ADVANTAGES,
         MASK,
-        beta=0.0,
-        aggregation=aggregation,
+        LossOptions(beta=0.0, aggregation=aggregation),
         normaliser=normaliser,
     )
     assert loss.item() == pytest.approx(expected, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
@@ -106,8 +106,7 @@ def test_worked_example_with_kl():
         ref_logprobs,
         ADVANTAGES,
         MASK,
-        beta=0.04,
-        aggregation="token",
+        LossOptions(beta=0.04, aggregation="token"),
         normaliser=5.0,
     )
     assert loss.item() == pytest.approx(-0.1275452, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
@@ -140,8 +139,7 @@ def test_clipping_single_token(advantage, ratio, surrogate, grad):
         None,
         torch.tensor([advantage]),
         torch.ones(1, 1),
-        beta=0.0,
-        aggregation="token",
+        LossOptions(beta=0.0, aggregation="token"),
         normaliser=1.0,
     )
     assert loss.item() == pytest.approx(-surrogate, abs=1e-6)  # float32, O(1) values, ~10 roundings of <= 2^-24 each + 5e-8 from the 7-digit hand value: < 1e-6
@@ -170,8 +168,7 @@ def test_gradient_is_minus_advantage_times_weight_at_ratio_one(aggregation):
         None,
         ADVANTAGES,
         MASK,
-        beta=0.0,
-        aggregation=aggregation,
+        LossOptions(beta=0.0, aggregation=aggregation),
         normaliser=normaliser,
     )
     loss.backward()
@@ -190,10 +187,10 @@ def test_kl_at_policy_equal_to_reference():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
     args = (logprobs, None)
     with_kl, metrics = grpo_loss(
-        *args, logprobs.detach().clone(), ADVANTAGES, MASK, beta=0.04, normaliser=2.0
+        *args, logprobs.detach().clone(), ADVANTAGES, MASK, LossOptions(beta=0.04), normaliser=2.0
     )
     (grad_with_kl,) = torch.autograd.grad(with_kl, logprobs)
-    without_kl, _ = grpo_loss(*args, None, ADVANTAGES, MASK, beta=0.0, normaliser=2.0)
+    without_kl, _ = grpo_loss(*args, None, ADVANTAGES, MASK, LossOptions(beta=0.0), normaliser=2.0)
     (grad_without_kl,) = torch.autograd.grad(without_kl, logprobs)
     assert metrics["kl_mean"] == 0.0
     assert with_kl.item() == without_kl.item()
@@ -209,8 +206,7 @@ def test_beta_zero_with_reference_reports_kl_but_does_not_train_on_it():
         ref_logprobs,
         ADVANTAGES,
         MASK,
-        beta=0.0,
-        aggregation="token",
+        LossOptions(beta=0.0, aggregation="token"),
         normaliser=5.0,
     )
     loss_without_ref, _ = grpo_loss(
@@ -219,8 +215,7 @@ def test_beta_zero_with_reference_reports_kl_but_does_not_train_on_it():
         None,
         ADVANTAGES,
         MASK,
-        beta=0.0,
-        aggregation="token",
+        LossOptions(beta=0.0, aggregation="token"),
         normaliser=5.0,
     )
     assert loss_with_ref.item() == loss_without_ref.item()
@@ -241,7 +236,7 @@ def test_garbage_on_padding_stays_out():
             ref_logprobs,
             advantages,
             mask,
-            aggregation=aggregation,
+            LossOptions(aggregation=aggregation),
             normaliser=3.0,
         )
         (grad,) = torch.autograd.grad(loss, logprobs)
@@ -260,8 +255,7 @@ def test_fully_masked_completion_adds_nothing():
         None,
         torch.tensor([5.0, 1.0]),
         mask,
-        beta=0.0,
-        aggregation="sequence",
+        LossOptions(beta=0.0, aggregation="sequence"),
         normaliser=2.0,
     )
     # only completion 1: -(1 + 1) / 2 tokens / 2 completions = -0.5
@@ -294,8 +288,7 @@ def test_micro_batch_split_invariance(seed, aggregation, beta, one_epoch, cuts):
     logprobs, old_logprobs, ref_logprobs, advantages, mask = random_batch(seed)
     old = None if one_epoch else old_logprobs
     kwargs = dict(
-        beta=beta,
-        aggregation=aggregation,
+        options=LossOptions(beta=beta, aggregation=aggregation),
         normaliser=max(step_normaliser(mask, aggregation, 6), 1.0),
     )
     full_loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
@@ -337,7 +330,8 @@ def test_vectorised_matches_reference(seed, aggregation, beta, one_epoch):
         normaliser=max(step_normaliser(mask, aggregation, 6), 1.0),
     )
     old = None if one_epoch else old_logprobs
-    loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
+    options = LossOptions(**{key: value for key, value in kwargs.items() if key != "normaliser"})
+    loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, options, normaliser=kwargs["normaliser"])
     reference = grpo_loss_reference(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
     (grad,) = torch.autograd.grad(loss, logprobs)
     (reference_grad,) = torch.autograd.grad(reference, logprobs)
@@ -378,7 +372,8 @@ def test_errors():
         kwargs = dict(beta=0.0, normaliser=1.0)
         for key, value in overrides.items():
             (args if key in args else kwargs)[key] = value
-        return grpo_loss(*args.values(), **kwargs)
+        normaliser = kwargs.pop("normaliser")
+        return grpo_loss(*args.values(), LossOptions(**kwargs), normaliser=normaliser)
 
     with pytest.raises(
         ValueError, match=r"completion_mask has shape \(2, 1\) but logprobs has shape \(2, 3\)"

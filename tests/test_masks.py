@@ -1,11 +1,11 @@
-"""Tests for the completion mask (grpo/engine/rollout.py): it runs through the first EOS, never from != pad."""
+"""Tests for the completion mask (grpo/masks.py): it runs through the first EOS, never from != pad."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from grpo.engine.rollout import completion_mask, mask_truncated
+from grpo.masks import completion_mask, mask_truncated
 
 EOS = 2
 PAD = 0

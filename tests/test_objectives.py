@@ -1,4 +1,4 @@
-"""Tests for the objectives beyond GRPO in grpo/loss.py: GSPO's sequence ratio, CISPO, --loss_type.
+"""Tests for the objectives beyond GRPO (grpo/objectives.py, through grpo_loss): GSPO's sequence ratio, CISPO, --loss_type, LossOptions.
 
 The numbers reuse tests/test_loss.py's worked example: R = 2 completions, T = 3,
 
@@ -11,6 +11,7 @@ The numbers reuse tests/test_loss.py's worked example: R = 2 completions, T = 3,
 from __future__ import annotations
 
 import itertools
+from dataclasses import FrozenInstanceError
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tolerances import U32, sum_error
 from grpo.config import ConfigError, GRPOArguments
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.objectives import LossOptions
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
 
 # float32 values and gradients of size <= 1.2 from <= 16 roundings (exp, log, products, sums of
@@ -42,8 +44,8 @@ def test_gspo_worked_example_unclipped():
     # d loss / d logp_1t = -A_1 * s_1 * (1/3) / 2 = 0.5 * 0.8193213 / 6 = 0.0682768
     logprobs, old_logprobs = worked_example_logprobs()
     loss, metrics = grpo_loss(
-        logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="sequence",
-        normaliser=2.0, importance_sampling_level="sequence",
+        logprobs, old_logprobs, None, ADVANTAGES, MASK,
+        LossOptions(beta=0.0, aggregation="sequence", importance_sampling_level="sequence"), normaliser=2.0,
     )  # fmt: skip
     assert loss.item() == pytest.approx(-0.3761172, abs=FLOAT32_TOL)
     loss.backward()
@@ -60,8 +62,9 @@ def test_gspo_clips_whole_completions():
     # loss = -(1.1 - 0.45) / 2 = -0.325; every token clipped, so the gradient is exactly 0.
     logprobs, old_logprobs = worked_example_logprobs()
     loss, metrics = grpo_loss(
-        logprobs, old_logprobs, None, ADVANTAGES, MASK, epsilon_low=0.1, epsilon_high=0.1, beta=0.0,
-        aggregation="sequence", normaliser=2.0, importance_sampling_level="sequence",
+        logprobs, old_logprobs, None, ADVANTAGES, MASK,
+        LossOptions(epsilon_low=0.1, epsilon_high=0.1, beta=0.0, aggregation="sequence", importance_sampling_level="sequence"),
+        normaliser=2.0,
     )  # fmt: skip
     assert loss.item() == pytest.approx(-0.325, abs=FLOAT32_TOL)
     (grad,) = torch.autograd.grad(loss, logprobs)
@@ -74,9 +77,10 @@ def test_gspo_one_epoch_is_grpo_sequence():
     # old = logp.detach(): s_i = 1 and grad s_i = mean_t grad logp_it, so with sequence
     # aggregation the gradient is GRPO's -A_i / (|o_i| * completions) on every token.
     logprobs, _ = worked_example_logprobs()
-    common = dict(beta=0.0, aggregation="sequence", normaliser=2.0)
-    gspo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, importance_sampling_level="sequence", **common)
-    grpo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, **common)
+    common = dict(beta=0.0, aggregation="sequence")
+    gspo_options = LossOptions(importance_sampling_level="sequence", **common)
+    gspo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, gspo_options, normaliser=2.0)
+    grpo, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, LossOptions(**common), normaliser=2.0)
     (gspo_grad,) = torch.autograd.grad(gspo, logprobs)
     (grpo_grad,) = torch.autograd.grad(grpo, logprobs)
     # s_i = exp(0) = 1 and ratio = exp(0) = 1 exactly: the same per-token values through the same
@@ -98,8 +102,8 @@ def test_cispo_worked_example():
     # The ratio-1.5 token keeps a gradient (-0.24); PPO's clip gives it exactly 0.
     logprobs, old_logprobs = worked_example_logprobs()
     loss, metrics = grpo_loss(
-        logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="token", normaliser=5.0,
-        objective="cispo",
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, LossOptions(beta=0.0, aggregation="token", objective="cispo"),
+        normaliser=5.0,
     )  # fmt: skip
     assert loss.item() == pytest.approx(0.16, abs=FLOAT32_TOL)
     loss.backward()
@@ -111,8 +115,8 @@ def test_cispo_worked_example():
 def test_cispo_keeps_padding_finite():
     logprobs = torch.tensor([[-1.0, -float("inf")]], requires_grad=True)  # [1, 2] padding: -inf
     loss, _ = grpo_loss(
-        logprobs, None, None, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), beta=0.0,
-        aggregation="token", normaliser=1.0, objective="cispo",
+        logprobs, None, None, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]),
+        LossOptions(beta=0.0, aggregation="token", objective="cispo"), normaliser=1.0,
     )  # fmt: skip
     (grad,) = torch.autograd.grad(loss, logprobs)
     # -1 * 1 * (-1) = 1 on the one token; the padded -inf is replaced by 0 before the product.
@@ -151,7 +155,9 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
             objective=objective, kl_estimator=kl_estimator, sampler_logprobs=sampler_logprobs,
             sampler_correction=correction, sampler_correction_cap=2.0,
         )  # fmt: skip
-        loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
+        options = LossOptions(**{key: kwargs[key] for key in kwargs if key not in ("normaliser", "sampler_logprobs")})
+        tensors = dict(normaliser=kwargs["normaliser"], sampler_logprobs=sampler_logprobs)
+        loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, options, **tensors)
         reference = grpo_loss_reference(logprobs, old, ref_logprobs, advantages, mask, **kwargs)
         (grad,) = torch.autograd.grad(loss, logprobs)
         (reference_grad,) = torch.autograd.grad(reference, logprobs)
@@ -162,7 +168,7 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
         split_loss = sum(
             grpo_loss(
                 logprobs[rows], None if old is None else old[rows], ref_logprobs[rows], advantages[rows],
-                mask[rows], **{**kwargs, "sampler_logprobs": sampler_logprobs[rows]},
+                mask[rows], options, **{**tensors, "sampler_logprobs": sampler_logprobs[rows]},
             )[0]
             for rows in (slice(0, 3), slice(3, 8))
         )  # fmt: skip
@@ -214,6 +220,32 @@ def test_bad_options_name_the_flag(kwargs, message):
         GRPOArguments(**kwargs)
 
 
+def test_the_config_builds_the_loss_options_once():
+    args = GRPOArguments(loss_type="gspo", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, kl_estimator="k2")
+    assert args.loss_options == LossOptions(
+        epsilon_low=3e-4, epsilon_high=4e-4, beta=0.0, aggregation="sequence", importance_sampling_level="sequence",
+        objective="clip", kl_estimator="k2",
+    )  # fmt: skip
+    assert GRPOArguments().loss_options == LossOptions()  # the flags' defaults are GRPO's
+    with pytest.raises(FrozenInstanceError):
+        args.loss_options.beta = 1.0  # one object, never changed after the config is read
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(aggregation="tokens"), "unknown aggregation 'tokens'; valid: sequence, token, constant"),
+        (dict(importance_sampling_level="step"), "unknown importance_sampling_level"),
+        (dict(kl_estimator="k4"), "unknown kl_estimator"),
+        (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0"),
+        (dict(sampler_correction_cap=0.0), "sampler_correction_cap must be > 0"),
+    ],
+)
+def test_loss_options_check_themselves_when_built(options, message):
+    with pytest.raises(ValueError, match=message):
+        LossOptions(**options)
+
+
 def test_agreeing_flags_are_accepted():
     args = GRPOArguments(loss_type="dapo", loss_aggregation="token")
     assert args.loss_aggregation == "token"
@@ -221,10 +253,13 @@ def test_agreeing_flags_are_accepted():
 
 def test_loss_options_errors():
     logprobs, mask = torch.zeros(2, 3), torch.ones(2, 3)
-    common = dict(beta=0.0, normaliser=1.0)
     with pytest.raises(ValueError, match="unknown objective 'ppo'"):
-        grpo_loss(logprobs, None, None, torch.zeros(2), mask, objective="ppo", **common)
+        grpo_loss(logprobs, None, None, torch.zeros(2), mask, LossOptions(beta=0.0, objective="ppo"), normaliser=1.0)
     with pytest.raises(ValueError, match="needs sampler_logprobs"):
-        grpo_loss(logprobs, None, None, torch.zeros(2), mask, sampler_correction="token_mask", **common)
+        options = LossOptions(beta=0.0, sampler_correction="token_mask")
+        grpo_loss(logprobs, None, None, torch.zeros(2), mask, options, normaliser=1.0)
     with pytest.raises(ValueError, match=r"sampler_logprobs has shape \(2, 1\)"):
-        grpo_loss(logprobs, None, None, torch.zeros(2), mask, sampler_logprobs=torch.zeros(2, 1), **common)
+        grpo_loss(
+            logprobs, None, None, torch.zeros(2), mask, LossOptions(beta=0.0), normaliser=1.0,
+            sampler_logprobs=torch.zeros(2, 1),
+        )  # fmt: skip

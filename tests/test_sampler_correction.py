@@ -17,6 +17,7 @@ from test_loss import ADVANTAGES, MASK, worked_example_logprobs
 from tolerances import TINY_PATH_TERMS, U32, logsumexp_error, network_error
 
 from grpo.loss import grpo_loss
+from grpo.objectives import LossOptions
 from grpo.sampler_correction import importance_weights, sampler_logprob_gap
 
 SAMPLER_RATIOS = torch.tensor([[2.0, 0.5, 1.0], [4.0, 1.0, 1.0]])  # [R, T] pi_old / pi_sampler
@@ -46,8 +47,9 @@ def test_weights_and_loss_by_hand(mode, weights, loss):
     torch.testing.assert_close(got, torch.tensor(weights), atol=weight_tol, rtol=0)
     assert over_cap.sum() == 1 and not got.requires_grad
     corrected, metrics = grpo_loss(
-        logprobs, old_logprobs, None, ADVANTAGES, MASK, beta=0.0, aggregation="token", normaliser=5.0,
-        sampler_logprobs=sampler_logprobs, sampler_correction=mode, sampler_correction_cap=3.0,
+        logprobs, old_logprobs, None, ADVANTAGES, MASK,
+        LossOptions(beta=0.0, aggregation="token", sampler_correction=mode, sampler_correction_cap=3.0),
+        normaliser=5.0, sampler_logprobs=sampler_logprobs,
     )  # fmt: skip
     # Each weight's error times |A * ratio| <= 1.5, then a mean of 5 terms of size <= 1.2 (5 u * 1.2).
     assert corrected.item() == pytest.approx(loss, abs=1.5 * weight_tol + 5 * U32 * 1.2)
@@ -125,13 +127,15 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
     assert gap_max.item() < tol, f"max gap {gap_max.item():.2e} >= {tol:.2e}"
 
     advantages = torch.linspace(-1.0, 1.0, 2 * G)  # [B*G]
-    common = dict(beta=0.0, aggregation="token", normaliser=float(mask.sum()))
-    plain, _ = grpo_loss(logprobs, None, None, advantages, mask, **common)
+    common = dict(beta=0.0, aggregation="token")
+    normaliser = float(mask.sum())
+    plain, _ = grpo_loss(logprobs, None, None, advantages, mask, LossOptions(**common), normaliser=normaliser)
     (plain_grad,) = torch.autograd.grad(plain, logprobs, retain_graph=True)
     for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
         corrected, metrics = grpo_loss(
-            logprobs, None, None, advantages, mask, sampler_logprobs=sampler_logprobs, sampler_correction=mode,
-            sampler_correction_cap=2.0, **common,
+            logprobs, None, None, advantages, mask,
+            LossOptions(sampler_correction=mode, sampler_correction_cap=2.0, **common), normaliser=normaliser,
+            sampler_logprobs=sampler_logprobs,
         )  # fmt: skip
         (grad,) = torch.autograd.grad(corrected, logprobs, retain_graph=True)
         # A weight exp(d) with |d| < tol per token, or |d| < T * tol per completion (the sum over

@@ -12,6 +12,7 @@ from loss_reference import grpo_loss_reference
 from tolerances import U32
 
 from grpo.loss import grpo_loss
+from grpo.objectives import LossOptions
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
 
@@ -41,7 +42,8 @@ def test_the_mask_removes_only_the_policy_term():
     mask = torch.ones(1, 2)
     keep = torch.tensor([[False, True]])  # only t1 gets the policy gradient
     kwargs = dict(beta=0.1, aggregation="token", normaliser=2.0)
-    loss, _ = grpo_loss(logprobs, None, ref, torch.tensor([1.0]), mask, policy_token_mask=keep, **kwargs)
+    options = LossOptions(beta=0.1, aggregation="token")
+    loss, _ = grpo_loss(logprobs, None, ref, torch.tensor([1.0]), mask, options, normaliser=2.0, policy_token_mask=keep)
     # per token: t0 -(0 - 0.1 * 0.3068528) = 0.03068528 (surrogate masked); t1 -(1 - 0) = -1
     # loss = (0.03068528 - 1) / 2 tokens (the normaliser still counts both) = -0.48465736
     # float32 values <= 1 from <= 16 roundings (exp, log, products, a 2-term sum), each <= u:

@@ -30,6 +30,7 @@ import torch
 from tolerances import sum_error
 
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.objectives import LossOptions
 from grpo.sampler_correction import importance_weights
 
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is the oracle here (pip install -e '.[dev]')")
@@ -101,11 +102,14 @@ def test_loss_and_gradient_equal_trls():
 
         ours_logprobs = logprobs.clone().requires_grad_(True)
         ours, _ = grpo_loss(
-            ours_logprobs, old, ref_logprobs, advantages, mask, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-            beta=beta, aggregation=aggregation, normaliser=step_normaliser(mask, aggregation, T),
-            importance_sampling_level=level, objective=objective,
-            kl_estimator="k3_ratio" if bias_correction_kl else "k3", sampler_logprobs=sampler_logprobs,
-            sampler_correction=correction, sampler_correction_cap=2.0,
+            ours_logprobs, old, ref_logprobs, advantages, mask,
+            LossOptions(
+                epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
+                importance_sampling_level=level, objective=objective,
+                kl_estimator="k3_ratio" if bias_correction_kl else "k3", sampler_correction=correction,
+                sampler_correction_cap=2.0,
+            ),
+            normaliser=step_normaliser(mask, aggregation, T), sampler_logprobs=sampler_logprobs,
         )  # fmt: skip
         (ours_grad,) = torch.autograd.grad(ours, ours_logprobs)
 

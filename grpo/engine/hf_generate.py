@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from grpo.engine.hf_compat import image_token_id_of, spatial_merge_size_of
 from grpo.engine.inputs import count_images_per_prompt, image_ranges
-from grpo.engine.rollout import completion_mask
+from grpo.masks import completion_mask
 
 
 def repeat_batch_per_group(batch: dict, group_size: int, *, image_token_id: int, spatial_merge_size: int) -> dict:

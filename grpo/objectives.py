@@ -1,0 +1,242 @@
+"""The options of the GRPO loss: named transformations of its terms, chosen by one `LossOptions`.
+
+`grpo.loss.grpo_loss` computes DeepSeekMath's eq. 3 (arXiv 2402.03300) one term per line,
+
+    log_ratio = log pi_theta - log pi_old, at the ratio's level          options.log_ratio
+    ratio     = exp(log_ratio)
+    surrogate = min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A)    options.surrogate
+                times each token's policy-term weight w_it (1 by default) options.token_weights
+    kl        = exp(x) - x - 1, x = log pi_ref - log pi_theta              options.kl
+    loss      = aggregate(-(surrogate - beta kl) * mask) / normaliser      options.aggregate
+
+and each `options.*` is one of the named functions below, picked by name from a table. The
+defaults are GRPO. `LossOptions` is built once per run from the config
+(`GRPOArguments.loss_options`) and checks itself once, when built; the loss never re-checks it.
+A new option is one more small function and one more table entry here (a transformation of the
+log-ratio, of the surrogate, of the token weights, the KL term, or the aggregation), never a
+branch in `grpo_loss`: SAPO's gate, VESPO's weighting and the two-sided clip `delta` are
+surrogates, LUSPO and BNPO aggregations, the off-policy mask a token weight, an entropy bonus a
+term added to the surrogate.
+
+    LOG_RATIO_OF       the ratio's level        token (GRPO) | sequence (GSPO)
+    SURROGATE_OF       the per-token objective  clip (PPO) | cispo  (CLIPPED_TOKENS_OF: its metric)
+    token_weights      the policy-term weights  sampler correction, high-entropy token selection
+    KL_ESTIMATORS      the penalty (grpo/kl.py) k3 | k1 | k2 | k3_plus | k3_ratio
+    AGGREGATE_OF       the sum over tokens      sequence | token | constant
+
+The options, and where each departs from GRPO (all off by default):
+
+1. Sequence-level ratio (`importance_sampling_level="sequence"`, GSPO, arXiv 2507.18071, eq. 7):
+   s_i = exp(1/|o_i| sum_t (log pi_theta - log pi_old)), the length-normalised likelihood ratio
+   of the whole completion, clipped per completion and broadcast to its tokens (as TRL does).
+   Its gradient is s_i times the mean of the tokens' grad log pi.
+2. CISPO (`objective="cispo"`, MiniMax-M1, arXiv 2506.13585, eq. 4-5): the per-token term is
+   sg(min(ratio, 1 + epsilon_high)) * A * log pi_theta. The importance weight is clipped and
+   detached (sg = stop-gradient) instead of the clip removing the token's gradient, so every
+   token keeps a REINFORCE gradient. No lower bound (the paper sets epsilon_low^IS large).
+3. Sampler correction (`sampler_correction`, grpo/sampler_correction.py): the policy term of
+   each token is multiplied by a capped pi_old / pi_sampler. The KL term is not weighted.
+4. `policy_token_mask` (high-entropy token selection, arXiv 2506.01939; `--top_entropy_quantile`)
+   zeroes the policy term on the tokens it leaves out, as TRL does: the KL term and the normaliser
+   still count every completion token (the paper trains without a KL term, so it does not say).
+5. The KL estimator (`kl_estimator`, grpo/kl.py: k3 by default); "k3_ratio" multiplies k3 by the
+   surrogate's ratio (sequence-level under GSPO, as in TRL).
+6. The aggregation, with l_it the per-token loss and m_it the mask (grpo/loss.py point 3 says
+   how the normaliser makes micro-batches add up):
+   - "sequence" (GRPO paper): sum_i (sum_t m_it l_it / |o_i|) / N_completions;
+   - "token" (DAPO, arXiv 2503.14476 sec. 3.3): sum_it m_it l_it / N_tokens, so long completions
+     count per token;
+   - "constant" (Dr. GRPO, arXiv 2503.20783): sum_it m_it l_it / (N_completions * T_max), no
+     length bias at all.
+   The functions here return the numerator; `step_normaliser` counts the denominator.
+
+Run the tests: `python -m pytest tests/test_objectives.py tests/test_loss.py -q`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grpo.kl import KL_ESTIMATORS, kl_estimate
+from grpo.sampler_correction import SAMPLER_CORRECTIONS, importance_weights
+
+# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options. Only names with
+# the same meaning: TRL's "bnpo" divides by each micro-batch's own token count, which no option
+# here does ("token" divides by the whole step's); "sapo", "luspo", "vespo" are not implemented.
+LOSS_TYPES = {
+    "grpo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "clip"},
+    "dapo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "clip"},
+    "dr_grpo": {"aggregation": "constant", "importance_sampling_level": "token", "objective": "clip"},
+    # TRL: loss_type="grpo", importance_sampling_level="sequence" (GSPO eq. 5: 1/G sum_i).
+    "gspo": {"aggregation": "sequence", "importance_sampling_level": "sequence", "objective": "clip"},
+    # TRL: loss_type="cispo" (token aggregation, as the paper's 1 / sum_i |o_i|).
+    "cispo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "cispo"},
+}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Which variant of each term `grpo_loss` computes, and its hyper-parameters (defaults: GRPO).
+
+    epsilon_low, epsilon_high: the clip range [1 - epsilon_low, 1 + epsilon_high].
+    beta: weight of the KL penalty (0: none). The names are the tables' keys (module docstring).
+    """
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.04
+    aggregation: str = "sequence"
+    importance_sampling_level: str = "token"
+    objective: str = "clip"
+    kl_estimator: str = "k3"
+    sampler_correction: str = "none"
+    sampler_correction_cap: float = 3.0
+
+    def __post_init__(self):
+        choices = {
+            "aggregation": AGGREGATIONS,
+            "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+            "objective": OBJECTIVES,
+            "kl_estimator": KL_ESTIMATORS,
+            "sampler_correction": SAMPLER_CORRECTIONS,
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        # `not x >= 0` rather than `x < 0`: NaN fails every comparison, so it is refused too.
+        if not 0 <= self.epsilon_low < 1:
+            raise ValueError(f"epsilon_low must be in [0, 1) so that 1 - epsilon_low > 0, got {self.epsilon_low}")
+        if not self.epsilon_high >= 0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not self.sampler_correction_cap > 0:
+            raise ValueError(f"sampler_correction_cap must be > 0, got {self.sampler_correction_cap}")
+
+    def log_ratio(self, log_ratio: Tensor, mask: Tensor) -> Tensor:
+        """[R, T] the log-ratio at the chosen level (LOG_RATIO_OF)."""
+        return LOG_RATIO_OF[self.importance_sampling_level](log_ratio, mask)
+
+    def surrogate(self, ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
+        """[R, T] the per-token objective (SURROGATE_OF), to be maximised."""
+        return SURROGATE_OF[self.objective](ratio, A, logprobs, mask, self)
+
+    def clipped_tokens(self, ratio: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """[R, T] bool each: the tokens clipped from below and from above (a metric; CLIPPED_TOKENS_OF)."""
+        return CLIPPED_TOKENS_OF[self.objective](ratio, A, self)
+
+    def token_weights(
+        self, old_logprobs: Tensor, mask: Tensor, sampler_logprobs: Tensor | None, policy_token_mask: Tensor | None
+    ) -> Tensor | float:
+        """[R, T] (or [R, 1], or 1.0 when no weight is on) the product of the policy-term weights."""
+        sampler_weight = sampler_correction_weights(old_logprobs, mask, sampler_logprobs, self)  # [R, T], [R, 1] or 1.0
+        return sampler_weight * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
+
+    def kl(self, logprobs: Tensor, ref_logprobs: Tensor | None, ratio: Tensor) -> Tensor | float:
+        """[R, T] the per-token KL estimate (KL_ESTIMATORS), or 0.0 when beta = 0 (no penalty)."""
+        if self.beta == 0:
+            return 0.0  # no reference needed, nothing computed
+        return kl_estimate(logprobs, ref_logprobs, self.kl_estimator, ratio=ratio)  # [R, T]
+
+    def aggregate(self, masked_loss: Tensor, mask: Tensor) -> Tensor:
+        """[] the numerator of the loss (AGGREGATE_OF); the caller divides by the step's normaliser."""
+        return AGGREGATE_OF[self.aggregation](masked_loss, mask)
+
+
+# --- transformations of the log-ratio (option 1) ---
+
+
+def token_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """PPO / GRPO: one ratio per token, as it is. [R, T]"""
+    return log_ratio
+
+
+def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """GSPO: each completion's mean log-ratio, on every one of its tokens. [R, T]"""
+    # Guard: a fully masked completion gives 0 / 1 = 0 (ratio 1) instead of 0 / 0 = NaN.
+    mean_log_ratio = log_ratio.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [R]
+    return mean_log_ratio.unsqueeze(1).expand_as(log_ratio)  # [R, T]
+
+
+LOG_RATIO_OF = {"token": token_log_ratio, "sequence": sequence_log_ratio}
+IMPORTANCE_SAMPLING_LEVELS = tuple(LOG_RATIO_OF)
+
+
+# --- the surrogate, and the tokens it clips (option 2) ---
+
+
+def clipped_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """PPO's clipped surrogate min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A). [R, T]"""
+    clipped_ratio = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)  # [R, T]
+    return torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+
+
+def cispo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """CISPO: sg(min(ratio, 1 + eps_high)) * A * log pi_theta. [R, T]"""
+    cispo_weight = torch.clamp(ratio, max=1 + options.epsilon_high).detach()  # [R, T] sg(clip(ratio))
+    # Guard: log pi on padding may be -inf-like; 0 there keeps (weight * A * logp) * 0 finite.
+    completion_logprobs = torch.where(mask > 0, logprobs, 0.0)  # [R, T]
+    return cispo_weight * A * completion_logprobs  # [R, T]
+
+
+SURROGATE_OF = {"clip": clipped_surrogate, "cispo": cispo_surrogate}
+OBJECTIVES = tuple(SURROGATE_OF)
+
+
+def clip_range_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tensor, Tensor]:
+    """PPO: clipped low (ratio < 1 - eps_low, A < 0) and high (ratio > 1 + eps_high, A > 0): no gradient."""
+    return (ratio < 1 - options.epsilon_low) & (A < 0), (ratio > 1 + options.epsilon_high) & (A > 0)  # [R, T]
+
+
+def capped_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tensor, Tensor]:
+    """CISPO caps the weight from above only, whatever the sign of A."""
+    is_capped = ratio > 1 + options.epsilon_high  # [R, T]
+    return torch.zeros_like(is_capped), is_capped  # [R, T] each
+
+
+CLIPPED_TOKENS_OF = {"clip": clip_range_tokens, "cispo": capped_tokens}  # one entry per SURROGATE_OF key
+
+
+# --- the weights of each token's policy term (options 3 and 4); the product of them all ---
+
+
+def sampler_correction_weights(
+    old_logprobs: Tensor, mask: Tensor, sampler_logprobs: Tensor | None, options: LossOptions
+) -> Tensor | float:
+    """The capped, detached pi_old / pi_sampler ([R, T] or [R, 1]); 1.0 with sampler_correction "none"."""
+    if options.sampler_correction == "none":
+        return 1.0
+    weights, _ = importance_weights(
+        old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
+    )  # [R, T] or [R, 1]
+    return weights
+
+
+def token_selection_weights(policy_token_mask: Tensor | None, mask: Tensor) -> Tensor | float:
+    """1.0 on the tokens whose policy term counts, 0.0 elsewhere ([R, T]); 1.0 without a selection."""
+    if policy_token_mask is None:
+        return 1.0
+    return policy_token_mask.to(device=mask.device, dtype=mask.dtype)  # [R, T]
+
+
+# --- the aggregation (option 6): the loss's numerator ---
+
+
+def sequence_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """sum_i (sum_t m_it l_it / |o_i|). []"""
+    # Guard: a completion with no tokens left in the mask (truncated and masked out) adds
+    # 0 / 1 = 0 instead of 0 / 0 = NaN.
+    completion_means = masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [R]
+    return completion_means.sum()  # []
+
+
+def token_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """sum_it m_it l_it ("token" and "constant" differ only in the normaliser). []"""
+    return masked_loss.sum()  # []
+
+
+AGGREGATE_OF = {"sequence": sequence_aggregate, "token": token_aggregate, "constant": token_aggregate}
+AGGREGATIONS = tuple(AGGREGATE_OF)
