@@ -19,7 +19,8 @@ One generation batch, per rank (B prompts, G completions each), and the file eac
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
-       stage's starting point (as in TRL and the blog post).
+       stage's starting point (as in TRL and the blog post), unless --sync_ref_model moves it
+       toward the policy every --ref_model_sync_steps steps (grpo/reference_sync.py).
     2. With num_iterations == 1 no old-policy forward runs: old_logprobs = logprobs.detach(), so
        the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
     3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
@@ -41,7 +42,9 @@ from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import SampledGroups, sample_generation_batch
 from grpo.engine.forward import GenerationBatch
 from grpo.engine.rollout import mask_truncated, sample_rollouts
+from grpo.entropy_bonus import EntropyCoefficient, adapted_coefficient, entropy_bonus
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.reference_sync import is_sync_step
 from grpo.rewards import compute_rewards, resolve_reward_functions
 from grpo.runtime.distributed import (
     all_gather_object,
@@ -50,6 +53,7 @@ from grpo.runtime.distributed import (
 )
 from grpo.runtime.metrics import rollout_metrics
 from grpo.runtime.preflight import grpo_preflight
+from grpo.runtime.reference_sync import reference_state, restore_reference, sync_reference
 from grpo.runtime.run import StopRequest, TrainingRun, start_run
 from grpo.token_selection import entropy_threshold, high_entropy_mask
 
@@ -90,6 +94,7 @@ def accumulate_step_gradients(
     reuse_images: bool,
     world_size: int,
     sampler_logprobs: torch.Tensor | None = None,
+    entropy_coef: float | None = None,
 ) -> dict[str, float]:
     """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
 
@@ -99,6 +104,10 @@ def accumulate_step_gradients(
     so after `sync_gradients` averages over ranks each .grad equals the gradient one process
     holding every rank's rows would compute. Returns this rank's sums for the step's metrics.
     Kept out of the loop so a test can run it on two ranks against one process (test_torchrun.py).
+    entropy_coef: the entropy bonus's coefficient for this step (adaptive control's c_applied);
+    None: the largest the run may apply (--entropy_coef, or --entropy_coef_max under adaptive
+    control), so the preflight builds the bonus's graph whenever the run may. The bonus is a mean
+    over the step's trained tokens (grpo/entropy_bonus.py).
     """
     # The normaliser spans every micro-batch of this optimizer step on every rank;
     # DDP-style averaging divides gradients by world_size, so divide it back out.
@@ -116,9 +125,17 @@ def accumulate_step_gradients(
             micro_batch_size=gargs.micro_batch_size, reuse_images=reuse_images,
         )  # fmt: skip
         sums["selected_tokens"] = float(policy_token_mask[step_rows].sum())
+    bonus_coef = entropy_coef
+    if bonus_coef is None:
+        bonus_coef = gargs.entropy_coef_max if gargs.use_adaptive_entropy else gargs.entropy_coef
+    if gargs.entropy_bonus_enabled:  # the bonus's tokens: the policy term's (loss mask, top-entropy selection)
+        bonus_mask = loss_mask if policy_token_mask is None else loss_mask * policy_token_mask  # [B*G, T]
+        # Its own step count over every rank (clamped to 1: a step with no tokens adds no bonus).
+        bonus_normaliser = max(all_reduce_sum(float(bonus_mask[step_rows].sum())), 1.0) / world_size
     for rows in step_rows.split(gargs.micro_batch_size):
         logprobs, entropy = generation.logprobs(
-            model, rows, reuse_rollout_images=reuse_images, return_entropy=True
+            model, rows, reuse_rollout_images=reuse_images, return_entropy=True,
+            entropy_grad=gargs.entropy_bonus_enabled and bonus_coef != 0.0,
         )  # [R, T_rows]
         length = logprobs.shape[1]
         mask_rows = loss_mask[rows, :length].to(logprobs.device)  # [R, T_rows]
@@ -135,6 +152,12 @@ def accumulate_step_gradients(
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
             policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
         )
+        if gargs.entropy_bonus_enabled:
+            bonus_rows = bonus_mask[rows, :length].to(entropy.device)  # [R, T_rows]
+            if bonus_coef != 0.0:
+                loss = loss - entropy_bonus(entropy, bonus_rows, bonus_coef, bonus_normaliser)
+            sums["bonus_entropy"] = sums.get("bonus_entropy", 0.0) + float((entropy.detach() * bonus_rows).sum())
+            sums["bonus_tokens"] = sums.get("bonus_tokens", 0.0) + float(bonus_rows.sum())
         loss.backward()
         n = info["num_tokens"]
         sums["loss"] += loss.item()
@@ -254,7 +277,7 @@ def generation_inputs(
 
 
 STEP_SUMS = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
-             "sampler_over_cap", "selected_tokens")  # fmt: skip
+             "sampler_over_cap", "selected_tokens", "bonus_entropy", "bonus_tokens")  # fmt: skip
 
 
 def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) -> dict[str, float]:
@@ -280,6 +303,8 @@ def step_metrics(sums: dict[str, float], gargs: GRPOArguments, world_size: int) 
     if gargs.sampler_correction != "none":
         metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
         metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
+    if gargs.entropy_bonus_enabled:  # H̄ over the bonus's tokens: what adaptive control measures
+        metrics["entropy_bonus_mean_entropy"] = total["bonus_entropy"] / max(total["bonus_tokens"], 1.0)
     if gargs.top_entropy_quantile < 1.0:  # the step's high-entropy token selection
         metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
         metrics["entropy_threshold"] = sums["entropy_threshold"]
@@ -318,6 +343,12 @@ def train_grpo(config: Config) -> dict:
     state = run.resume(rounds.stream)
     step = last_saved = state["step"]
     rounds.restore(state, run.dist.rank)
+    # State across steps of two options: the entropy coefficient (adaptive control) and the moved reference.
+    entropy_control = EntropyCoefficient(gargs.entropy_coef)
+    if gargs.use_adaptive_entropy and "entropy_control" in state["extra"]:
+        entropy_control = EntropyCoefficient.from_state_dict(state["extra"]["entropy_control"])
+    if "synced_reference" in state["extra"] and policy.reference is not None:
+        restore_reference(policy, state["extra"]["synced_reference"])
     if not targs.skip_preflight:  # one micro-batch at the longest prompt, before step 1 (grpo/runtime/preflight.py)
         grpo_preflight(
             model, rounds.dataset, rounds.collator, gargs=gargs, tokens=policy.tokens, device=device,
@@ -326,7 +357,12 @@ def train_grpo(config: Config) -> dict:
     run.open_logs(step, sample_log_steps=gargs.sample_log_steps)  # metrics.jsonl, samples.log, --report_to, progress
 
     def save(at_step):
-        run.save(at_step, rounds.stream, extra=rounds.checkpoint_extra())
+        extra = rounds.checkpoint_extra()
+        if gargs.use_adaptive_entropy:
+            extra["entropy_control"] = entropy_control.state_dict()
+        if gargs.sync_ref_model:  # every rank: under --fsdp the weights are gathered
+            extra["synced_reference"] = reference_state(policy)
+        run.save(at_step, rounds.stream, extra=extra)
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
@@ -378,16 +414,31 @@ def train_grpo(config: Config) -> dict:
             num_rows = rollout.completion_ids.shape[0]
             mini_batches = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
             for mini_rows in [rows for _epoch in range(gargs.num_iterations) for rows in mini_batches]:
+                coef_applied = entropy_control.applied(adaptive=gargs.use_adaptive_entropy, target=gargs.entropy_target)
                 sums = accumulate_step_gradients(
                     model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
                     reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
+                    entropy_coef=coef_applied,
                 )  # fmt: skip
                 metrics = step_metrics(sums, gargs, world_size)
                 grad_norm = run.optimizer_step(step, metrics["loss"])  # ranks' average, clip, AdamW
                 if grad_norm is None:
                     continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
                 step += 1
+                if gargs.use_adaptive_entropy:  # Skywork-OR1's controller, for the next step (grpo/entropy_bonus.py)
+                    measured = metrics["entropy_bonus_mean_entropy"]
+                    entropy_control = EntropyCoefficient(adapted_coefficient(
+                        entropy_control.coef, measured, target=gargs.entropy_target, delta=gargs.entropy_coef_delta,
+                        low=gargs.entropy_coef_min, high=gargs.entropy_coef_max,
+                    ), last_entropy=measured)  # fmt: skip
+                if gargs.entropy_bonus_enabled:  # TRL's entropy_coef (after the update), and this step's
+                    metrics |= {"entropy_coef": entropy_control.coef, "entropy_coef_applied": coef_applied}
+                if gargs.sync_ref_model:  # TR-DPO: the reference moves after the optimizer step (grpo/reference_sync.py)
+                    synced = is_sync_step(step, gargs.ref_model_sync_steps)
+                    if synced:
+                        sync_reference(policy, gargs.ref_model_mixup_alpha)
+                    metrics["ref_model_synced"] = float(synced)
                 metrics |= {"grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
                             "update_seconds": time.perf_counter() - t_update, **generation_metrics}  # fmt: skip
                 run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
