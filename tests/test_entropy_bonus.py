@@ -14,10 +14,13 @@ The worked example (also in docs/grpo.md): R = 2 completions, T = 3, c = 0.1.
 
 from __future__ import annotations
 
+import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import read_metrics, without_timings
 from tolerances import U32, sum_error
 
 from grpo.entropy_bonus import EntropyCoefficient, adapted_coefficient, differentiable_token_entropy, entropy_bonus
@@ -121,3 +124,166 @@ def test_adaptive_control_over_steps():
         coefs.append(state.coef)
     assert applied == pytest.approx([0.0, 0.03, 0.04, 0.0], rel=0, abs=1e-15)
     assert coefs == pytest.approx([0.03, 0.04, 0.03, 0.02], rel=0, abs=1e-15)  # a few float64 roundings of ~0.04
+
+
+# --- against TRL 1.16's _compute_loss (the oracle), float64 ---
+
+R, T = 8, 7  # completions, max completion length
+
+
+def _trl_compute_loss(logprobs, old_logprobs, ref_logprobs, entropies, advantages, mask, *, loss_type, beta,
+                      coef, adaptive, last_entropy, target, accumulation=1):  # fmt: skip
+    """TRL's _compute_loss with its entropy bonus on (a stand-in `self`: one process; `entropies`
+    are what its forward returns). Returns the loss and the stand-in (its coefficient after the call)."""
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is the oracle here (pip install -e '.[dev]')")
+    from collections import defaultdict
+
+    accelerator = SimpleNamespace(
+        num_processes=1, sync_gradients=True, reduce=lambda x, reduction="sum": x, gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+    )  # fmt: skip
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logprobs, entropies, None), aux_loss_enabled=False,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, entropy_target=target,
+                             entropy_coef_delta=0.005, entropy_coef_min=0.0, entropy_coef_max=1.0),
+        loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False, vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=accumulation, accelerator=accelerator,
+        _entropy_bonus_enabled=coef != 0.0 or adaptive, entropy_coef=coef, use_adaptive_entropy=adaptive,
+        _last_world_entropy=last_entropy, _entropy_window_stats=None,
+        _metrics=defaultdict(lambda: defaultdict(list)), max_completion_length=T,
+    )  # fmt: skip
+    rows = logprobs.shape[0]
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, T, dtype=torch.long), "completion_mask": mask, "advantages": advantages,
+        "old_per_token_logps": old_logprobs, "ref_per_token_logps": ref_logprobs, "num_items_in_batch": mask.sum(),
+    }  # fmt: skip
+    return grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs), trainer
+
+
+def _random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -3 * torch.rand(R, T, generator=g, dtype=torch.float64)  # [R, T]
+    old_logprobs = logprobs + 0.2 * torch.randn(R, T, generator=g, dtype=torch.float64)  # ratios away from 1
+    ref_logprobs = logprobs + 0.3 * torch.randn(R, T, generator=g, dtype=torch.float64)
+    entropies = 4 * torch.rand(R, T, generator=g, dtype=torch.float64)  # [R, T] nats
+    advantages = torch.randn(R, generator=g, dtype=torch.float64)  # [R]
+    lengths = torch.randint(1, T + 1, (R,), generator=g)  # [R] EOS inside the window
+    mask = (torch.arange(T) < lengths[:, None]).double()  # [R, T]
+    return logprobs, old_logprobs, ref_logprobs, entropies, advantages, mask
+
+
+TRL_GRID = list(itertools.product(
+    range(3), ("grpo", "dapo", "dr_grpo"), (0.0, 0.04), (False, True),
+    ((False, math.inf), (True, math.inf), (True, 0.1), (True, 0.5)),  # adaptive off; on: none yet, below, above
+))  # fmt: skip
+
+
+def test_bonus_and_adaptive_update_equal_trls():
+    """The bonus TRL adds (its loss with the bonus minus its loss without), its gradient in the
+    entropies, the coefficient TRL applies and the one it leaves for the next step, against ours."""
+    worst = 0.0
+    for seed, loss_type, beta, one_epoch, (adaptive, last_entropy) in TRL_GRID:
+        logprobs, old_logprobs, ref_logprobs, entropies, advantages, mask = _random_inputs(seed)
+        old = logprobs.detach() if one_epoch else old_logprobs
+        coef, target = 0.03, 0.2 if last_entropy != 0.5 else 0.3
+
+        trl_entropies = entropies.clone().requires_grad_(True)
+        with_bonus, trainer = _trl_compute_loss(
+            logprobs, old, ref_logprobs, trl_entropies, advantages, mask, loss_type=loss_type, beta=beta,
+            coef=coef, adaptive=adaptive, last_entropy=last_entropy, target=target,
+        )  # fmt: skip
+        (trl_grad,) = torch.autograd.grad(with_bonus, trl_entropies)
+        without, _ = _trl_compute_loss(
+            logprobs, old, ref_logprobs, entropies, advantages, mask, loss_type=loss_type, beta=beta,
+            coef=0.0, adaptive=False, last_entropy=math.inf, target=target,
+        )  # fmt: skip
+        trl_bonus = float((without - with_bonus).detach())  # TRL: loss - c_applied * H̄
+
+        state = EntropyCoefficient(coef, last_entropy=last_entropy)
+        applied = state.applied(adaptive=adaptive, target=target)
+        ours_entropies = entropies.clone().requires_grad_(True)
+        ours = entropy_bonus(ours_entropies, mask, applied, normaliser=float(mask.sum()))  # one micro-batch, one rank
+        (ours_grad,) = torch.autograd.grad(ours, ours_entropies)
+        worst = max(worst, abs(float(ours) - trl_bonus), float((ours_grad + trl_grad).abs().max()))  # loss - bonus
+        if adaptive:  # the coefficient TRL leaves for the next step, from this window's measured H̄
+            measured = float((entropies * mask).sum() / mask.sum())
+            assert trainer.entropy_coef == pytest.approx(
+                adapted_coefficient(coef, measured, target=target, delta=0.005, low=0.0, high=1.0), rel=0, abs=4 * 2.0**-53
+            )
+            assert trainer._last_world_entropy == pytest.approx(measured, rel=0, abs=sum_error(R * T, 4.0 * R * T, torch.float64))
+        else:
+            assert trainer.entropy_coef == coef
+    # float64: H̄ is a sum of <= 56 terms <= 4, and TRL's difference of two losses (each a sum of
+    # <= 56 terms of size <= ~10) carries both losses' rounding: within 2 * sum_error(56, 560) + the bonus's.
+    print(f"\nworst |ours - TRL| over {len(TRL_GRID)} configurations (bonus and gradient): {worst:.1e}")
+    assert worst < 2 * sum_error(56, 56 * 10.0, torch.float64) + sum_error(56, 56 * 4.0, torch.float64)
+
+
+def test_unequal_micro_batches_depart_from_trl_on_purpose():
+    """TRL adds each micro-batch's own mean / (number of micro-batches); ours divides every
+    micro-batch by the step's count. Equal when the token counts are equal; here they are not
+    (rows 0-3 and 4-7 hold different numbers of tokens), and TRL's is the mean of the two means."""
+    logprobs, old, ref, entropies, advantages, mask = _random_inputs(0)
+    halves = (slice(0, 4), slice(4, 8))
+    counts = [float(mask[h].sum()) for h in halves]
+    assert counts[0] != counts[1]
+    trl_total = 0.0
+    for h in halves:
+        with_bonus, _ = _trl_compute_loss(logprobs[h], logprobs[h].detach(), ref[h], entropies[h], advantages[h], mask[h],
+                                          loss_type="dapo", beta=0.0, coef=0.1, adaptive=False, last_entropy=math.inf,
+                                          target=0.2, accumulation=2)  # fmt: skip
+        without, _ = _trl_compute_loss(logprobs[h], logprobs[h].detach(), ref[h], entropies[h], advantages[h], mask[h],
+                                       loss_type="dapo", beta=0.0, coef=0.0, adaptive=False, last_entropy=math.inf,
+                                       target=0.2, accumulation=2)  # fmt: skip
+        trl_total += float(without - with_bonus)
+    means = [float((entropies[h] * mask[h]).sum()) / c for h, c in zip(halves, counts, strict=True)]
+    ours = sum(float(entropy_bonus(entropies[h], mask[h], 0.1, normaliser=sum(counts))) for h in halves)
+    global_mean = float((entropies * mask).sum() / mask.sum())
+    bound = 2 * sum_error(56, 56 * 10.0, torch.float64) + sum_error(56, 56 * 4.0, torch.float64)
+    assert abs(trl_total - 0.1 * (means[0] + means[1]) / 2) < bound  # TRL: the mean of the micro-batch means
+    assert abs(ours - 0.1 * global_mean) < bound  # ours: one mean over the step's tokens
+    assert abs(ours - trl_total) > 1e3 * bound  # and here those differ
+
+
+# --- end to end (tiny preset) and flags ---
+
+
+def test_adaptive_run_logs_and_applies_its_coefficient(train_run, tmp_path):
+    """Target 100 nats (above any tiny-model entropy, at most log V ~ 7): the coefficient climbs by
+    delta every step and is applied from step 2 on, and step 2's loss is the plain run's minus c * H̄."""
+    flags = ["--max_steps", "3", "--save_steps", "0", "--beta", "0"]
+    plain = read_metrics(train_run(tmp_path / "plain", *flags))
+    adaptive = read_metrics(train_run(tmp_path / "adaptive", *flags, "--use_adaptive_entropy", "true",
+                                      "--entropy_coef", "0.01", "--entropy_coef_delta", "0.02", "--entropy_target", "100"))  # fmt: skip
+    # c: 0.01 -> 0.03 -> 0.05 -> 0.07; applied: 0 (nothing measured), 0.03, 0.05
+    assert [r["entropy_coef"] for r in adaptive] == pytest.approx([0.03, 0.05, 0.07], rel=0, abs=1e-15)
+    assert [r["entropy_coef_applied"] for r in adaptive] == pytest.approx([0.0, 0.03, 0.05], rel=0, abs=1e-15)
+    assert "entropy_coef" not in plain[0]
+    # Step 1 applies no bonus: the same floats as the plain run, save the new metrics.
+    new = ("entropy_coef", "entropy_coef_applied", "entropy_bonus_mean_entropy")
+    assert {k: v for k, v in without_timings(adaptive[0]).items() if k not in new} == without_timings(plain[0])
+    assert adaptive[0]["entropy_bonus_mean_entropy"] == adaptive[0]["entropy"]  # no top-entropy selection
+    # Step 2 has the same weights and batch as the plain run's step 2 (step 1 was the same), so
+    # its loss is the plain loss minus 0.03 * H̄: float32 sums over the step's <= 4 x 8 tokens of
+    # terms <= ~10 (the policy term's |A| ratio, and H <= log V ~ 7), each side.
+    expected = plain[1]["loss"] - 0.03 * adaptive[1]["entropy_bonus_mean_entropy"]
+    assert adaptive[1]["loss"] == pytest.approx(expected, rel=0, abs=2 * sum_error(4 * 8, 4 * 8 * 10.0))
+
+
+def test_entropy_flags_are_checked():
+    from grpo.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"--entropy_coef_min 0.5 is above --entropy_coef_max 0.1"):
+        parse_config(["--entropy_coef_min", "0.5", "--entropy_coef_max", "0.1"])
+    with pytest.raises(ConfigError, match=r"--entropy_coef 2.0 is the adaptive coefficient's start"):
+        parse_config(["--use_adaptive_entropy", "true", "--entropy_coef", "2"])
+    with pytest.raises(ConfigError, match=r"--entropy_target -1.0: an entropy in nats is >= 0"):
+        parse_config(["--entropy_target", "-1"])
+    with pytest.raises(ConfigError, match=r"--entropy_coef_delta -0.1"):
+        parse_config(["--entropy_coef_delta", "-0.1"])
+    defaults = parse_config([]).grpo  # TRL's defaults
+    assert (defaults.entropy_coef, defaults.use_adaptive_entropy, defaults.entropy_target) == (0.0, False, 0.2)
+    assert (defaults.entropy_coef_min, defaults.entropy_coef_max, defaults.entropy_coef_delta) == (0.0, 1.0, 0.005)
+    assert not defaults.entropy_bonus_enabled
