@@ -287,3 +287,79 @@ def test_entropy_flags_are_checked():
     assert (defaults.entropy_coef, defaults.use_adaptive_entropy, defaults.entropy_target) == (0.0, False, 0.2)
     assert (defaults.entropy_coef_min, defaults.entropy_coef_max, defaults.entropy_coef_delta) == (0.0, 1.0, 0.005)
     assert not defaults.entropy_bonus_enabled
+
+
+# --- two ranks give the one-process gradient (the bonus's step normaliser spans the ranks) ---
+
+BONUS_CASES = [("token", 1.0), ("sequence", 0.4)]  # (aggregation, top_entropy_quantile)
+
+
+def _bonus_gradients(problem, generation, rows, aggregation, quantile, micro, world_size, coef=0.5):
+    """.grad of every trainable parameter after accumulate_step_gradients with the bonus and the
+    ranks' average (tests/test_torchrun.py's problem: 10 tokens on rank 0, 23 on rank 1)."""
+    from test_torchrun import _grpo_args
+
+    from grpo.grpo_loop import accumulate_step_gradients
+    from grpo.runtime.distributed import sync_gradients
+
+    model = problem["model"]
+    gargs = _grpo_args(aggregation, micro, quantile)
+    gargs.entropy_coef = coef
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    model.train()
+    sums = accumulate_step_gradients(
+        model, generation, torch.arange(len(rows)), advantages=problem["advantages"][rows], loss_mask=problem["mask"][rows],
+        old_logprobs=problem["old_logprobs"][rows], ref_logprobs=problem["ref_logprobs"][rows], gargs=gargs,
+        reuse_images=False, world_size=world_size,
+    )  # fmt: skip
+    sync_gradients(trainable, world_size)
+    return [p.grad.clone() for p in trainable], sums
+
+
+def _bonus_rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: dict) -> None:
+    import os
+
+    from test_torchrun import _join_as_rank
+
+    distributed = _join_as_rank(rank, world_size, port)
+    try:
+        rows = list(range(4 * rank, 4 * rank + 4))
+        results = {}
+        for aggregation, quantile in BONUS_CASES:
+            synced, sums = _bonus_gradients(problem, problem["per_rank"][rank], rows, aggregation, quantile, 2, world_size)
+            results[f"{aggregation}-{quantile}"] = {
+                "synced": synced, "bonus_entropy": distributed.all_reduce_sum(sums["bonus_entropy"]),
+                "bonus_tokens": distributed.all_reduce_sum(sums["bonus_tokens"]),
+            }  # fmt: skip
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_two_gloo_ranks_give_the_single_process_bonus_gradient(tmp_path, monkeypatch, float64_hf, rendezvous_port):
+    import torch.multiprocessing as mp
+    from test_torchrun import _build_problem
+    from tolerances import TINY_PATH_TERMS, network_error
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    problem = _build_problem()
+    mp.start_processes(
+        _bonus_rank_worker, args=(2, rendezvous_port, str(tmp_path), problem), nprocs=2, join=True, start_method="fork"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for aggregation, quantile in BONUS_CASES:
+        whole_rows = list(range(8))
+        single, sums = _bonus_gradients(problem, problem["whole"], whole_rows, aggregation, quantile, 3, 1)
+        without, _ = _bonus_gradients(problem, problem["whole"], whole_rows, aggregation, quantile, 3, 1, coef=0.0)
+        scale = max(g.abs().max() for g in single)
+        # The bonus moves the gradient (so the comparison below is about it too).
+        assert max((a - b).abs().max() for a, b in zip(single, without, strict=True)) > 1e-2 * scale
+        got = ranks[0][f"{aggregation}-{quantile}"]
+        # The bonus's tokens: all 33 loss tokens, or the 13 highest-entropy ones (test_torchrun.py).
+        assert got["bonus_tokens"] == sums["bonus_tokens"] == (33.0 if quantile == 1.0 else 13.0)
+        atol = network_error(2 * TINY_PATH_TERMS, scale)  # as tests/test_torchrun.py: the backward doubles the path
+        for rank in range(2):
+            for expected, value in zip(single, ranks[rank][f"{aggregation}-{quantile}"]["synced"], strict=True):
+                torch.testing.assert_close(value, expected, rtol=0, atol=atol)

@@ -169,3 +169,22 @@ def test_sync_ref_model_needs_a_reference_and_sane_alpha_and_tau():
         parse_config(["--ref_model_sync_steps", "0"])
     defaults = parse_config([]).grpo  # TRL's defaults
     assert (defaults.sync_ref_model, defaults.ref_model_mixup_alpha, defaults.ref_model_sync_steps) == (False, 0.6, 512)
+
+
+def test_fsdp_sync_in_one_process_repeats_the_replicated_run_and_resumes(train_run, tmp_path):
+    """--fsdp: each rank mixes its DTensor slices, and the checkpoint gathers them. In one process
+    (a one-rank group) the shard is the whole tensor, so the sharded run must give the replicated
+    run's floats (as tests/test_fsdp.py shows for the plain run), through a resume too."""
+    flags = ["--save_steps", "2", "--beta", "0.04", "--learning_rate", "1e-2", "--sync_ref_model", "true",
+             "--ref_model_sync_steps", "1", "--ref_model_mixup_alpha", "0.5"]  # fmt: skip
+    replicated = train_run(tmp_path / "replicated", "--max_steps", "3", *flags)
+    sharded = train_run(tmp_path / "fsdp", "--max_steps", "2", "--fsdp", "true", *flags)
+    train_run(sharded, "--max_steps", "3", "--fsdp", "true", "--resume", *flags)
+    expected = [without_timings(r) for r in read_metrics(replicated)]
+    assert [without_timings(r) for r in read_metrics(sharded)] == expected
+    assert expected[2]["kl"] > 0 and expected[2]["ref_model_synced"] == 1.0
+    states = [torch.load(next(run.glob("checkpoint-*3")) / "trainer_state.pt", weights_only=True) for run in (replicated, sharded)]
+    saved = [state["extra"]["synced_reference"] for state in states]
+    assert saved[0].keys() == saved[1].keys() and len(saved[0]) > 0
+    for name, tensor in saved[0].items():
+        assert torch.equal(saved[1][name], tensor), name
