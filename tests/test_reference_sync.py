@@ -188,3 +188,26 @@ def test_fsdp_sync_in_one_process_repeats_the_replicated_run_and_resumes(train_r
     assert saved[0].keys() == saved[1].keys() and len(saved[0]) > 0
     for name, tensor in saved[0].items():
         assert torch.equal(saved[1][name], tensor), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_with_sync_and_adaptive_entropy_replicated_and_fsdp(tmp_path):
+    """The real command on 2 ranks with both options that carry state across steps, replicated and
+    --fsdp, through a resume: the ranks stay in step (identical weights), the reference moves on
+    the sync steps, the coefficient climbs, and the sharded run agrees with the replicated one up
+    to float64 rounding (tests/test_fsdp.py's bound)."""
+    from test_fsdp import _assert_close_runs, _torchrun
+
+    flags = ["--beta", "0.04", "--save_steps", "2", "--sync_ref_model", "true", "--ref_model_sync_steps", "2",
+             "--use_adaptive_entropy", "true", "--entropy_coef", "0.01", "--entropy_target", "100"]  # fmt: skip
+    replicated = _torchrun(tmp_path / "replicated", "--max_steps", "4", *flags, stage="grpo")
+    sharded = _torchrun(tmp_path / "fsdp", "--max_steps", "2", "--fsdp", "true", *flags, stage="grpo")
+    _torchrun(sharded, "--max_steps", "4", "--fsdp", "true", "--resume", *flags, stage="grpo")
+    records = read_metrics(replicated)
+    assert [r["ref_model_synced"] for r in records] == [0.0, 1.0, 0.0, 1.0]
+    assert [r["entropy_coef_applied"] for r in records] == pytest.approx([0.0, 0.015, 0.02, 0.025], rel=0, abs=1e-15)
+    for run in (replicated, sharded):
+        fingerprints = [torch.load(run / f"fingerprint-rank{r}.pt", weights_only=True) for r in range(2)]
+        for name in fingerprints[0]:
+            assert torch.equal(fingerprints[0][name], fingerprints[1][name]), name
+    _assert_close_runs(sharded, replicated)
