@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def differentiable_token_entropy(logits: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -49,20 +50,30 @@ def differentiable_token_entropy(logits: Tensor, chunk_size: int = 1024) -> Tens
     The same number as -sum_v p_v log p_v (grpo/logprobs.py's metric); written this way because its
     gradient, dH/dz_v = -p_v (z_v - sum_u p_u z_u), stays finite where p_v underflows to 0 (the
     derivative of -p log p is -log p - 1, infinite at p = 0, and 0 * inf = NaN in the softmax's
-    backward). Chunked over positions so the float32 copy of the logits is made a chunk at a time;
-    autograd still keeps each chunk's probabilities [C, V] for the backward (the bonus's memory cost).
+    backward). Chunked over positions, and with grad each chunk is recomputed in the backward
+    (activation checkpointing): the bonus then keeps no [R, T, V] float32 softmax alive beyond the
+    logits the loss keeps anyway; the price is one more softmax per chunk in the backward.
     """
     num_rows, num_tokens, vocab = logits.shape
     dtype = torch.promote_types(logits.dtype, torch.float32)  # never accumulate the sum in bfloat16
     flat = logits.reshape(num_rows * num_tokens, vocab)  # [R*T, V]
+    if num_rows * num_tokens == 0:  # no positions at all
+        return flat.new_zeros(num_rows, num_tokens, dtype=dtype)
+    recompute = torch.is_grad_enabled() and logits.requires_grad
     pieces = []
     for chunk in flat.split(chunk_size):
-        z = chunk.to(dtype)  # [C, V]
-        p = z.softmax(-1)  # [C, V]
-        pieces.append(torch.logsumexp(z, -1) - (p * z).sum(-1))  # [C]
-    if not pieces:  # no positions at all
-        return flat.new_zeros(num_rows, num_tokens, dtype=dtype)
+        if recompute:  # keep only the logits for the backward; the chunk's softmax is recomputed there
+            pieces.append(checkpoint(_chunk_entropy, chunk, dtype, use_reentrant=False))  # [C]
+        else:
+            pieces.append(_chunk_entropy(chunk, dtype))  # [C]
     return torch.cat(pieces).view(num_rows, num_tokens)  # [R, T]
+
+
+def _chunk_entropy(chunk: Tensor, dtype: torch.dtype) -> Tensor:
+    """H of each row of logits [C, V], computed in `dtype`: [C]."""
+    z = chunk.to(dtype)  # [C, V]
+    p = z.softmax(-1)  # [C, V]
+    return torch.logsumexp(z, -1) - (p * z).sum(-1)  # [C]
 
 
 def entropy_bonus(entropy: Tensor, mask: Tensor, coefficient: float, normaliser: float) -> Tensor:

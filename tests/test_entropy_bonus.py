@@ -206,7 +206,7 @@ def test_bonus_and_adaptive_update_equal_trls():
         ours_entropies = entropies.clone().requires_grad_(True)
         ours = entropy_bonus(ours_entropies, mask, applied, normaliser=float(mask.sum()))  # one micro-batch, one rank
         (ours_grad,) = torch.autograd.grad(ours, ours_entropies)
-        worst = max(worst, abs(float(ours) - trl_bonus), float((ours_grad + trl_grad).abs().max()))  # loss - bonus
+        worst = max(worst, abs(float(ours.detach()) - trl_bonus), float((ours_grad + trl_grad).abs().max()))  # loss - bonus
         if adaptive:  # the coefficient TRL leaves for the next step, from this window's measured H̄
             measured = float((entropies * mask).sum() / mask.sum())
             assert trainer.entropy_coef == pytest.approx(
@@ -363,3 +363,25 @@ def test_two_gloo_ranks_give_the_single_process_bonus_gradient(tmp_path, monkeyp
         for rank in range(2):
             for expected, value in zip(single, ranks[rank][f"{aggregation}-{quantile}"]["synced"], strict=True):
                 torch.testing.assert_close(value, expected, rtol=0, atol=atol)
+
+
+def test_scoring_forward_returns_the_metric_entropy_with_a_gradient(float64_hf):
+    """GenerationBatch.logprobs(entropy_grad=True), shared-prompt and naive paths: the same numbers
+    as the detached metric, and a gradient that reaches the model's weights."""
+    from test_torchrun import _build_problem
+    from tolerances import TINY_PATH_TERMS, network_error
+
+    problem = _build_problem()
+    model, generation, mask = problem["model"], problem["whole"], problem["mask"]
+    rows = torch.arange(8)
+    for shared in (True, False):
+        generation.shared_prompt = shared
+        with torch.no_grad():
+            _, metric = generation.logprobs(model, rows, reuse_rollout_images=False, return_entropy=True)  # [8, T]
+        model.zero_grad(set_to_none=True)
+        _, entropy = generation.logprobs(model, rows, reuse_rollout_images=False, return_entropy=True, entropy_grad=True)
+        assert entropy.requires_grad and not metric.requires_grad
+        # Two formulas for H on float64 logits (<= log V ~ 7): apart by the network's rounding at most.
+        assert (entropy.detach() - metric).abs().max() <= network_error(TINY_PATH_TERMS, 10.0)
+        (entropy * mask[:, : entropy.shape[1]]).sum().backward()
+        assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().max() > 0
