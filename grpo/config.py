@@ -408,6 +408,40 @@ class GRPOArguments:
         "term keeps every token. Costs one extra no-grad forward per optimizer step when < 1.",
         default=1.0,
     )
+    sync_ref_model: bool = _help(
+        "TR-DPO (arXiv 2404.09656): every --ref_model_sync_steps optimizer steps move the KL reference "
+        "toward the policy, ref <- alpha * policy + (1 - alpha) * ref. Needs --beta > 0. The moved "
+        "reference is kept in each checkpoint (its trained weights: up to a second copy of the model).",
+        default=False,
+    )
+    ref_model_mixup_alpha: float = _help(
+        "alpha of --sync_ref_model, in (0, 1]: the fraction of the way the reference moves (1: it "
+        "becomes the policy).",
+        default=0.6,
+    )
+    ref_model_sync_steps: int = _help("tau of --sync_ref_model: optimizer steps between two reference updates.", default=512)
+    entropy_coef: float = _help(
+        "c: subtract c * (mean entropy of the policy over the trained completion tokens) from the loss, "
+        "the same for every --loss_type (an entropy bonus for exploration when > 0). 0 = off. With "
+        "--use_adaptive_entropy the starting value of the adapted coefficient.",
+        default=0.0,
+    )
+    use_adaptive_entropy: bool = _help(
+        "Skywork-OR1 (arXiv 2505.22312): after each optimizer step raise the entropy coefficient by "
+        "--entropy_coef_delta while the step's mean entropy is <= --entropy_target, lower it otherwise "
+        "(within [--entropy_coef_min, --entropy_coef_max]); the bonus applies only while the last "
+        "step's entropy was <= the target (so not in step 1).",
+        default=False,
+    )
+    entropy_target: float = _help(
+        "Target mean per-token entropy (nats) of --use_adaptive_entropy. Language models typically sit "
+        "at 1-10 nats, so the default 0.2 acts only on a near-collapse; set it near the entropy of the "
+        "first steps (logged as entropy).",
+        default=0.2,
+    )
+    entropy_coef_min: float = _help("Lowest entropy coefficient --use_adaptive_entropy may reach.", default=0.0)
+    entropy_coef_max: float = _help("Highest entropy coefficient --use_adaptive_entropy may reach.", default=1.0)
+    entropy_coef_delta: float = _help("Step of the entropy coefficient per optimizer step (--use_adaptive_entropy).", default=0.005)
 
     def __post_init__(self):
         _reject_non_finite(self)
@@ -474,6 +508,7 @@ class GRPOArguments:
                 f"--top_entropy_quantile {self.top_entropy_quantile}: must be in [0, 1] (1.0 trains on every "
                 "token; 0.2 keeps the top 20% by entropy)"
             )
+        self._check_reference_sync_and_entropy_bonus()
         generation_batch = self.per_device_prompts * self.num_generations
         if generation_batch % self.steps_per_generation:
             raise ConfigError(
@@ -494,6 +529,42 @@ class GRPOArguments:
             objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
             sampler_correction_cap=self.sampler_correction_cap,
         )  # fmt: skip
+
+    def _check_reference_sync_and_entropy_bonus(self) -> None:
+        """--sync_ref_model and the entropy bonus's flags (grpo/reference_sync.py, grpo/entropy_bonus.py)."""
+        if self.sync_ref_model and self.beta == 0:
+            raise ConfigError(
+                "--sync_ref_model moves the KL reference, but --beta 0 builds no reference; set --beta > 0 "
+                "or drop --sync_ref_model"
+            )
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(
+                f"--ref_model_mixup_alpha {self.ref_model_mixup_alpha}: must be in (0, 1] (0 would never move "
+                "the reference; 1 copies the policy)"
+            )
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"--ref_model_sync_steps {self.ref_model_sync_steps}: must be >= 1 (optimizer steps)")
+        if self.entropy_target < 0:
+            raise ConfigError(f"--entropy_target {self.entropy_target}: an entropy in nats is >= 0")
+        if self.entropy_coef_delta < 0:
+            raise ConfigError(f"--entropy_coef_delta {self.entropy_coef_delta}: must be >= 0")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ConfigError(
+                f"--entropy_coef_min {self.entropy_coef_min} is above --entropy_coef_max {self.entropy_coef_max}; "
+                "swap them"
+            )
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max:
+            raise ConfigError(
+                f"--entropy_coef {self.entropy_coef} is the adaptive coefficient's start, but lies outside "
+                f"[--entropy_coef_min {self.entropy_coef_min}, --entropy_coef_max {self.entropy_coef_max}]; "
+                "pick a start inside the range"
+            )
+
+    @property
+    def entropy_bonus_enabled(self) -> bool:
+        """Whether the loss carries the entropy bonus: a coefficient, or adaptive control (which may
+        bring a coefficient decremented to 0 back)."""
+        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
 
     def _resolve_loss_type(self) -> None:
         """--loss_type fills --loss_aggregation, --importance_sampling_level and --objective; a value
@@ -594,7 +665,9 @@ HELP_TIERS = (
         "importance_sampling_level", "objective", "kl_estimator", "advantage_scale", "mask_truncated_completions",
         "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "dynamic_sampling",
         "max_generation_rounds", "overlong_buffer_length", "top_entropy_quantile", "lr_scheduler", "warmup_steps",
-        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "entropy_coef",
+        "use_adaptive_entropy", "entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+        "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
     )),
     ("engine and speed", "Same objective, other memory and speed: precision, batching, the sampler's decode loop, ranks.", (
         "dtype", "attn_implementation", "gradient_checkpointing", "micro_batch_size", "decode", "shared_prompt_forward",

@@ -10,7 +10,8 @@ step crosses: docs/architecture.md, "One GRPO step, file by file".
 
 Where this departs from the paper, and why:
     1. The paper's "iterative GRPO" refreshes the reference model; here the reference stays the
-       stage's starting point (as in TRL and the blog post).
+       stage's starting point (as in TRL and the blog post), unless --sync_ref_model moves it
+       toward the policy every --ref_model_sync_steps steps (grpo/reference_sync.py).
     2. With num_iterations == 1 no old-policy forward runs: old_logprobs = logprobs.detach(), so
        the ratio is 1 and its gradient is ∇logp (grpo/loss.py explains the trick).
     3. The loss's logprobs come from logits / temperature, the distribution the rollout sampled
@@ -34,9 +35,11 @@ from grpo.config import Config, GRPOArguments
 from grpo.dynamic_sampling import sample_generation_batch
 from grpo.engine.forward import GenerationBatch
 from grpo.engine.rollout import SampledGroups, in_eval_mode, sample_rollouts
+from grpo.entropy_bonus import entropy_bonus
 from grpo.loss import grpo_loss, step_normaliser
 from grpo.masks import mask_truncated
 from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
+from grpo.runtime.across_steps import AcrossSteps
 from grpo.runtime.distributed import all_gather_object, all_reduce_sum
 from grpo.runtime.metrics import StepSums, rollout_metrics
 from grpo.runtime.preflight import grpo_preflight
@@ -67,9 +70,11 @@ def train_grpo(config: Config) -> dict:
             world_size=world_size, merge_size=merge_size, step_gradients=accumulate_step_gradients, is_main=run.is_main,
         )  # fmt: skip
     run.open_logs(step, sample_log_steps=gargs.sample_log_steps)  # metrics.jsonl, samples.log, --report_to, progress
+    # --use_adaptive_entropy's coefficient and --sync_ref_model's reference (off by default: no-ops)
+    across_steps = AcrossSteps(gargs, policy, state["extra"])
 
     def save(at_step):
-        run.save(at_step, rounds.stream, extra=rounds.checkpoint_extra())
+        run.save(at_step, rounds.stream, extra=rounds.checkpoint_extra() | across_steps.checkpoint_extra())
 
     # `with`: the signal handlers are put back even when the loop raises (e.g. after too many
     # non-finite steps), so an in-process caller (tests, a notebook) keeps its Ctrl-C.
@@ -121,16 +126,19 @@ def train_grpo(config: Config) -> dict:
             num_rows = rollout.completion_ids.shape[0]
             mini_batches = torch.arange(num_rows).split(num_rows // gargs.steps_per_generation)
             for mini_rows in [rows for _epoch in range(gargs.num_iterations) for rows in mini_batches]:
+                entropy_coef = across_steps.entropy_coef()  # None without --entropy_coef
                 sums = accumulate_step_gradients(
                     model, generation, mini_rows, advantages=advantages, loss_mask=loss_mask,
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gargs=gargs,
                     reuse_images=reuse_images, world_size=world_size, sampler_logprobs=rollout.sampler_logprobs,
+                    entropy_coef=entropy_coef,
                 )  # fmt: skip
                 metrics = sums.means(world_size)  # one all-reduce (grpo/runtime/metrics.py)
                 grad_norm = run.optimizer_step(step, metrics["loss"])  # ranks' average, clip, AdamW
                 if grad_norm is None:
                     continue  # skipped: not finite (grpo/runtime/run.py, NonFiniteGuard)
                 step += 1
+                metrics |= across_steps.after_step(step, metrics, entropy_coef)  # adapt c; move the reference
                 metrics |= {"grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
                             "update_seconds": time.perf_counter() - t_update, **generation_metrics}  # fmt: skip
                 run.log(step, metrics, reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
@@ -268,6 +276,7 @@ def accumulate_step_gradients(
     reuse_images: bool,
     world_size: int,
     sampler_logprobs: torch.Tensor | None = None,
+    entropy_coef: float | None = None,
 ) -> StepSums:
     """Backward this rank's share of one optimizer step's loss, one micro-batch at a time.
 
@@ -278,6 +287,10 @@ def accumulate_step_gradients(
     holding every rank's rows would compute. Returns this rank's sums for the step's metrics
     (`StepSums.means` reduces them over the ranks).
     Kept out of the loop so a test can run it on two ranks against one process (test_torchrun.py).
+    entropy_coef: the entropy bonus's coefficient for this step (adaptive control's c_applied);
+    None: the largest the run may apply (--entropy_coef, or --entropy_coef_max under adaptive
+    control), so the preflight builds the bonus's graph whenever the run may. The bonus is a mean
+    over the step's trained tokens (grpo/entropy_bonus.py), beside the loss, not inside it.
     """
     # The normaliser spans every micro-batch of this optimizer step on every rank;
     # DDP-style averaging divides gradients by world_size, so divide it back out.
@@ -286,7 +299,7 @@ def accumulate_step_gradients(
         all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
         1.0,
     ) / world_size
-    sums = StepSums(sampler_correction=gargs.sampler_correction != "none")
+    sums = StepSums(sampler_correction=gargs.sampler_correction != "none", entropy_bonus=gargs.entropy_bonus_enabled)
     policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
     if gargs.top_entropy_quantile < 1.0:
         policy_token_mask, sums.entropy_threshold = step_policy_token_mask(
@@ -294,9 +307,16 @@ def accumulate_step_gradients(
             micro_batch_size=gargs.micro_batch_size, reuse_images=reuse_images,
         )  # fmt: skip
         sums.selected_tokens = float(policy_token_mask[step_rows].sum())
+    if entropy_coef is None:
+        entropy_coef = gargs.entropy_coef_max if gargs.use_adaptive_entropy else gargs.entropy_coef
+    if gargs.entropy_bonus_enabled:  # the bonus's tokens: the policy term's (loss mask, top-entropy selection)
+        bonus_mask = loss_mask if policy_token_mask is None else loss_mask * policy_token_mask  # [B*G, T]
+        # Its own step count over every rank (clamped to 1: a step with no tokens adds no bonus).
+        bonus_normaliser = max(all_reduce_sum(float(bonus_mask[step_rows].sum())), 1.0) / world_size
     for rows in step_rows.split(gargs.micro_batch_size):
         logprobs, entropy = generation.logprobs(
-            model, rows, reuse_rollout_images=reuse_images, return_entropy=True
+            model, rows, reuse_rollout_images=reuse_images, return_entropy=True,
+            entropy_grad=gargs.entropy_bonus_enabled and entropy_coef != 0.0,
         )  # [R, T_rows]
         length = logprobs.shape[1]
         mask_rows = loss_mask[rows, :length].to(logprobs.device)  # [R, T_rows]
@@ -308,6 +328,11 @@ def accumulate_step_gradients(
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :length],
             policy_token_mask=None if policy_token_mask is None else policy_token_mask[rows, :length],
         )
+        if gargs.entropy_bonus_enabled:  # loss - c * mean entropy (grpo/entropy_bonus.py)
+            bonus_rows = bonus_mask[rows, :length].to(entropy.device)  # [R, T_rows]
+            if entropy_coef != 0.0:
+                loss = loss - entropy_bonus(entropy, bonus_rows, entropy_coef, bonus_normaliser)
+            sums.add_bonus_tokens(entropy, bonus_rows)
         loss.backward()
         sums.add(loss, info, entropy, mask_rows)
     return sums

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = [
     ("math", ["grpo", "grpo.logprobs", "grpo.advantages", "grpo.kl", "grpo.sampler_correction",
-              "grpo.loss", "grpo.objectives", "grpo.masks", "grpo.token_selection"]),
+              "grpo.loss", "grpo.objectives", "grpo.masks", "grpo.token_selection", "grpo.entropy_bonus", "grpo.reference_sync"]),
     ("rewards", ["grpo.reward_functions", "grpo.rewards"]),
     ("engine", ["grpo.engine"]),
     ("config", ["grpo.config"]),

@@ -31,8 +31,8 @@ from grpo.config import GRPOArguments
 from grpo.engine.forward import GenerationBatch
 from grpo.engine.hf_compat import image_token_id_of, spatial_merge_size_of
 from grpo.engine.inputs import count_images_per_prompt, encode_images
-from grpo.engine.rollout import completion_mask, mask_truncated
 from grpo.grpo_loop import accumulate_step_gradients, frozen_logprobs, generation_advantages
+from grpo.masks import completion_mask, mask_truncated
 from models.loading import load_policy, make_reference, special_token_ids
 
 B, G, T = 2, 4, 6

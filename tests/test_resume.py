@@ -4,7 +4,7 @@ Exact means the metrics of every step (timings aside) are the same numbers and t
 and optimizer state are bit-identical. That holds only if a checkpoint restores everything that
 decides the next steps: the weights, AdamW's moments, the scheduler, the data position, every RNG
 (python, numpy, torch) and, for GRPO, the sampler's own generator (and LoRA adapters, whose
-checkpoint model/ holds merged weights).
+checkpoint model/ holds merged weights; a --sync_ref_model reference; --use_adaptive_entropy's coefficient).
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_resume.py -q
 """
 
@@ -36,6 +36,22 @@ CASES = {
         "--reward_functions", "reward_fns:coarse_length_reward,reward_fns:unscored_sometimes,overlong",
         "--reward_weights", "1,1,0.5", "--overlong_buffer_length", "4",
     ]),  # fmt: skip
+    # --sync_ref_model: the reference moved after every step, so a resume must restore the moved
+    # reference (from the trainer state), not rebuild the starting point; full weights and LoRA.
+    "grpo-sync-ref": ("grpo", [
+        "--beta", "0.04", "--sync_ref_model", "true", "--ref_model_sync_steps", "1", "--ref_model_mixup_alpha", "0.5",
+        "--learning_rate", "1e-2",
+    ]),  # fmt: skip
+    "grpo-lora-sync-ref": ("grpo", [
+        "--freeze_policy", "lora", "--beta", "0.04", "--sync_ref_model", "true", "--ref_model_sync_steps", "1",
+        "--learning_rate", "1e-2",
+    ]),  # fmt: skip
+    # --use_adaptive_entropy: the coefficient (0.01 -> 0.03 -> 0.05 at the save) and the last
+    # measured entropy carry over; a fresh start would apply 0 at step 3 instead of 0.05.
+    "grpo-adaptive-entropy": ("grpo", [
+        "--use_adaptive_entropy", "true", "--entropy_coef", "0.01", "--entropy_coef_delta", "0.02",
+        "--entropy_target", "100",
+    ]),  # fmt: skip
 }
 
 
@@ -57,6 +73,10 @@ def test_resumed_run_repeats_the_straight_run(train_run, tmp_path, case):
     assert expected[2]["loss"] != expected[3]["loss"]  # the steps differ, so the match means something
     if "--dynamic_sampling" in flags:  # extra rounds happened, so the stream moved unevenly
         assert sum(r["dynamic/extra_rounds"] for r in expected) > 0
+    if "--sync_ref_model" in flags:  # the reference moved at every step, and the KL saw it
+        assert [r["ref_model_synced"] for r in expected] == [1.0] * 4 and expected[2]["kl"] > 0
+    if "--use_adaptive_entropy" in flags:  # the resumed steps applied the carried coefficient
+        assert [r["entropy_coef_applied"] for r in got][2:] == pytest.approx([0.05, 0.07], rel=0, abs=1e-15)
 
     final_straight, final_resumed = latest_model_dir(straight), latest_model_dir(resumed)
     assert final_straight.parent.name == final_resumed.parent.name == "checkpoint-00000004"

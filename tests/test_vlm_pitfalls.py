@@ -25,7 +25,8 @@ from conftest import read_metrics
 from tolerances import U32
 
 from grpo.kl import KL_ESTIMATORS, LOG_RATIO_MAX
-from grpo.loss import IMPORTANCE_SAMPLING_LEVELS, OBJECTIVES, grpo_loss
+from grpo.loss import grpo_loss
+from grpo.objectives import IMPORTANCE_SAMPLING_LEVELS, OBJECTIVES, LossOptions
 from grpo.rewards import compute_rewards, resolve_reward_functions
 
 # --- 1. an empty answer never earns accuracy reward ---
@@ -183,7 +184,7 @@ def test_log_ratios_of_plus_minus_100_give_a_finite_loss_and_the_clamped_gradien
     ref_logprobs = logprobs.detach() + x  # [R, T]
     loss, metrics = grpo_loss(
         logprobs, old_logprobs, ref_logprobs, advantages, torch.ones(2, 2),
-        beta=beta, aggregation="token", normaliser=N,
+        LossOptions(beta=beta, aggregation="token"), normaliser=N,
     )  # fmt: skip
     (grad,) = torch.autograd.grad(loss, logprobs)
     # With e = e^20 (the clamp), k3(20) = e - 21, k3(-100) = e^-100 + 99 ~ 99 (e^-100 ~ 4e-44):
@@ -216,8 +217,9 @@ def test_log_ratios_of_plus_minus_100_give_a_finite_loss_and_the_clamped_gradien
                     logprobs_d = logprobs.detach().to(dtype).requires_grad_(True)  # [R, T]
                     loss, metrics = grpo_loss(
                         logprobs_d, old_logprobs.to(dtype), ref_logprobs.to(dtype), advantages, torch.ones(2, 2),
-                        beta=beta, aggregation="sequence", normaliser=2.0, objective=objective,
-                        importance_sampling_level=level, kl_estimator=estimator,
+                        LossOptions(beta=beta, aggregation="sequence", objective=objective,
+                                    importance_sampling_level=level, kl_estimator=estimator),
+                        normaliser=2.0,
                     )  # fmt: skip
                     (grad,) = torch.autograd.grad(loss, logprobs_d)
                     case = (dtype, objective, level, estimator)

@@ -68,6 +68,7 @@ from grpo.engine.inputs import (
     image_ranges,
     mrope_position_ids,
 )
+from grpo.entropy_bonus import differentiable_token_entropy
 from grpo.logprobs import token_entropy, token_logprobs
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +124,11 @@ def _trim_prompt_padding(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tenso
 
 
 def _score(
-    logits: Tensor, completion_ids: Tensor, temperature: float, chunk_size: int | None, return_entropy: bool
+    logits: Tensor, completion_ids: Tensor, temperature: float, chunk_size: int | None, return_entropy: bool,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """logits [R, T, V] predicting completion_ids [R, T] -> logprobs [R, T] (and entropy)."""
+    """logits [R, T, V] predicting completion_ids [R, T] -> logprobs [R, T] (and entropy;
+    differentiable with entropy_grad, for the entropy bonus, grpo/entropy_bonus.py)."""
     # tau = 0 means greedy sampling; its tokens are scored under the untempered policy.
     tau = temperature if temperature > 0 else 1.0
     # Divided in the logits' dtype, exactly as the sampler does, so both see the same numbers
@@ -133,6 +136,8 @@ def _score(
     if tau != 1.0:
         logits = logits / tau  # [R, T, V]
     logprobs = token_logprobs(logits, completion_ids, chunk_size=chunk_size)  # [R, T]
+    if return_entropy and entropy_grad:  # a loss term (--entropy_coef): its gradient is needed
+        return logprobs, differentiable_token_entropy(logits)  # [R, T]
     if return_entropy:
         # A diagnostic, never differentiated: no_grad keeps its float32 chunks out of the graph.
         with torch.no_grad():
@@ -155,6 +160,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(o_t | q, o_<t) of each completion token under softmax(logits / tau): [R, T] float32.
 
@@ -162,7 +168,8 @@ def completion_logprobs(
     through the first EOS; None = all ones); image_embeds [N_R, D] and image_grid_thw_rows [I_R, 3]
     for these R rows (see `image_inputs_for_rows`). Differentiable w.r.t. the model (and the image
     embeddings) unless called under torch.no_grad. With return_entropy, also the entropy [R, T] of
-    the same tempered distribution (detached: a metric, not a loss term).
+    the same tempered distribution (detached: a metric, not a loss term; with entropy_grad
+    differentiable, for the entropy bonus).
 
     Every row runs as [prompt ; completion]: the plain way, and the naive twin of
     `completion_logprobs_shared_prompt`.
@@ -201,7 +208,7 @@ def completion_logprobs(
     )
     # Logits at positions P-1 .. P+T-2 predict completion tokens 0 .. T-1; the last one is unused.
     logits = output.logits[:, :-1, :]  # [R, T, V]
-    return _score(logits, completion_ids, temperature, chunk_size, return_entropy)
+    return _score(logits, completion_ids, temperature, chunk_size, return_entropy, entropy_grad)
 
 
 def completion_logprobs_shared_prompt(
@@ -219,6 +226,7 @@ def completion_logprobs_shared_prompt(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`completion_logprobs` with each prompt computed once for all its rows: [R, T] float32.
 
@@ -260,7 +268,7 @@ def completion_logprobs_shared_prompt(
         )
     first_logits = last_logits.index_select(0, row_prompt)  # [R, V] predict token 0
     if num_completion == 1:
-        return _score(first_logits[:, None, :], completion_ids, temperature, chunk_size, return_entropy)
+        return _score(first_logits[:, None, :], completion_ids, temperature, chunk_size, return_entropy, entropy_grad)
 
     # 2. each prompt's K, V copied to its rows
     cache.batch_select_indices(row_prompt)  # U rows -> R rows (differentiable index_select)
@@ -283,7 +291,7 @@ def completion_logprobs_shared_prompt(
 
     # 4. first-token logits from the prompt, the rest from the completion forward
     logits = torch.cat([first_logits[:, None, :], completion_output.logits], dim=1)  # [R, T, V]
-    return _score(logits, completion_ids, temperature, chunk_size, return_entropy)
+    return _score(logits, completion_ids, temperature, chunk_size, return_entropy, entropy_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +319,11 @@ class GenerationBatch:
         patches = list(self.pixel_values.split(self.image_grid_thw.prod(-1).tolist()))  # per image: [t*h*w, patch_dim]
         return encode_images(model, torch.cat([patches[i] for i in images]), self.image_grid_thw[images])
 
-    def logprobs(self, model, rows: Tensor, *, reuse_rollout_images: bool, return_entropy: bool = False):
-        """Per-token logprobs [R, T_rows] of completion rows `rows` under `model` (and entropy if asked).
+    def logprobs(
+        self, model, rows: Tensor, *, reuse_rollout_images: bool, return_entropy: bool = False, entropy_grad: bool = False
+    ):
+        """Per-token logprobs [R, T_rows] of completion rows `rows` under `model` (and entropy if asked;
+        with entropy_grad the entropy is differentiable too).
 
         T_rows is the longest completion among the rows; grad follows the caller's grad mode.
         """
@@ -342,7 +353,7 @@ class GenerationBatch:
             return completion_logprobs_shared_prompt(
                 model, self.prompt_ids[prompt_rows], self.prompt_mask[prompt_rows], row_prompt,
                 completion_ids, completion_mask, embeds, grids,
-                temperature=temperature, return_entropy=return_entropy,
+                temperature=temperature, return_entropy=return_entropy, entropy_grad=entropy_grad,
             )
 
         # Naive twin: every row runs as [prompt ; completion], images copied to each row.
@@ -359,4 +370,5 @@ class GenerationBatch:
             grids,
             temperature=temperature,
             return_entropy=return_entropy,
+            entropy_grad=entropy_grad,
         )

@@ -264,6 +264,7 @@ class StepSums:
     """
 
     sampler_correction: bool = False  # --sampler_correction != none: log the weights it applied
+    entropy_bonus: bool = False  # --entropy_coef (or adaptive): log the entropy the bonus saw
     loss: float = 0.0  # this rank's share of the step's loss (already divided by the normaliser)
     tokens: float = 0.0  # loss-mask tokens
     clip_low: float = 0.0  # the token-weighted sums of the loss's per-micro-batch means
@@ -276,10 +277,12 @@ class StepSums:
     sampler_over_cap: float = 0.0
     selected_tokens: float = 0.0  # --top_entropy_quantile: the tokens the step selected
     sampler_gap_max: float = 0.0  # a max, not a sum
+    bonus_entropy: float = 0.0  # --entropy_coef: sum of the entropy over the bonus's tokens
+    bonus_tokens: float = 0.0
     entropy_threshold: float | None = None  # --top_entropy_quantile: the step's threshold (the same on every rank)
 
     SUMMED = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
-              "sampler_over_cap", "selected_tokens")  # fmt: skip
+              "sampler_over_cap", "selected_tokens", "bonus_entropy", "bonus_tokens")  # fmt: skip
 
     def add(self, loss: torch.Tensor, info: Mapping[str, float], entropy: torch.Tensor, mask: torch.Tensor) -> None:
         """One micro-batch: its loss, grpo_loss's info, the policy's entropy [R, T] and loss mask [R, T]."""
@@ -295,6 +298,11 @@ class StepSums:
         self.sampler_gap_max = max(self.sampler_gap_max, info.get("sampler_gap_max", 0.0))
         self.sampler_weight += info.get("sampler_weight_mean", 0.0) * n
         self.sampler_over_cap += info.get("sampler_over_cap_frac", 0.0) * n
+
+    def add_bonus_tokens(self, entropy: torch.Tensor, bonus_mask: torch.Tensor) -> None:
+        """One micro-batch's entropy [R, T] over the entropy bonus's tokens [R, T] (what adaptive control measures)."""
+        self.bonus_entropy += float((entropy.detach() * bonus_mask).sum())
+        self.bonus_tokens += float(bonus_mask.sum())
 
     def means(self, world_size: int) -> dict[str, float]:
         """The step's metrics over every rank: one all-reduce of the sums (every rank must call it)."""
@@ -319,4 +327,6 @@ class StepSums:
         if self.entropy_threshold is not None:  # the step's high-entropy token selection
             metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
             metrics["entropy_threshold"] = self.entropy_threshold
+        if self.entropy_bonus:  # H̄ over the bonus's tokens: what adaptive control measures
+            metrics["entropy_bonus_mean_entropy"] = total["bonus_entropy"] / max(total["bonus_tokens"], 1.0)
         return metrics
