@@ -37,6 +37,7 @@ from grpo.engine.forward import GenerationBatch
 from grpo.engine.rollout import SampledGroups, in_eval_mode, sample_rollouts
 from grpo.entropy_bonus import entropy_bonus
 from grpo.loss import grpo_loss, step_normaliser
+from grpo.masks import completion_mask as completion_mask_of
 from grpo.masks import mask_truncated
 from grpo.rewards import compute_rewards, example_columns, resolve_reward_functions
 from grpo.runtime.across_steps import AcrossSteps
@@ -96,7 +97,8 @@ def train_grpo(config: Config) -> dict:
             # --- rewards (scored by RolloutRounds) and advantages ---
             advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
-            completion_mask, is_truncated = rollout.completion_mask, ~rollout.is_eos_terminated  # [B*G, T], [B*G]
+            # --- masks: the tokens through each completion's first EOS (never ids != pad: pad may be EOS) ---
+            completion_mask, is_truncated = completion_mask_of(rollout.completion_ids, policy.tokens.eos_token_ids)  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
             generation_metrics = rollout_metrics(
