@@ -373,6 +373,19 @@ class GRPOArguments:
     sampler_correction_cap: float = _help(
         "C, the cap of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_max).", default=3.0
     )
+    delta: float | None = _help(
+        "INTELLECT-2's two-sided clip (arXiv 2505.07291; TRL's delta): bound the unclipped ratio above by "
+        "delta, so a token with A < 0 whose ratio grew past delta adds a constant (no gradient). > 1; "
+        "use >= 1 + --epsilon_high (INTELLECT-2: 4). verl/OpenRLHF's dual-clip clip_ratio_c is the same "
+        "bound (docs/grpo.md). Default: off (PPO's one-sided clip).",
+        default=None,
+    )
+    off_policy_mask_threshold: float | None = _help(
+        "DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9; TRL's name): leave out of the "
+        "policy term each completion with A < 0 whose mean log(pi_sampler / pi_theta) over its tokens "
+        "exceeds this threshold (>= 0; TRL suggests 0.5). Default: off.",
+        default=None,
+    )
     decode: str = _help(
         "How the sampler runs its decode steps: auto (cuda_graph on CUDA without --fsdp, dynamic elsewhere) | dynamic "
         "(HF's growing KV cache, plain PyTorch) | static (preallocated buffers) | cuda_graph (static, "
@@ -480,6 +493,16 @@ class GRPOArguments:
             raise ConfigError(f"--sampler_correction {self.sampler_correction!r} is not one of {SAMPLER_CORRECTIONS}")
         if not self.sampler_correction_cap > 0:
             raise ConfigError(f"--sampler_correction_cap {self.sampler_correction_cap}: the cap C must be > 0")
+        if self.delta is not None and not self.delta > 1.0:
+            raise ConfigError(
+                f"--delta {self.delta}: the two-sided clip's bound on the ratio must be > 1 (the on-policy ratio "
+                f"is 1); INTELLECT-2 uses 4, and it acts only on A < 0 when >= 1 + --epsilon_high"
+            )
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0.0:
+            raise ConfigError(
+                f"--off_policy_mask_threshold {self.off_policy_mask_threshold}: a KL threshold must be >= 0 "
+                "(DeepSeek-V3.2 and TRL suggest values like 0.5)"
+            )
         if self.sampler_correction != "none" and self.old_logprobs_from_sampler:
             raise ConfigError(
                 f"--sampler_correction {self.sampler_correction} with --old_logprobs_from_sampler: pi_old is then "
@@ -527,7 +550,8 @@ class GRPOArguments:
             epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
             objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
-            sampler_correction_cap=self.sampler_correction_cap,
+            sampler_correction_cap=self.sampler_correction_cap, delta=self.delta,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
         )  # fmt: skip
 
     def _check_reference_sync_and_entropy_bonus(self) -> None:
@@ -663,7 +687,8 @@ HELP_TIERS = (
     ("GRPO objective and optimizer options", "Variants of the objective (DAPO, Dr. GRPO, GSPO, CISPO, ...), sampling and the optimizer; docs/grpo.md.", (
         "steps_per_generation", "top_p", "top_k", "epsilon_high", "loss_aggregation", "loss_type",
         "importance_sampling_level", "objective", "kl_estimator", "advantage_scale", "mask_truncated_completions",
-        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "dynamic_sampling",
+        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "delta",
+        "off_policy_mask_threshold", "dynamic_sampling",
         "max_generation_rounds", "overlong_buffer_length", "top_entropy_quantile", "lr_scheduler", "warmup_steps",
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "entropy_coef",
         "use_adaptive_entropy", "entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",

@@ -134,7 +134,7 @@ def grpo_loss(
     log_ratio = options.log_ratio(log_ratio, mask)  # [R, T] per token; GSPO: per completion
     ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))  # [R, T] guard: grpo/kl.py, 2.
     surrogate = options.surrogate(ratio, A, logprobs, mask)  # [R, T] min(ratio A, clip(ratio) A)
-    surrogate = surrogate * options.token_weights(old_logprobs, mask, sampler_logprobs, policy_token_mask)  # [R, T]
+    surrogate = surrogate * options.token_weights(logprobs, old_logprobs, A, mask, sampler_logprobs, policy_token_mask)  # [R, T]
     kl = options.kl(logprobs, ref_logprobs, ratio)  # [R, T] k3; 0.0 when beta == 0
     per_token_loss = -(surrogate - options.beta * kl)  # [R, T]
     loss = options.aggregate(per_token_loss * mask, mask) / normaliser  # []

@@ -94,6 +94,8 @@ class LossOptions:
     kl_estimator: str = "k3"
     sampler_correction: str = "none"
     sampler_correction_cap: float = 3.0
+    delta: float | None = None
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self):
         choices = {
@@ -115,6 +117,10 @@ class LossOptions:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.sampler_correction_cap > 0:
             raise ValueError(f"sampler_correction_cap must be > 0, got {self.sampler_correction_cap}")
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta must be > 1 (a ratio of 1 is on-policy and never bounded), got {self.delta}")
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
+            raise ValueError(f"off_policy_mask_threshold must be >= 0 (a KL), got {self.off_policy_mask_threshold}")
 
     def log_ratio(self, log_ratio: Tensor, mask: Tensor) -> Tensor:
         """[R, T] the log-ratio at the chosen level (LOG_RATIO_OF)."""
@@ -129,11 +135,13 @@ class LossOptions:
         return CLIPPED_TOKENS_OF[self.objective](ratio, A, self)
 
     def token_weights(
-        self, old_logprobs: Tensor, mask: Tensor, sampler_logprobs: Tensor | None, policy_token_mask: Tensor | None
+        self, logprobs: Tensor, old_logprobs: Tensor, A: Tensor, mask: Tensor, sampler_logprobs: Tensor | None,
+        policy_token_mask: Tensor | None,
     ) -> Tensor | float:
         """[R, T] (or [R, 1], or 1.0 when no weight is on) the product of the policy-term weights."""
         sampler_weight = sampler_correction_weights(old_logprobs, mask, sampler_logprobs, self)  # [R, T], [R, 1] or 1.0
-        return sampler_weight * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
+        keep = off_policy_sequence_mask(logprobs, old_logprobs, A, mask, sampler_logprobs, self)  # [R, 1] or 1.0
+        return sampler_weight * keep * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
 
     def kl(self, logprobs: Tensor, ref_logprobs: Tensor | None, ratio: Tensor) -> Tensor | float:
         """[R, T] the per-token KL estimate (KL_ESTIMATORS), or 0.0 when beta = 0 (no penalty)."""
@@ -169,9 +177,22 @@ IMPORTANCE_SAMPLING_LEVELS = tuple(LOG_RATIO_OF)
 
 
 def clipped_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
-    """PPO's clipped surrogate min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A). [R, T]"""
+    """PPO's clipped surrogate min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A). [R, T]
+
+    With `delta` (INTELLECT-2's two-sided clip, option 7) the unclipped ratio is first bounded
+    above by delta, min(min(ratio, delta) A, clip(ratio) A): for A < 0 the term can no longer grow
+    without bound as the ratio does (PPO's min keeps the unclipped ratio there).
+    """
     clipped_ratio = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)  # [R, T]
+    ratio = two_sided_bound(ratio, options)  # [R, T] min(ratio, delta); the ratio itself without delta
     return torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+
+
+def two_sided_bound(ratio: Tensor, options: LossOptions) -> Tensor:
+    """INTELLECT-2 (arXiv 2505.07291, sec. 3.3): min(ratio, delta); the ratio as it is without delta. [R, T]"""
+    if options.delta is None:
+        return ratio
+    return torch.clamp(ratio, max=options.delta)  # [R, T] constant above delta: no gradient there
 
 
 def cispo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
@@ -213,6 +234,28 @@ def sampler_correction_weights(
         old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
     )  # [R, T] or [R, 1]
     return weights
+
+
+def off_policy_sequence_mask(
+    logprobs: Tensor, old_logprobs: Tensor, A: Tensor, mask: Tensor, sampler_logprobs: Tensor | None,
+    options: LossOptions,
+) -> Tensor | float:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): [R, 1], or 1.0 without a threshold.
+
+    M_i = 0 when A_i < 0 and (1/|o_i|) sum_t log(pi_sampling(o_it) / pi_theta(o_it)) > threshold,
+    else 1. pi_sampling is the policy that drew the tokens: the sampler's recorded log-probs when
+    given (they see both the drift of the updates and the sampler/trainer mismatch), else pi_old.
+    Detached: the mask selects completions, it carries no gradient.
+    """
+    if options.off_policy_mask_threshold is None:
+        return 1.0
+    sampling_logprobs = old_logprobs if sampler_logprobs is None else sampler_logprobs  # [R, T]
+    # Guard: padding holds log-probs of tokens never drawn; 0 there keeps them out of the mean.
+    log_ratio = torch.where(mask > 0, sampling_logprobs - logprobs.detach(), 0.0)  # [R, T]
+    # Guard: a completion with no tokens gives 0 / 1 = 0 (kept) instead of 0 / 0 = NaN.
+    mean_kl = log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [R, 1]
+    keep = (A >= 0) | (mean_kl <= options.off_policy_mask_threshold)  # [R, 1]
+    return keep.to(mask.dtype)  # [R, 1]
 
 
 def token_selection_weights(policy_token_mask: Tensor | None, mask: Tensor) -> Tensor | float:

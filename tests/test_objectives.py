@@ -213,6 +213,8 @@ def test_defaults_stay_grpo():
         (dict(sampler_correction="truncate"), "--sampler_correction"),
         (dict(sampler_correction_cap=0.0), "--sampler_correction_cap"),
         (dict(sampler_correction="token_truncate", old_logprobs_from_sampler=True), "exactly 1; drop one"),
+        (dict(delta=1.0), "--delta 1.0: .* must be > 1"),
+        (dict(off_policy_mask_threshold=-0.1), "--off_policy_mask_threshold -0.1"),
     ],
 )
 def test_bad_options_name_the_flag(kwargs, message):
@@ -239,6 +241,8 @@ def test_the_config_builds_the_loss_options_once():
         (dict(kl_estimator="k4"), "unknown kl_estimator"),
         (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0"),
         (dict(sampler_correction_cap=0.0), "sampler_correction_cap must be > 0"),
+        (dict(delta=0.9), "delta must be > 1"),
+        (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be >= 0"),
     ],
 )
 def test_loss_options_check_themselves_when_built(options, message):
@@ -263,3 +267,88 @@ def test_loss_options_errors():
             logprobs, None, None, torch.zeros(2), mask, LossOptions(beta=0.0), normaliser=1.0,
             sampler_logprobs=torch.zeros(2, 1),
         )  # fmt: skip
+
+
+# --- delta: INTELLECT-2's two-sided clip, and verl's dual-clip ---
+
+
+def test_delta_bounds_the_ratio_of_negative_advantages_by_hand():
+    # One completion, A = -1, token ratios [3.0, 1.5, 0.5], eps = 0.2, token aggregation (/ 3).
+    # PPO:      -max(r, clip(r)) per token = -3.0, -1.5, -max(0.5, 0.8) = -0.8; loss = 5.3 / 3 = 1.7666667
+    # delta 2:  -max(min(r, 2), clip(r))  = -2.0, -1.5, -0.8;                  loss = 4.3 / 3 = 1.4333333
+    # gradient of the loss in logp = -A * d(bounded ratio)/d logp / 3:
+    #   PPO      [3.0 / 3, 1.5 / 3, 0 (clipped low)] = [1.0, 0.5, 0.0]
+    #   delta 2  [0 (bounded: a constant), 0.5, 0.0]
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)  # [1, 3]
+    old_logprobs = logprobs.detach() - torch.tensor([[3.0, 1.5, 0.5]]).log()  # [1, 3]
+    mask, A = torch.ones(1, 3), torch.tensor([-1.0])
+    expected = {None: (1.7666667, [1.0, 0.5, 0.0]), 2.0: (1.4333333, [0.0, 0.5, 0.0])}
+    for delta, (value, gradient) in expected.items():
+        options = LossOptions(beta=0.0, aggregation="token", delta=delta)
+        loss, _ = grpo_loss(logprobs, old_logprobs, None, A, mask, options, normaliser=3.0)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert loss.item() == pytest.approx(value, abs=FLOAT32_TOL)
+        torch.testing.assert_close(grad, torch.tensor([gradient]), atol=FLOAT32_TOL, rtol=0)
+
+
+def test_delta_leaves_positive_advantages_alone():
+    # A = +1, ratios [3.0, 1.5, 0.5], eps 0.2, delta 2 >= 1 + eps_high: min(min(r, 2), clip(r)) = min(r, clip(r)),
+    # PPO's: 1.2 + 1.2 + 0.5 = 2.9, loss -2.9 / 3 = -0.9666667 both ways.
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]])  # [1, 3]
+    old_logprobs = logprobs - torch.tensor([[3.0, 1.5, 0.5]]).log()  # [1, 3]
+    for delta in (None, 2.0):
+        options = LossOptions(beta=0.0, aggregation="token", delta=delta)
+        loss, _ = grpo_loss(logprobs, old_logprobs, None, torch.tensor([1.0]), torch.ones(1, 3), options, normaliser=3.0)
+        assert loss.item() == pytest.approx(-0.9666667, abs=FLOAT32_TOL)
+
+
+def test_dual_clip_ppo_is_delta():
+    # Dual-clip PPO (Ye et al., arXiv 1912.09729, eq. 6; verl's compute_policy_loss with clip_ratio_c,
+    # OpenRLHF's dual_clip), written here from the paper: for A < 0 the loss is
+    # min(-A c, max(-A r, -A clip(r))), for A >= 0 PPO's max(-A r, -A clip(r)). With c = delta >= 1 + eps_high
+    # it is our --delta term exactly: the same products of the same numbers, value and gradient. The
+    # ratios step over every kink (0.8, 1.2, 1.28, 3.0) without landing on one: at a kink the two
+    # formulas' min/max pick different one-sided derivatives (both subgradients).
+    ratios = torch.tensor([0.1, 0.5, 0.79, 0.81, 1.0, 1.19, 1.21, 1.27, 1.29, 2.0, 2.99, 3.01, 10.0], dtype=torch.float64)
+    for A_value, (epsilon_low, epsilon_high, c) in itertools.product((-2.0, -0.5, 0.5, 2.0), ((0.2, 0.28, 3.0), (0.2, 0.2, 1.2))):
+        ratio = ratios.clone().requires_grad_(True)  # [13]
+        A = torch.tensor(A_value, dtype=torch.float64)
+        clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [13]
+        ppo = torch.max(-A * ratio, -A * clipped)  # [13]
+        dual = torch.min(-A * c, ppo) if A_value < 0 else ppo  # [13]
+        options = LossOptions(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=c)
+        ours = -options.surrogate(ratio[None], A.reshape(1, 1), ratio[None], torch.ones(1, 13, dtype=torch.float64))[0]
+        (dual_grad,) = torch.autograd.grad(dual.sum(), ratio)
+        (ours_grad,) = torch.autograd.grad(ours.sum(), ratio)
+        assert torch.equal(ours, dual) and torch.equal(ours_grad, dual_grad), (A_value, c)
+
+
+# --- the off-policy sequence mask (DeepSeek-V3.2, eq. 9) ---
+
+
+def test_off_policy_mask_by_hand():
+    # The worked example's log-probs, one inner epoch (ratio 1), token aggregation (/ 5 tokens).
+    # log pi_sampler - log pi_theta: completion 0 [1.0, 1.0] (mean 1.0, but A = +1: kept),
+    #                                completion 1 [0.3, 0.1, 0.2] (mean 0.2, A = -0.5).
+    # threshold 0.1:  0.2 > 0.1, completion 1 dropped: loss = -(1 + 1) / 5 = -0.4,
+    #                 gradient -A / 5 = [[-0.2, -0.2, 0], [0, 0, 0]] (the normaliser still counts its 3 tokens)
+    # threshold 0.25: 0.2 <= 0.25, kept: loss = -(1 + 1 - 0.5 * 3) / 5 = -0.1,
+    #                 gradient [[-0.2, -0.2, 0], [0.1, 0.1, 0.1]]
+    logprobs, _ = worked_example_logprobs()
+    sampler_logprobs = logprobs.detach() + torch.tensor([[1.0, 1.0, 0.0], [0.3, 0.1, 0.2]])  # [2, 3]
+    expected = {
+        0.1: (-0.4, [[-0.2, -0.2, 0.0], [0.0, 0.0, 0.0]]),
+        0.25: (-0.1, [[-0.2, -0.2, 0.0], [0.1, 0.1, 0.1]]),
+    }
+    for threshold, (value, gradient) in expected.items():
+        options = LossOptions(beta=0.0, aggregation="token", off_policy_mask_threshold=threshold)
+        loss, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, options, normaliser=5.0, sampler_logprobs=sampler_logprobs)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert loss.item() == pytest.approx(value, abs=FLOAT32_TOL), threshold
+        torch.testing.assert_close(grad, torch.tensor(gradient), atol=FLOAT32_TOL, rtol=0)
+        # Without the sampler's log-probs the mask measures the KL to pi_old instead (as TRL): with
+        # pi_old = those same numbers the same completion is dropped (the ratio moves, not the mask).
+        keep = LossOptions(off_policy_mask_threshold=threshold).token_weights(
+            logprobs, sampler_logprobs, ADVANTAGES[:, None], MASK, None, None
+        )  # fmt: skip
+        assert keep.flatten().tolist() == ([1.0, 0.0] if threshold == 0.1 else [1.0, 1.0])
