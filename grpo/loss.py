@@ -54,16 +54,20 @@ from grpo.sampler_correction import importance_weights, sampler_logprob_gap
 
 
 def step_normaliser(
-    completion_masks: Tensor, aggregation: str, max_completion_length: int | None = None
+    completion_masks: Tensor, aggregation: str, max_completion_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> float:
     """The denominator of the loss, counted over some completions of one optimizer step.
 
     Args:
         completion_masks: [R, T] masks of completions of the step on this rank (all of them
             concatenated, or one micro-batch at a time: the count is additive).
-        aggregation: "sequence" -> number of completions; "token" -> number of completion
-            tokens; "constant" -> number of completions * max_completion_length.
+        aggregation: "sequence" and "sequence_sum" -> number of completions; "token" -> number
+            of completion tokens; "constant" -> number of completions * max_completion_length;
+            "micro_batch_token" -> number of micro-batches (each adds its own token mean).
         max_completion_length: T_max, required for "constant".
+        micro_batch_size: the rows of one micro-batch, for "micro_batch_token"; None: the rows
+            given are one micro-batch.
 
     Returns:
         The count as a float. The caller sums it over micro-batches and ranks; if every
@@ -79,8 +83,10 @@ def step_normaliser(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     num_completions = completion_masks.shape[0]
-    if aggregation == "sequence":
+    if aggregation in ("sequence", "sequence_sum"):
         return float(num_completions)
+    if aggregation == "micro_batch_token":
+        return float(math.ceil(num_completions / (micro_batch_size or max(num_completions, 1))))
     if aggregation == "token":
         return float(completion_masks.sum().item())
     if max_completion_length is None or max_completion_length < 1:

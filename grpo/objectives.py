@@ -55,6 +55,7 @@ Run the tests: `python -m pytest tests/test_objectives.py tests/test_loss.py -q`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,7 @@ from torch import Tensor
 from grpo.kl import KL_ESTIMATORS, kl_estimate
 from grpo.sampler_correction import SAMPLER_CORRECTIONS, importance_weights
 
-# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options. Only names with
-# the same meaning: TRL's "bnpo" divides by each micro-batch's own token count, which no option
-# here does ("token" divides by the whole step's); "sapo", "luspo", "vespo" are not implemented.
+# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options, with TRL's meaning.
 LOSS_TYPES = {
     "grpo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "clip"},
     "dapo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "clip"},
@@ -74,6 +73,15 @@ LOSS_TYPES = {
     "gspo": {"aggregation": "sequence", "importance_sampling_level": "sequence", "objective": "clip"},
     # TRL: loss_type="cispo" (token aggregation, as the paper's 1 / sum_i |o_i|).
     "cispo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "cispo"},
+    # TRL: loss_type="bnpo" (each micro-batch's own token mean, averaged over the step's micro-batches).
+    "bnpo": {"aggregation": "micro_batch_token", "importance_sampling_level": "token", "objective": "clip"},
+    # TRL: loss_type="sapo" (aggregated as its grpo).
+    "sapo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "sapo"},
+    # TRL: loss_type="luspo", importance_sampling_level="sequence" (the paper's setup; TRL warns otherwise).
+    "luspo": {"aggregation": "sequence_sum", "importance_sampling_level": "sequence", "objective": "clip"},
+    # TRL: loss_type="vespo" (token aggregation, as its dapo; the ratio level stays token: VESPO
+    # makes its own sequence weight from the token ratios).
+    "vespo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "vespo"},
 }
 
 
@@ -96,6 +104,12 @@ class LossOptions:
     sampler_correction_cap: float = 3.0
     delta: float | None = None
     off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self):
         choices = {
@@ -121,6 +135,18 @@ class LossOptions:
             raise ValueError(f"delta must be > 1 (a ratio of 1 is on-policy and never bounded), got {self.delta}")
         if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
             raise ValueError(f"off_policy_mask_threshold must be >= 0 (a KL), got {self.off_policy_mask_threshold}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("objective 'vespo' builds its own sequence weight from the token ratios; "
+                             "use importance_sampling_level 'token'")  # fmt: skip
+        if self.objective == "vespo" and self.sampler_correction != "none":
+            raise ValueError("objective 'vespo' with a sampler correction is not implemented (TRL folds the "
+                             "sampler's ratio into VESPO's sequence weight); use sampler_correction 'none'")  # fmt: skip
 
     def log_ratio(self, log_ratio: Tensor, mask: Tensor) -> Tensor:
         """[R, T] the log-ratio at the chosen level (LOG_RATIO_OF)."""
@@ -203,7 +229,47 @@ def cispo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, op
     return cispo_weight * A * completion_logprobs  # [R, T]
 
 
-SURROGATE_OF = {"clip": clipped_surrogate, "cispo": cispo_surrogate}
+def sapo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """SAPO (arXiv 2511.20347, eq. 5-6): the soft gate (4 / tau) sigmoid(tau (ratio - 1)) times A. [R, T]
+
+    tau = sapo_temperature_pos where A > 0, else sapo_temperature_neg. At ratio 1 the gate's slope
+    is (4 / tau) * tau * sigmoid'(0) = 4 * 1/4 = 1, so near the old policy the gradient is PPO's
+    (A * ratio * grad log pi); away from it the gradient fades smoothly instead of being cut off.
+    """
+    tau = torch.where(A > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)  # [R, 1]
+    gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau  # [R, T]
+    return gate * A  # [R, T]
+
+
+def vespo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """VESPO (arXiv 2602.10693): sg(phi(w_i)) * A * log pi_theta, phi(w) = e^lambda w^k e^(-lambda w). [R, T]
+
+    w_i = prod_t ratio_it, the completion's likelihood ratio (a product, not GSPO's mean), and
+    phi(1) = 1: a Gamma-shaped weight that fades both for w << 1 (power k) and w >> 1 (decay
+    lambda), in place of a clip. k, lambda are vespo_k_pos, vespo_lambda_pos where A >= 0, else
+    the _neg pair. Like CISPO's weight it is detached: every token keeps a REINFORCE gradient.
+    """
+    with torch.no_grad():
+        # Guards, as TRL (matching the paper's code): each token's log-ratio within [-20, 20] and
+        # the sum within [log 1e-8, 20], so w^k and e^(-lambda w) stay finite. ratio is
+        # exp(log-ratio) already capped above at 20 (grpo/loss.py); the floor keeps log() finite.
+        token_log_ratio = torch.log(ratio.clamp(min=VESPO_TOKEN_RATIO_MIN)).clamp(max=VESPO_LOG_W_MAX)  # [R, T]
+        log_w = (token_log_ratio * mask).sum(dim=1, keepdim=True)  # [R, 1]
+        log_w = log_w.clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)  # [R, 1]
+        is_nonnegative = A >= 0  # [R, 1]
+        k = torch.where(is_nonnegative, options.vespo_k_pos, options.vespo_k_neg)  # [R, 1]
+        lam = torch.where(is_nonnegative, options.vespo_lambda_pos, options.vespo_lambda_neg)  # [R, 1]
+        log_phi = lam + k * log_w - lam * torch.exp(log_w)  # [R, 1] log of e^lambda w^k e^(-lambda w)
+        phi = torch.exp(log_phi)  # [R, 1] in [0, e^lambda (k / lambda)^k e^-k]: finite for finite k, lambda
+    # Guard: log pi on padding may be -inf-like; 0 there keeps (phi * A * logp) * 0 finite.
+    completion_logprobs = torch.where(mask > 0, logprobs, 0.0)  # [R, T]
+    return phi * A * completion_logprobs  # [R, T]
+
+
+VESPO_TOKEN_RATIO_MIN = math.exp(-20.0)
+VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = math.log(1e-8), 20.0
+
+SURROGATE_OF = {"clip": clipped_surrogate, "cispo": cispo_surrogate, "sapo": sapo_surrogate, "vespo": vespo_surrogate}
 OBJECTIVES = tuple(SURROGATE_OF)
 
 
@@ -218,7 +284,14 @@ def capped_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tenso
     return torch.zeros_like(is_capped), is_capped  # [R, T] each
 
 
-CLIPPED_TOKENS_OF = {"clip": clip_range_tokens, "cispo": capped_tokens}  # one entry per SURROGATE_OF key
+def no_clipped_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tensor, Tensor]:
+    """SAPO and VESPO weigh every token smoothly; nothing is clipped."""
+    none = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool, device=ratio.device)  # [R, T]
+    return none, none
+
+
+CLIPPED_TOKENS_OF = {"clip": clip_range_tokens, "cispo": capped_tokens, "sapo": no_clipped_tokens,
+                     "vespo": no_clipped_tokens}  # fmt: skip  # one entry per SURROGATE_OF key
 
 
 # --- the weights of each token's policy term (options 3 and 4); the product of them all ---
@@ -281,5 +354,14 @@ def token_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
     return masked_loss.sum()  # []
 
 
-AGGREGATE_OF = {"sequence": sequence_aggregate, "token": token_aggregate, "constant": token_aggregate}
+def micro_batch_token_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """TRL's bnpo: this micro-batch's mean over its tokens, sum_it m_it l_it / sum_it m_it. []"""
+    # Guard: a micro-batch whose completions are all masked out adds 0 / 1 = 0, as in TRL.
+    return masked_loss.sum() / mask.sum().clamp(min=1)  # []
+
+
+AGGREGATE_OF = {
+    "sequence": sequence_aggregate, "token": token_aggregate, "constant": token_aggregate,
+    "sequence_sum": token_aggregate, "micro_batch_token": micro_batch_token_aggregate,
+}  # fmt: skip
 AGGREGATIONS = tuple(AGGREGATE_OF)

@@ -193,6 +193,23 @@ NEW_OPTIONS = {
     "delta-grpo": ("grpo", dict(delta=1.5), "grpo", dict(delta=1.5), {}, False),
     "opsm-old": ("dapo", dict(off_policy_mask_threshold=0.05), "dapo", {}, dict(off_policy_mask_threshold=0.05), False),
     "opsm-sampler": ("grpo", dict(off_policy_mask_threshold=0.05), "grpo", {}, dict(off_policy_mask_threshold=0.05), True),
+    "bnpo": ("bnpo", {}, "bnpo", {}, {}, False),
+    "luspo": ("luspo", {}, "luspo", {}, {}, False),
+    "luspo-token": ("luspo", dict(importance_sampling_level="token"), "luspo", {}, {}, False),
+    "sapo": ("sapo", {}, "sapo", dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05), {}, False),
+    "sapo-sequence-hot": (
+        "sapo", dict(importance_sampling_level="sequence", sapo_temperature_pos=4.0, sapo_temperature_neg=0.5),
+        "sapo", dict(sapo_temperature_pos=4.0, sapo_temperature_neg=0.5), {}, False,
+    ),
+    "vespo": ("vespo", {}, "vespo", dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0), {}, False),
+    "vespo-other": (
+        "vespo", dict(vespo_k_pos=0.5, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=0.25),
+        "vespo", dict(vespo_k_pos=0.5, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=0.25), {}, False,
+    ),
+    "delta-opsm-bnpo": (
+        "bnpo", dict(delta=1.5, off_policy_mask_threshold=0.05), "bnpo", dict(delta=1.5),
+        dict(off_policy_mask_threshold=0.05), True,
+    ),
 }
 # TRL normalises these per micro-batch and divides by the number of micro-batches, which weighs
 # each micro-batch equally: with unequal micro-batches that is not the step's mean over completions
@@ -215,11 +232,10 @@ def test_the_issue_24_options_equal_trls_over_micro_batches_and_epochs():
         old = None if one_epoch else old_logprobs
         sampler = sampler_logprobs if with_sampler else None
         preset = OUR_LOSS_TYPES[loss_type]
-        options = LossOptions(
-            epsilon_low=0.2, epsilon_high=0.28, beta=beta, aggregation=preset["aggregation"],
-            importance_sampling_level=preset["importance_sampling_level"], objective=preset["objective"],
-            kl_estimator="k3_ratio" if bias else "k3", **fields,
-        )  # fmt: skip
+        options = LossOptions(**{
+            **dict(epsilon_low=0.2, epsilon_high=0.28, beta=beta, kl_estimator="k3_ratio" if bias else "k3"),
+            **preset, **fields,
+        })  # fmt: skip
         ours_logprobs = logprobs.clone().requires_grad_(True)
         normaliser = sum(
             step_normaliser(part, options.aggregation, T) for part in mask.split(list(splits))
@@ -244,11 +260,12 @@ def test_the_issue_24_options_equal_trls_over_micro_batches_and_epochs():
         (trl_grad,) = torch.autograd.grad(theirs, trl_logprobs)
         error = max(abs(ours.item() - theirs.item()), (ours_grad - trl_grad).abs().max().item())
         # The option must act on these inputs, or the comparison would not test it: the loss
-        # without the option's fields (the preset alone) differs.
+        # without it (its fields back to their defaults; a new --loss_type replaced by grpo) differs.
+        plain = LossOptions(**{**vars(options), **{key: DEFAULTS[key] for key in (*fields, *preset)}})
+        plain_normaliser = max(step_normaliser(mask, plain.aggregation, T), 1.0)
         without = sum(
             grpo_loss(logprobs[rows], None if old is None else old[rows], ref_logprobs[rows], advantages[rows],
-                      mask[rows], LossOptions(**{**vars(options), **{key: DEFAULTS[key] for key in fields}}),
-                      normaliser=max(normaliser, 1.0))[0].item()
+                      mask[rows], plain, normaliser=plain_normaliser)[0].item()
             for rows in _rows(splits)
         )  # fmt: skip
         effect[name] = max(effect[name], abs(without - ours.item()))
