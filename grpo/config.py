@@ -379,6 +379,12 @@ class GRPOArguments:
     sampler_correction_cap: float = _help(
         "C, the cap of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_max).", default=3.0
     )
+    sampler_correction_min: float | None = _help(
+        "C_min, a lower bound of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_min): "
+        "the truncate modes raise weights below it to C_min, the mask modes drop them. In [0, "
+        "--sampler_correction_cap). Default: none.",
+        default=None,
+    )
     delta: float | None = _help(
         "INTELLECT-2's two-sided clip (arXiv 2505.07291; TRL's delta): bound the unclipped ratio above by "
         "delta, so a token with A < 0 whose ratio grew past delta adds a constant (no gradient). > 1; "
@@ -517,6 +523,18 @@ class GRPOArguments:
             raise ConfigError(f"--sampler_correction {self.sampler_correction!r} is not one of {SAMPLER_CORRECTIONS}")
         if not self.sampler_correction_cap > 0:
             raise ConfigError(f"--sampler_correction_cap {self.sampler_correction_cap}: the cap C must be > 0")
+        if self.sampler_correction_min is not None:
+            if self.sampler_correction == "none":
+                raise ConfigError(
+                    f"--sampler_correction_min {self.sampler_correction_min} bounds --sampler_correction's weight, "
+                    "but --sampler_correction is none; pick a mode (token_truncate, token_mask, sequence_truncate, "
+                    "sequence_mask) or drop --sampler_correction_min"
+                )
+            if not 0.0 <= self.sampler_correction_min < self.sampler_correction_cap:
+                raise ConfigError(
+                    f"--sampler_correction_min {self.sampler_correction_min}: must be in [0, --sampler_correction_cap "
+                    f"{self.sampler_correction_cap})"
+                )
         if self.delta is not None and not self.delta > 1.0:
             raise ConfigError(
                 f"--delta {self.delta}: the two-sided clip's bound on the ratio must be > 1 (the on-policy ratio "
@@ -590,7 +608,8 @@ class GRPOArguments:
             epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
             objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
-            sampler_correction_cap=self.sampler_correction_cap, delta=self.delta,
+            sampler_correction_cap=self.sampler_correction_cap, sampler_correction_min=self.sampler_correction_min,
+            delta=self.delta,
             off_policy_mask_threshold=self.off_policy_mask_threshold, sapo_temperature_pos=self.sapo_temperature_pos,
             sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
             vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg,
@@ -727,7 +746,7 @@ HELP_TIERS = (
     ("GRPO objective and optimizer options", "Variants of the objective (DAPO, Dr. GRPO, GSPO, CISPO, ...), sampling and the optimizer; docs/grpo.md.", (
         "steps_per_generation", "top_p", "top_k", "epsilon_high", "loss_aggregation", "loss_type",
         "importance_sampling_level", "objective", "kl_estimator", "advantage_scale", "mask_truncated_completions",
-        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "delta",
+        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "sampler_correction_min", "delta",
         "off_policy_mask_threshold", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
         "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "dynamic_sampling",
         "max_generation_rounds", "overlong_buffer_length", "top_entropy_quantile", "lr_scheduler", "warmup_steps",

@@ -195,7 +195,8 @@ def loss_metrics(
             metrics["sampler_gap_max"] = gap_max
         if options.sampler_correction != "none":
             sampler_weight, sampler_over_cap = importance_weights(
-                old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
+                old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap,
+                options.sampler_correction_min,
             )  # [R, T] or [R, 1]
             metrics["sampler_weight_mean"] = (sampler_weight * mask).sum() / token_count
             metrics["sampler_over_cap_frac"] = (sampler_over_cap & is_completion).sum() / token_count

@@ -102,6 +102,7 @@ class LossOptions:
     kl_estimator: str = "k3"
     sampler_correction: str = "none"
     sampler_correction_cap: float = 3.0
+    sampler_correction_min: float | None = None
     delta: float | None = None
     off_policy_mask_threshold: float | None = None
     sapo_temperature_pos: float = 1.0
@@ -131,6 +132,11 @@ class LossOptions:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.sampler_correction_cap > 0:
             raise ValueError(f"sampler_correction_cap must be > 0, got {self.sampler_correction_cap}")
+        if self.sampler_correction_min is not None and not 0 <= self.sampler_correction_min < self.sampler_correction_cap:
+            raise ValueError(
+                f"sampler_correction_min must be in [0, sampler_correction_cap = {self.sampler_correction_cap}), "
+                f"got {self.sampler_correction_min}"
+            )
         if self.delta is not None and not self.delta > 1:
             raise ValueError(f"delta must be > 1 (a ratio of 1 is on-policy and never bounded), got {self.delta}")
         if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
@@ -304,7 +310,8 @@ def sampler_correction_weights(
     if options.sampler_correction == "none":
         return 1.0
     weights, _ = importance_weights(
-        old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
+        old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap,
+        options.sampler_correction_min,
     )  # [R, T] or [R, 1]
     return weights
 

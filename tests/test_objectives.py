@@ -222,6 +222,8 @@ def test_defaults_stay_grpo():
         (dict(sampler_correction_cap=0.0), "--sampler_correction_cap"),
         (dict(sampler_correction="token_truncate", old_logprobs_from_sampler=True), "exactly 1; drop one"),
         (dict(delta=1.0), "--delta 1.0: .* must be > 1"),
+        (dict(sampler_correction_min=0.5), "--sampler_correction_min 0.5 bounds .* --sampler_correction is none"),
+        (dict(sampler_correction="token_mask", sampler_correction_min=3.0), r"must be in \[0, --sampler_correction_cap 3.0\)"),
         (dict(off_policy_mask_threshold=-0.1), "--off_policy_mask_threshold -0.1"),
     ],
 )
