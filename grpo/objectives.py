@@ -19,10 +19,12 @@ surrogates, LUSPO and BNPO aggregations, the off-policy mask a token weight, an 
 term added to the surrogate.
 
     LOG_RATIO_OF       the ratio's level        token (GRPO) | sequence (GSPO)
-    SURROGATE_OF       the per-token objective  clip (PPO) | cispo  (CLIPPED_TOKENS_OF: its metric)
-    token_weights      the policy-term weights  sampler correction, high-entropy token selection
+    SURROGATE_OF       the per-token objective  clip (PPO; with delta: two-sided) | cispo | sapo | vespo
+                                                (CLIPPED_TOKENS_OF: its metric)
+    token_weights      the policy-term weights  sampler correction, off-policy sequence mask,
+                                                high-entropy token selection
     KL_ESTIMATORS      the penalty (grpo/kl.py) k3 | k1 | k2 | k3_plus | k3_ratio
-    AGGREGATE_OF       the sum over tokens      sequence | token | constant
+    AGGREGATE_OF       the sum over tokens      sequence | token | constant | sequence_sum | micro_batch_token
 
 The options, and where each departs from GRPO (all off by default):
 
@@ -48,7 +50,25 @@ The options, and where each departs from GRPO (all off by default):
      count per token;
    - "constant" (Dr. GRPO, arXiv 2503.20783): sum_it m_it l_it / (N_completions * T_max), no
      length bias at all.
+   - "sequence_sum" (LUSPO, arXiv 2602.05261): sum_it m_it l_it / N_completions, each
+     completion's loss scaled by its length (with GSPO's ratio: `--loss_type luspo`);
+   - "micro_batch_token" (TRL's bnpo): each micro-batch's own sum_it m_it l_it / sum_it m_it,
+     averaged over the step's micro-batches on every rank (TRL's "local batch" is one micro-batch
+     of one process; the result depends on --micro_batch_size, unlike every other aggregation).
    The functions here return the numerator; `step_normaliser` counts the denominator.
+7. `delta` (INTELLECT-2, arXiv 2505.07291): the unclipped ratio bounded above by delta in the clip
+   surrogate, min(min(ratio, delta) A, clip(ratio) A), as TRL. For A < 0 it is dual-clip PPO
+   (arXiv 1912.09729; verl's clip_ratio_c) with c = delta whenever delta >= 1 + epsilon_high.
+8. `off_policy_mask_threshold` (DeepSeek-V3.2, arXiv 2512.02556, eq. 9): a token weight that
+   drops the policy term of a completion with A < 0 whose mean log(pi_sampling / pi_theta) exceeds
+   the threshold (pi_sampling: the sampler's log-probs when given, else pi_old, as TRL).
+9. SAPO (`objective="sapo"`, arXiv 2511.20347): the soft gate (4 / tau) sigmoid(tau (ratio - 1))
+   times A instead of the clip; tau = sapo_temperature_pos for A > 0, sapo_temperature_neg else.
+10. VESPO (`objective="vespo"`, arXiv 2602.10693): sg(phi(w_i)) A log pi_theta with the Gamma
+    weight phi(w) = e^lambda w^k e^(-lambda w) of the completion's ratio w_i = prod_t ratio_it.
+    Departures from TRL: no sampler correction with it (TRL folds the sampler's ratio into w),
+    and the token level only (TRL warns at the sequence level).
+Every default is TRL 1.16's.
 
 Run the tests: `python -m pytest tests/test_objectives.py tests/test_loss.py -q`.
 """
