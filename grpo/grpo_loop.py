@@ -301,7 +301,10 @@ def accumulate_step_gradients(
         )),
         1.0,
     ) / world_size
-    sums = StepSums(sampler_correction=gargs.sampler_correction != "none", entropy_bonus=gargs.entropy_bonus_enabled)
+    sums = StepSums(
+        sampler_correction=gargs.sampler_correction != "none", entropy_bonus=gargs.entropy_bonus_enabled,
+        off_policy_mask=gargs.off_policy_mask_threshold is not None,
+    )
     policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
     if gargs.top_entropy_quantile < 1.0:
         policy_token_mask, sums.entropy_threshold = step_policy_token_mask(

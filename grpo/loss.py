@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from grpo.kl import LOG_RATIO_MAX, kl_estimate
-from grpo.objectives import AGGREGATIONS, LossOptions
+from grpo.objectives import AGGREGATIONS, LossOptions, off_policy_sequence_mask
 from grpo.sampler_correction import importance_weights, sampler_logprob_gap
 
 
@@ -166,7 +166,8 @@ def loss_metrics(
     whose weight was capped (ratio > 1 + epsilon_high, either sign of A). Under the sequence level
     a completion's ratio counts once per token. With sampler_logprobs also "sampler_gap_mean",
     "sampler_gap_max" (|log pi_theta - log pi_sampler|) and, with a correction,
-    "sampler_weight_mean" and "sampler_over_cap_frac".
+    "sampler_weight_mean" and "sampler_over_cap_frac"; with an off-policy mask
+    "off_policy_masked_frac" (the tokens of the completions it dropped).
     """
     with torch.no_grad():
         is_completion = mask > 0  # [R, T]
@@ -200,6 +201,9 @@ def loss_metrics(
             )  # [R, T] or [R, 1]
             metrics["sampler_weight_mean"] = (sampler_weight * mask).sum() / token_count
             metrics["sampler_over_cap_frac"] = (sampler_over_cap & is_completion).sum() / token_count
+        if options.off_policy_mask_threshold is not None:
+            keep = off_policy_sequence_mask(logprobs, old_logprobs, A, mask, sampler_logprobs, options)  # [R, 1]
+            metrics["off_policy_masked_frac"] = ((1 - keep) * mask).sum() / token_count
         values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync
     return dict(zip(metrics.keys(), values, strict=True))
 

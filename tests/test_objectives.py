@@ -354,9 +354,11 @@ def test_off_policy_mask_by_hand():
     }
     for threshold, (value, gradient) in expected.items():
         options = LossOptions(beta=0.0, aggregation="token", off_policy_mask_threshold=threshold)
-        loss, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, options, normaliser=5.0, sampler_logprobs=sampler_logprobs)
+        loss, metrics = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, options, normaliser=5.0, sampler_logprobs=sampler_logprobs)
         (grad,) = torch.autograd.grad(loss, logprobs)
         assert loss.item() == pytest.approx(value, abs=FLOAT32_TOL), threshold
+        # completion 1's 3 of the 5 tokens dropped, or none
+        assert metrics["off_policy_masked_frac"] == pytest.approx(0.6 if threshold == 0.1 else 0.0)  # approx's rel 1e-6: a fraction of 5 float32 counts
         torch.testing.assert_close(grad, torch.tensor(gradient), atol=FLOAT32_TOL, rtol=0)
         # Without the sampler's log-probs the mask measures the KL to pi_old instead (as TRL): with
         # pi_old = those same numbers the same completion is dropped (the ratio moves, not the mask).

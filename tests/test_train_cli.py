@@ -290,3 +290,5 @@ def test_each_trl_loss_option_trains_end_to_end(train_run, tmp_path, flags):
     for record in records:
         assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
     assert records[1]["ratio_mean"] != 1.0  # the second inner epoch trains off-policy
+    if "--off_policy_mask_threshold" in flags:
+        assert all(0.0 <= r["off_policy_masked_frac"] <= 1.0 for r in records)
