@@ -15,6 +15,13 @@ process, one micro-batch, one accumulation step. Compared in float64, value and 
                                                 ours are passed in, so this checks how they enter
                                                 the loss; the weights are checked by hand in
                                                 tests/test_sampler_correction.py)
+    --delta d, --off_policy_mask_threshold t    delta=d, off_policy_mask_threshold=t
+    --loss_type bnpo | luspo | sapo | vespo     loss_type bnpo | luspo | sapo | vespo
+    --sapo_temperature_*, --vespo_k_*, ...      the same names
+
+The issue 24 options are also compared over micro-batch splits (TRL called once per
+micro-batch, as its Trainer does under gradient accumulation), and their flags' defaults are
+checked against TRL's GRPOConfig.
 
 Needs TRL (in the `dev` extra); skipped cleanly without it.
 """
@@ -287,3 +294,20 @@ def _rows(splits):
 # below for A < 0, or log-probs <= 3; k3 of log-ratios <= 1.5 times such a ratio): within
 # sum_error(56, 56 * 60) of the exact value, so twice that apart.
 BOUND = 2 * sum_error(56, 56 * 60.0, torch.float64)
+
+
+def test_the_new_flags_defaults_are_trls():
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    from grpo.config import GRPOArguments
+
+    trl_defaults = {f.name: f.default for f in fields(GRPOConfig)}
+    ours = GRPOArguments()
+    same_name = ("delta", "off_policy_mask_threshold", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                 "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")  # fmt: skip
+    renamed = {"sampler_correction_min": "vllm_importance_sampling_clip_min",
+               "sampler_correction_cap": "vllm_importance_sampling_clip_max"}  # fmt: skip
+    for name, trl_name in {**{n: n for n in same_name}, **renamed}.items():
+        assert getattr(ours, name) == trl_defaults[trl_name], name
