@@ -227,7 +227,6 @@ SPLITS = ((8,), (4, 4), (3, 5))
 
 
 def test_the_issue_24_options_equal_trls_over_micro_batches_and_epochs():
-    from grpo.config import GRPOArguments
     from grpo.objectives import LOSS_TYPES as OUR_LOSS_TYPES
 
     worst, compared, effect = 0.0, 0, defaultdict(float)
