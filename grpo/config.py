@@ -312,14 +312,18 @@ class GRPOArguments:
     epsilon_high: float | None = _help("Upper clip (DAPO clip-higher); default: --epsilon.", default=None)
     loss_aggregation: str | None = _help(
         "sequence (GRPO: mean over each completion's tokens, then over completions; the default) | token (DAPO: "
-        "over all tokens of the step) | constant (Dr. GRPO: sum / (completions * max_completion_length)).",
+        "over all tokens of the step) | constant (Dr. GRPO: sum / (completions * max_completion_length)) | "
+        "sequence_sum (LUSPO: sum over each completion's tokens, mean over completions) | micro_batch_token "
+        "(TRL's bnpo: each micro-batch's token mean, averaged over the step's micro-batches and ranks).",
         default=None,
     )
     loss_type: str | None = _help(
         "A TRL GRPOConfig.loss_type name, setting --loss_aggregation, --importance_sampling_level and "
         "--objective as TRL does: grpo (sequence, token, clip) | dapo (token, token, clip) | dr_grpo "
         "(constant, token, clip) | gspo (sequence, sequence, clip: TRL's grpo with "
-        "importance_sampling_level=sequence) | cispo (token, token, cispo). Default: set those flags yourself.",
+        "importance_sampling_level=sequence) | cispo (token, token, cispo) | bnpo (micro_batch_token, token, "
+        "clip) | sapo (sequence, token, sapo) | luspo (sequence_sum, sequence, clip) | vespo (token, token, "
+        "vespo). Default: set those flags yourself.",
         default=None,
     )
     importance_sampling_level: str | None = _help(
@@ -331,7 +335,9 @@ class GRPOArguments:
     objective: str | None = _help(
         "clip (PPO's clipped surrogate; the default) | cispo (MiniMax-M1, arXiv 2506.13585: the ratio "
         "capped at 1 + --epsilon_high and detached, times A * log pi, so clipped tokens keep a "
-        "gradient; TRL's epsilon_high under cispo is the cap itself, i.e. ours + 1).",
+        "gradient; TRL's epsilon_high under cispo is the cap itself, i.e. ours + 1) | sapo (SAPO's soft "
+        "gate, --sapo_temperature_pos/neg) | vespo (VESPO's Gamma weight of the completion's ratio, "
+        "--vespo_k_pos/neg, --vespo_lambda_pos/neg).",
         default=None,
     )
     kl_estimator: str = _help(
@@ -372,6 +378,43 @@ class GRPOArguments:
     )
     sampler_correction_cap: float = _help(
         "C, the cap of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_max).", default=3.0
+    )
+    sampler_correction_min: float | None = _help(
+        "C_min, a lower bound of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_min): "
+        "the truncate modes raise weights below it to C_min, the mask modes drop them. In [0, "
+        "--sampler_correction_cap). Default: none.",
+        default=None,
+    )
+    delta: float | None = _help(
+        "INTELLECT-2's two-sided clip (arXiv 2505.07291; TRL's delta): bound the unclipped ratio above by "
+        "delta, so a token with A < 0 whose ratio grew past delta adds a constant (no gradient). > 1; "
+        "use >= 1 + --epsilon_high (INTELLECT-2: 4). verl/OpenRLHF's dual-clip clip_ratio_c is the same "
+        "bound (docs/grpo.md). Default: off (PPO's one-sided clip).",
+        default=None,
+    )
+    sapo_temperature_pos: float = _help(
+        "tau of --loss_type sapo's soft gate (4 / tau) sigmoid(tau (ratio - 1)) for tokens with A > 0 (SAPO, "
+        "arXiv 2511.20347; TRL's name and default). Larger: the gate closes faster off-policy. > 0.",
+        default=1.0,
+    )
+    sapo_temperature_neg: float = _help(
+        "tau of --loss_type sapo's soft gate for tokens with A <= 0 (TRL's default 1.05: negative "
+        "advantages gated a little harder). > 0.",
+        default=1.05,
+    )
+    vespo_k_pos: float = _help(
+        "k of --loss_type vespo's weight phi(w) = e^lambda w^k e^(-lambda w) (w: the completion's ratio "
+        "prod_t pi/pi_old; VESPO, arXiv 2602.10693) for A >= 0: how fast w < 1 is down-weighted. >= 0.",
+        default=2.0,
+    )
+    vespo_lambda_pos: float = _help("lambda of --loss_type vespo's weight for A >= 0: how fast w > 1 is down-weighted. > 0.", default=3.0)
+    vespo_k_neg: float = _help("k of --loss_type vespo's weight for A < 0. >= 0.", default=3.0)
+    vespo_lambda_neg: float = _help("lambda of --loss_type vespo's weight for A < 0. > 0.", default=2.0)
+    off_policy_mask_threshold: float | None = _help(
+        "DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9; TRL's name): leave out of the "
+        "policy term each completion with A < 0 whose mean log(pi_sampler / pi_theta) over its tokens "
+        "exceeds this threshold (>= 0; TRL suggests 0.5). Default: off.",
+        default=None,
     )
     decode: str = _help(
         "How the sampler runs its decode steps: auto (cuda_graph on CUDA without --fsdp, dynamic elsewhere) | dynamic "
@@ -480,6 +523,44 @@ class GRPOArguments:
             raise ConfigError(f"--sampler_correction {self.sampler_correction!r} is not one of {SAMPLER_CORRECTIONS}")
         if not self.sampler_correction_cap > 0:
             raise ConfigError(f"--sampler_correction_cap {self.sampler_correction_cap}: the cap C must be > 0")
+        if self.sampler_correction_min is not None:
+            if self.sampler_correction == "none":
+                raise ConfigError(
+                    f"--sampler_correction_min {self.sampler_correction_min} bounds --sampler_correction's weight, "
+                    "but --sampler_correction is none; pick a mode (token_truncate, token_mask, sequence_truncate, "
+                    "sequence_mask) or drop --sampler_correction_min"
+                )
+            if not 0.0 <= self.sampler_correction_min < self.sampler_correction_cap:
+                raise ConfigError(
+                    f"--sampler_correction_min {self.sampler_correction_min}: must be in [0, --sampler_correction_cap "
+                    f"{self.sampler_correction_cap})"
+                )
+        if self.delta is not None and not self.delta > 1.0:
+            raise ConfigError(
+                f"--delta {self.delta}: the two-sided clip's bound on the ratio must be > 1 (the on-policy ratio "
+                f"is 1); INTELLECT-2 uses 4, and it acts only on A < 0 when >= 1 + --epsilon_high"
+            )
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0.0:
+            raise ConfigError(
+                f"--off_policy_mask_threshold {self.off_policy_mask_threshold}: a KL threshold must be >= 0 "
+                "(DeepSeek-V3.2 and TRL suggest values like 0.5)"
+            )
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0 (0: no down-weighting of w < 1)")
+        if self.objective == "vespo" and self.importance_sampling_level != "token":
+            raise ConfigError(
+                "--objective vespo (--loss_type vespo) builds its own sequence weight from the token ratios; "
+                f"drop --importance_sampling_level {self.importance_sampling_level} (token is its level)"
+            )
+        if self.objective == "vespo" and self.sampler_correction != "none":
+            raise ConfigError(
+                f"--objective vespo with --sampler_correction {self.sampler_correction} is not implemented (TRL folds "
+                "the sampler's ratio into VESPO's weight instead of multiplying the loss by it); drop one of them"
+            )
         if self.sampler_correction != "none" and self.old_logprobs_from_sampler:
             raise ConfigError(
                 f"--sampler_correction {self.sampler_correction} with --old_logprobs_from_sampler: pi_old is then "
@@ -527,7 +608,11 @@ class GRPOArguments:
             epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
             objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
-            sampler_correction_cap=self.sampler_correction_cap,
+            sampler_correction_cap=self.sampler_correction_cap, sampler_correction_min=self.sampler_correction_min,
+            delta=self.delta,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg,
         )  # fmt: skip
 
     def _check_reference_sync_and_entropy_bonus(self) -> None:
@@ -572,11 +657,9 @@ class GRPOArguments:
         flag_of = {"aggregation": "loss_aggregation"}  # LossOptions' field -> this class's field
         if self.loss_type is not None:
             if self.loss_type not in LOSS_TYPES:
-                hint = {
-                    "bnpo": "TRL's bnpo divides by each micro-batch's own token count; use dapo (the step's token "
-                    "count: the same as bnpo with one micro-batch on one rank)",
-                }.get(self.loss_type, "that loss is not implemented here")
-                raise ConfigError(f"--loss_type {self.loss_type!r} is not one of {tuple(LOSS_TYPES)}: {hint}")
+                raise ConfigError(
+                    f"--loss_type {self.loss_type!r} is not one of {tuple(LOSS_TYPES)}: that loss is not implemented here"
+                )
             for option, value in LOSS_TYPES[self.loss_type].items():
                 name = flag_of.get(option, option)
                 given = getattr(self, name)
@@ -663,7 +746,9 @@ HELP_TIERS = (
     ("GRPO objective and optimizer options", "Variants of the objective (DAPO, Dr. GRPO, GSPO, CISPO, ...), sampling and the optimizer; docs/grpo.md.", (
         "steps_per_generation", "top_p", "top_k", "epsilon_high", "loss_aggregation", "loss_type",
         "importance_sampling_level", "objective", "kl_estimator", "advantage_scale", "mask_truncated_completions",
-        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "dynamic_sampling",
+        "old_logprobs_from_sampler", "sampler_correction", "sampler_correction_cap", "sampler_correction_min", "delta",
+        "off_policy_mask_threshold", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+        "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "dynamic_sampling",
         "max_generation_rounds", "overlong_buffer_length", "top_entropy_quantile", "lr_scheduler", "warmup_steps",
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "entropy_coef",
         "use_adaptive_entropy", "entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",

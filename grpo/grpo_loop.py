@@ -298,10 +298,15 @@ def accumulate_step_gradients(
     # DDP-style averaging divides gradients by world_size, so divide it back out.
     # Clamped to 1: a step whose completions are all masked out contributes zero loss.
     normaliser = max(
-        all_reduce_sum(step_normaliser(loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length)),
+        all_reduce_sum(step_normaliser(
+            loss_mask[step_rows], gargs.loss_aggregation, gargs.max_completion_length, gargs.micro_batch_size
+        )),
         1.0,
     ) / world_size
-    sums = StepSums(sampler_correction=gargs.sampler_correction != "none", entropy_bonus=gargs.entropy_bonus_enabled)
+    sums = StepSums(
+        sampler_correction=gargs.sampler_correction != "none", entropy_bonus=gargs.entropy_bonus_enabled,
+        off_policy_mask=gargs.off_policy_mask_threshold is not None,
+    )
     policy_token_mask = None  # every token, unless --top_entropy_quantile < 1
     if gargs.top_entropy_quantile < 1.0:
         policy_token_mask, sums.entropy_threshold = step_policy_token_mask(

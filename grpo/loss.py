@@ -49,21 +49,25 @@ import torch
 from torch import Tensor
 
 from grpo.kl import LOG_RATIO_MAX, kl_estimate
-from grpo.objectives import AGGREGATIONS, LossOptions
+from grpo.objectives import AGGREGATIONS, LossOptions, off_policy_sequence_mask
 from grpo.sampler_correction import importance_weights, sampler_logprob_gap
 
 
 def step_normaliser(
-    completion_masks: Tensor, aggregation: str, max_completion_length: int | None = None
+    completion_masks: Tensor, aggregation: str, max_completion_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> float:
     """The denominator of the loss, counted over some completions of one optimizer step.
 
     Args:
         completion_masks: [R, T] masks of completions of the step on this rank (all of them
             concatenated, or one micro-batch at a time: the count is additive).
-        aggregation: "sequence" -> number of completions; "token" -> number of completion
-            tokens; "constant" -> number of completions * max_completion_length.
+        aggregation: "sequence" and "sequence_sum" -> number of completions; "token" -> number
+            of completion tokens; "constant" -> number of completions * max_completion_length;
+            "micro_batch_token" -> number of micro-batches (each adds its own token mean).
         max_completion_length: T_max, required for "constant".
+        micro_batch_size: the rows of one micro-batch, for "micro_batch_token"; None: the rows
+            given are one micro-batch.
 
     Returns:
         The count as a float. The caller sums it over micro-batches and ranks; if every
@@ -79,8 +83,10 @@ def step_normaliser(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     num_completions = completion_masks.shape[0]
-    if aggregation == "sequence":
+    if aggregation in ("sequence", "sequence_sum"):
         return float(num_completions)
+    if aggregation == "micro_batch_token":
+        return float(math.ceil(num_completions / (micro_batch_size or max(num_completions, 1))))
     if aggregation == "token":
         return float(completion_masks.sum().item())
     if max_completion_length is None or max_completion_length < 1:
@@ -134,7 +140,7 @@ def grpo_loss(
     log_ratio = options.log_ratio(log_ratio, mask)  # [R, T] per token; GSPO: per completion
     ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))  # [R, T] guard: grpo/kl.py, 2.
     surrogate = options.surrogate(ratio, A, logprobs, mask)  # [R, T] min(ratio A, clip(ratio) A)
-    surrogate = surrogate * options.token_weights(old_logprobs, mask, sampler_logprobs, policy_token_mask)  # [R, T]
+    surrogate = surrogate * options.token_weights(logprobs, old_logprobs, A, mask, sampler_logprobs, policy_token_mask)  # [R, T]
     kl = options.kl(logprobs, ref_logprobs, ratio)  # [R, T] k3; 0.0 when beta == 0
     per_token_loss = -(surrogate - options.beta * kl)  # [R, T]
     loss = options.aggregate(per_token_loss * mask, mask) / normaliser  # []
@@ -160,7 +166,8 @@ def loss_metrics(
     whose weight was capped (ratio > 1 + epsilon_high, either sign of A). Under the sequence level
     a completion's ratio counts once per token. With sampler_logprobs also "sampler_gap_mean",
     "sampler_gap_max" (|log pi_theta - log pi_sampler|) and, with a correction,
-    "sampler_weight_mean" and "sampler_over_cap_frac".
+    "sampler_weight_mean" and "sampler_over_cap_frac"; with an off-policy mask
+    "off_policy_masked_frac" (the tokens of the completions it dropped).
     """
     with torch.no_grad():
         is_completion = mask > 0  # [R, T]
@@ -189,10 +196,14 @@ def loss_metrics(
             metrics["sampler_gap_max"] = gap_max
         if options.sampler_correction != "none":
             sampler_weight, sampler_over_cap = importance_weights(
-                old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
+                old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap,
+                options.sampler_correction_min,
             )  # [R, T] or [R, 1]
             metrics["sampler_weight_mean"] = (sampler_weight * mask).sum() / token_count
             metrics["sampler_over_cap_frac"] = (sampler_over_cap & is_completion).sum() / token_count
+        if options.off_policy_mask_threshold is not None:
+            keep = off_policy_sequence_mask(logprobs, old_logprobs, A, mask, sampler_logprobs, options)  # [R, 1]
+            metrics["off_policy_masked_frac"] = ((1 - keep) * mask).sum() / token_count
         values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one device sync
     return dict(zip(metrics.keys(), values, strict=True))
 

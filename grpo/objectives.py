@@ -19,10 +19,12 @@ surrogates, LUSPO and BNPO aggregations, the off-policy mask a token weight, an 
 term added to the surrogate.
 
     LOG_RATIO_OF       the ratio's level        token (GRPO) | sequence (GSPO)
-    SURROGATE_OF       the per-token objective  clip (PPO) | cispo  (CLIPPED_TOKENS_OF: its metric)
-    token_weights      the policy-term weights  sampler correction, high-entropy token selection
+    SURROGATE_OF       the per-token objective  clip (PPO; with delta: two-sided) | cispo | sapo | vespo
+                                                (CLIPPED_TOKENS_OF: its metric)
+    token_weights      the policy-term weights  sampler correction, off-policy sequence mask,
+                                                high-entropy token selection
     KL_ESTIMATORS      the penalty (grpo/kl.py) k3 | k1 | k2 | k3_plus | k3_ratio
-    AGGREGATE_OF       the sum over tokens      sequence | token | constant
+    AGGREGATE_OF       the sum over tokens      sequence | token | constant | sequence_sum | micro_batch_token
 
 The options, and where each departs from GRPO (all off by default):
 
@@ -48,13 +50,32 @@ The options, and where each departs from GRPO (all off by default):
      count per token;
    - "constant" (Dr. GRPO, arXiv 2503.20783): sum_it m_it l_it / (N_completions * T_max), no
      length bias at all.
+   - "sequence_sum" (LUSPO, arXiv 2602.05261): sum_it m_it l_it / N_completions, each
+     completion's loss scaled by its length (with GSPO's ratio: `--loss_type luspo`);
+   - "micro_batch_token" (TRL's bnpo): each micro-batch's own sum_it m_it l_it / sum_it m_it,
+     averaged over the step's micro-batches on every rank (TRL's "local batch" is one micro-batch
+     of one process; the result depends on --micro_batch_size, unlike every other aggregation).
    The functions here return the numerator; `step_normaliser` counts the denominator.
+7. `delta` (INTELLECT-2, arXiv 2505.07291): the unclipped ratio bounded above by delta in the clip
+   surrogate, min(min(ratio, delta) A, clip(ratio) A), as TRL. For A < 0 it is dual-clip PPO
+   (arXiv 1912.09729; verl's clip_ratio_c) with c = delta whenever delta >= 1 + epsilon_high.
+8. `off_policy_mask_threshold` (DeepSeek-V3.2, arXiv 2512.02556, eq. 9): a token weight that
+   drops the policy term of a completion with A < 0 whose mean log(pi_sampling / pi_theta) exceeds
+   the threshold (pi_sampling: the sampler's log-probs when given, else pi_old, as TRL).
+9. SAPO (`objective="sapo"`, arXiv 2511.20347): the soft gate (4 / tau) sigmoid(tau (ratio - 1))
+   times A instead of the clip; tau = sapo_temperature_pos for A > 0, sapo_temperature_neg else.
+10. VESPO (`objective="vespo"`, arXiv 2602.10693): sg(phi(w_i)) A log pi_theta with the Gamma
+    weight phi(w) = e^lambda w^k e^(-lambda w) of the completion's ratio w_i = prod_t ratio_it.
+    Departures from TRL: no sampler correction with it (TRL folds the sampler's ratio into w),
+    and the token level only (TRL warns at the sequence level).
+Every default is TRL 1.16's.
 
 Run the tests: `python -m pytest tests/test_objectives.py tests/test_loss.py -q`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +84,7 @@ from torch import Tensor
 from grpo.kl import KL_ESTIMATORS, kl_estimate
 from grpo.sampler_correction import SAMPLER_CORRECTIONS, importance_weights
 
-# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options. Only names with
-# the same meaning: TRL's "bnpo" divides by each micro-batch's own token count, which no option
-# here does ("token" divides by the whole step's); "sapo", "luspo", "vespo" are not implemented.
+# TRL's GRPOConfig.loss_type names (and GSPO's recipe) as this module's options, with TRL's meaning.
 LOSS_TYPES = {
     "grpo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "clip"},
     "dapo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "clip"},
@@ -74,6 +93,15 @@ LOSS_TYPES = {
     "gspo": {"aggregation": "sequence", "importance_sampling_level": "sequence", "objective": "clip"},
     # TRL: loss_type="cispo" (token aggregation, as the paper's 1 / sum_i |o_i|).
     "cispo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "cispo"},
+    # TRL: loss_type="bnpo" (each micro-batch's own token mean, averaged over the step's micro-batches).
+    "bnpo": {"aggregation": "micro_batch_token", "importance_sampling_level": "token", "objective": "clip"},
+    # TRL: loss_type="sapo" (aggregated as its grpo).
+    "sapo": {"aggregation": "sequence", "importance_sampling_level": "token", "objective": "sapo"},
+    # TRL: loss_type="luspo", importance_sampling_level="sequence" (the paper's setup; TRL warns otherwise).
+    "luspo": {"aggregation": "sequence_sum", "importance_sampling_level": "sequence", "objective": "clip"},
+    # TRL: loss_type="vespo" (token aggregation, as its dapo; the ratio level stays token: VESPO
+    # makes its own sequence weight from the token ratios).
+    "vespo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "vespo"},
 }
 
 
@@ -94,6 +122,15 @@ class LossOptions:
     kl_estimator: str = "k3"
     sampler_correction: str = "none"
     sampler_correction_cap: float = 3.0
+    sampler_correction_min: float | None = None
+    delta: float | None = None
+    off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self):
         choices = {
@@ -115,6 +152,27 @@ class LossOptions:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.sampler_correction_cap > 0:
             raise ValueError(f"sampler_correction_cap must be > 0, got {self.sampler_correction_cap}")
+        if self.sampler_correction_min is not None and not 0 <= self.sampler_correction_min < self.sampler_correction_cap:
+            raise ValueError(
+                f"sampler_correction_min must be in [0, sampler_correction_cap = {self.sampler_correction_cap}), "
+                f"got {self.sampler_correction_min}"
+            )
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta must be > 1 (a ratio of 1 is on-policy and never bounded), got {self.delta}")
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
+            raise ValueError(f"off_policy_mask_threshold must be >= 0 (a KL), got {self.off_policy_mask_threshold}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("objective 'vespo' builds its own sequence weight from the token ratios; "
+                             "use importance_sampling_level 'token'")  # fmt: skip
+        if self.objective == "vespo" and self.sampler_correction != "none":
+            raise ValueError("objective 'vespo' with a sampler correction is not implemented (TRL folds the "
+                             "sampler's ratio into VESPO's sequence weight); use sampler_correction 'none'")  # fmt: skip
 
     def log_ratio(self, log_ratio: Tensor, mask: Tensor) -> Tensor:
         """[R, T] the log-ratio at the chosen level (LOG_RATIO_OF)."""
@@ -129,11 +187,13 @@ class LossOptions:
         return CLIPPED_TOKENS_OF[self.objective](ratio, A, self)
 
     def token_weights(
-        self, old_logprobs: Tensor, mask: Tensor, sampler_logprobs: Tensor | None, policy_token_mask: Tensor | None
+        self, logprobs: Tensor, old_logprobs: Tensor, A: Tensor, mask: Tensor, sampler_logprobs: Tensor | None,
+        policy_token_mask: Tensor | None,
     ) -> Tensor | float:
         """[R, T] (or [R, 1], or 1.0 when no weight is on) the product of the policy-term weights."""
         sampler_weight = sampler_correction_weights(old_logprobs, mask, sampler_logprobs, self)  # [R, T], [R, 1] or 1.0
-        return sampler_weight * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
+        keep = off_policy_sequence_mask(logprobs, old_logprobs, A, mask, sampler_logprobs, self)  # [R, 1] or 1.0
+        return sampler_weight * keep * token_selection_weights(policy_token_mask, mask)  # [R, T], [R, 1] or 1.0
 
     def kl(self, logprobs: Tensor, ref_logprobs: Tensor | None, ratio: Tensor) -> Tensor | float:
         """[R, T] the per-token KL estimate (KL_ESTIMATORS), or 0.0 when beta = 0 (no penalty)."""
@@ -169,9 +229,22 @@ IMPORTANCE_SAMPLING_LEVELS = tuple(LOG_RATIO_OF)
 
 
 def clipped_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
-    """PPO's clipped surrogate min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A). [R, T]"""
+    """PPO's clipped surrogate min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A). [R, T]
+
+    With `delta` (INTELLECT-2's two-sided clip, option 7) the unclipped ratio is first bounded
+    above by delta, min(min(ratio, delta) A, clip(ratio) A): for A < 0 the term can no longer grow
+    without bound as the ratio does (PPO's min keeps the unclipped ratio there).
+    """
     clipped_ratio = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)  # [R, T]
+    ratio = two_sided_bound(ratio, options)  # [R, T] min(ratio, delta); the ratio itself without delta
     return torch.min(ratio * A, clipped_ratio * A)  # [R, T]
+
+
+def two_sided_bound(ratio: Tensor, options: LossOptions) -> Tensor:
+    """INTELLECT-2 (arXiv 2505.07291, sec. 3.3): min(ratio, delta); the ratio as it is without delta. [R, T]"""
+    if options.delta is None:
+        return ratio
+    return torch.clamp(ratio, max=options.delta)  # [R, T] constant above delta: no gradient there
 
 
 def cispo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
@@ -182,7 +255,47 @@ def cispo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, op
     return cispo_weight * A * completion_logprobs  # [R, T]
 
 
-SURROGATE_OF = {"clip": clipped_surrogate, "cispo": cispo_surrogate}
+def sapo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """SAPO (arXiv 2511.20347, eq. 5-6): the soft gate (4 / tau) sigmoid(tau (ratio - 1)) times A. [R, T]
+
+    tau = sapo_temperature_pos where A > 0, else sapo_temperature_neg. At ratio 1 the gate's slope
+    is (4 / tau) * tau * sigmoid'(0) = 4 * 1/4 = 1, so near the old policy the gradient is PPO's
+    (A * ratio * grad log pi); away from it the gradient fades smoothly instead of being cut off.
+    """
+    tau = torch.where(A > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)  # [R, 1]
+    gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau  # [R, T]
+    return gate * A  # [R, T]
+
+
+def vespo_surrogate(ratio: Tensor, A: Tensor, logprobs: Tensor, mask: Tensor, options: LossOptions) -> Tensor:
+    """VESPO (arXiv 2602.10693): sg(phi(w_i)) * A * log pi_theta, phi(w) = e^lambda w^k e^(-lambda w). [R, T]
+
+    w_i = prod_t ratio_it, the completion's likelihood ratio (a product, not GSPO's mean), and
+    phi(1) = 1: a Gamma-shaped weight that fades both for w << 1 (power k) and w >> 1 (decay
+    lambda), in place of a clip. k, lambda are vespo_k_pos, vespo_lambda_pos where A >= 0, else
+    the _neg pair. Like CISPO's weight it is detached: every token keeps a REINFORCE gradient.
+    """
+    with torch.no_grad():
+        # Guards, as TRL (matching the paper's code): each token's log-ratio within [-20, 20] and
+        # the sum within [log 1e-8, 20], so w^k and e^(-lambda w) stay finite. ratio is
+        # exp(log-ratio) already capped above at 20 (grpo/loss.py); the floor keeps log() finite.
+        token_log_ratio = torch.log(ratio.clamp(min=VESPO_TOKEN_RATIO_MIN)).clamp(max=VESPO_LOG_W_MAX)  # [R, T]
+        log_w = (token_log_ratio * mask).sum(dim=1, keepdim=True)  # [R, 1]
+        log_w = log_w.clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)  # [R, 1]
+        is_nonnegative = A >= 0  # [R, 1]
+        k = torch.where(is_nonnegative, options.vespo_k_pos, options.vespo_k_neg)  # [R, 1]
+        lam = torch.where(is_nonnegative, options.vespo_lambda_pos, options.vespo_lambda_neg)  # [R, 1]
+        log_phi = lam + k * log_w - lam * torch.exp(log_w)  # [R, 1] log of e^lambda w^k e^(-lambda w)
+        phi = torch.exp(log_phi)  # [R, 1] in [0, e^lambda (k / lambda)^k e^-k]: finite for finite k, lambda
+    # Guard: log pi on padding may be -inf-like; 0 there keeps (phi * A * logp) * 0 finite.
+    completion_logprobs = torch.where(mask > 0, logprobs, 0.0)  # [R, T]
+    return phi * A * completion_logprobs  # [R, T]
+
+
+VESPO_TOKEN_RATIO_MIN = math.exp(-20.0)
+VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = math.log(1e-8), 20.0
+
+SURROGATE_OF = {"clip": clipped_surrogate, "cispo": cispo_surrogate, "sapo": sapo_surrogate, "vespo": vespo_surrogate}
 OBJECTIVES = tuple(SURROGATE_OF)
 
 
@@ -197,7 +310,14 @@ def capped_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tenso
     return torch.zeros_like(is_capped), is_capped  # [R, T] each
 
 
-CLIPPED_TOKENS_OF = {"clip": clip_range_tokens, "cispo": capped_tokens}  # one entry per SURROGATE_OF key
+def no_clipped_tokens(ratio: Tensor, A: Tensor, options: LossOptions) -> tuple[Tensor, Tensor]:
+    """SAPO and VESPO weigh every token smoothly; nothing is clipped."""
+    none = torch.zeros(torch.broadcast_shapes(ratio.shape, A.shape), dtype=torch.bool, device=ratio.device)  # [R, T]
+    return none, none
+
+
+CLIPPED_TOKENS_OF = {"clip": clip_range_tokens, "cispo": capped_tokens, "sapo": no_clipped_tokens,
+                     "vespo": no_clipped_tokens}  # fmt: skip  # one entry per SURROGATE_OF key
 
 
 # --- the weights of each token's policy term (options 3 and 4); the product of them all ---
@@ -210,9 +330,32 @@ def sampler_correction_weights(
     if options.sampler_correction == "none":
         return 1.0
     weights, _ = importance_weights(
-        old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap
+        old_logprobs, sampler_logprobs, mask, options.sampler_correction, options.sampler_correction_cap,
+        options.sampler_correction_min,
     )  # [R, T] or [R, 1]
     return weights
+
+
+def off_policy_sequence_mask(
+    logprobs: Tensor, old_logprobs: Tensor, A: Tensor, mask: Tensor, sampler_logprobs: Tensor | None,
+    options: LossOptions,
+) -> Tensor | float:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): [R, 1], or 1.0 without a threshold.
+
+    M_i = 0 when A_i < 0 and (1/|o_i|) sum_t log(pi_sampling(o_it) / pi_theta(o_it)) > threshold,
+    else 1. pi_sampling is the policy that drew the tokens: the sampler's recorded log-probs when
+    given (they see both the drift of the updates and the sampler/trainer mismatch), else pi_old.
+    Detached: the mask selects completions, it carries no gradient.
+    """
+    if options.off_policy_mask_threshold is None:
+        return 1.0
+    sampling_logprobs = old_logprobs if sampler_logprobs is None else sampler_logprobs  # [R, T]
+    # Guard: padding holds log-probs of tokens never drawn; 0 there keeps them out of the mean.
+    log_ratio = torch.where(mask > 0, sampling_logprobs - logprobs.detach(), 0.0)  # [R, T]
+    # Guard: a completion with no tokens gives 0 / 1 = 0 (kept) instead of 0 / 0 = NaN.
+    mean_kl = log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [R, 1]
+    keep = (A >= 0) | (mean_kl <= options.off_policy_mask_threshold)  # [R, 1]
+    return keep.to(mask.dtype)  # [R, 1]
 
 
 def token_selection_weights(policy_token_mask: Tensor | None, mask: Tensor) -> Tensor | float:
@@ -238,5 +381,14 @@ def token_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
     return masked_loss.sum()  # []
 
 
-AGGREGATE_OF = {"sequence": sequence_aggregate, "token": token_aggregate, "constant": token_aggregate}
+def micro_batch_token_aggregate(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """TRL's bnpo: this micro-batch's mean over its tokens, sum_it m_it l_it / sum_it m_it. []"""
+    # Guard: a micro-batch whose completions are all masked out adds 0 / 1 = 0, as in TRL.
+    return masked_loss.sum() / mask.sum().clamp(min=1)  # []
+
+
+AGGREGATE_OF = {
+    "sequence": sequence_aggregate, "token": token_aggregate, "constant": token_aggregate,
+    "sequence_sum": token_aggregate, "micro_batch_token": micro_batch_token_aggregate,
+}  # fmt: skip
 AGGREGATIONS = tuple(AGGREGATE_OF)

@@ -22,8 +22,10 @@ correction):
    completion), not GSPO's length-normalised mean. The weights carry no gradient; a dropped token
    still counts in the loss normaliser (as in TRL). The KL term is not weighted (as in TRL).
 
-Departure from TRL: no lower bound C_min (TRL's `vllm_importance_sampling_clip_min`, off by
-default there too). Pure: tensors in, tensors and floats out.
+An optional lower bound C_min (TRL's `vllm_importance_sampling_clip_min`, off by default there
+too): the truncate modes raise a weight below C_min to C_min, the mask modes drop it (weight 0),
+so a token or completion the sampler found much likelier than the trainer does not vanish from,
+or is left out of, the update. Pure: tensors in, tensors and floats out.
 
 Run the tests: `python -m pytest tests/test_loss.py tests/test_sampler_correction.py -q`.
 """
@@ -50,7 +52,8 @@ def sampler_logprob_gap(
 
 
 def importance_weights(
-    old_logprobs: Tensor, sampler_logprobs: Tensor, completion_mask: Tensor, mode: str, cap: float
+    old_logprobs: Tensor, sampler_logprobs: Tensor, completion_mask: Tensor, mode: str, cap: float,
+    floor: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The sampler-correction weight of every token, detached, and where the cap was hit.
 
@@ -60,15 +63,19 @@ def importance_weights(
         completion_mask: [R, T] 1.0 on completion tokens.
         mode: one of SAMPLER_CORRECTIONS other than "none" (module docstring).
         cap: C > 0.
+        floor: C_min in [0, C), or None for no lower bound.
 
     Returns:
         weights: [R, T] (token modes) or [R, 1] (sequence modes), broadcastable onto [R, T].
-        over_cap: bool tensor of the same shape, True where ratio > C (truncated or dropped).
+        over_cap: bool tensor of the same shape, True where the ratio is outside [C_min, C]
+            (truncated or dropped).
     """
     if mode not in SAMPLER_CORRECTIONS or mode == "none":
         raise ValueError(f"unknown sampler correction {mode!r}; valid: {', '.join(SAMPLER_CORRECTIONS[1:])}")
     if not cap > 0:
         raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    if floor is not None and not 0 <= floor < cap:
+        raise ValueError(f"the importance-weight floor must be in [0, cap = {cap}), got {floor}")
     is_completion = completion_mask > 0  # [R, T]
     # Guard: padding holds log-probs of tokens never drawn (the sampler records 0 there); a
     # log-ratio of 0 keeps it out of the sequence product and exp() finite.
@@ -79,8 +86,10 @@ def importance_weights(
     # no inf reaches the loss.
     ratio = torch.exp(log_ratio)  # [R, T] or [R, 1]
     over_cap = ratio > cap  # [R, T] or [R, 1]
+    if floor is not None:
+        over_cap = over_cap | (ratio < floor)  # [R, T] or [R, 1] outside [C_min, C]
     if mode.endswith("truncate"):
-        weights = ratio.clamp(max=cap)  # [R, T] or [R, 1]
+        weights = ratio.clamp(min=floor, max=cap)  # [R, T] or [R, 1]
     else:
         weights = torch.where(over_cap, 0.0, ratio)  # [R, T] or [R, 1]
     return weights, over_cap

@@ -92,6 +92,11 @@ BAD_NUMBERS = [
     (["--adam_epsilon", "0"], "--adam_epsilon 0"),
     (["--synthetic_layout", "spiral"], "--synthetic_layout 'spiral': use one of scatter, grid"),
     (["--synthetic_layout", "grid", "--count_max", "17"], "--count_max 17: the grid layout holds at most 16 objects"),
+    (["--delta", "0.5"], "--delta 0.5"),
+    (["--off_policy_mask_threshold", "-1"], "--off_policy_mask_threshold -1"),
+    (["--loss_type", "sapo", "--sapo_temperature_pos", "0"], "--sapo_temperature_pos 0"),
+    (["--loss_type", "vespo", "--vespo_lambda_pos", "nan"], "--vespo_lambda_pos nan"),
+    (["--sampler_correction", "token_mask", "--sampler_correction_min", "5"], "--sampler_correction_min 5"),
 ]
 
 

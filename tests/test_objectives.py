@@ -186,6 +186,10 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
         ("dr_grpo", "constant", "token", "clip"),
         ("gspo", "sequence", "sequence", "clip"),
         ("cispo", "token", "token", "cispo"),
+        ("bnpo", "micro_batch_token", "token", "clip"),
+        ("sapo", "sequence", "token", "sapo"),
+        ("luspo", "sequence_sum", "sequence", "clip"),
+        ("vespo", "token", "token", "vespo"),
     ],
 )
 def test_loss_type_sets_the_options(loss_type, aggregation, level, objective):
@@ -205,14 +209,22 @@ def test_defaults_stay_grpo():
     [
         (dict(loss_type="dapo", loss_aggregation="sequence"), "--loss_type dapo means --loss_aggregation token"),
         (dict(loss_type="gspo", importance_sampling_level="token"), "means --importance_sampling_level sequence"),
-        (dict(loss_type="bnpo"), "each micro-batch's own token count; use dapo"),
-        (dict(loss_type="sapo"), "not implemented"),
+        (dict(loss_type="ppo"), "not implemented"),
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "--loss_type vespo means --importance_sampling_level token"),
+        (dict(objective="vespo", sampler_correction="token_mask"), "--objective vespo with --sampler_correction token_mask"),
+        (dict(sapo_temperature_neg=0.0), "--sapo_temperature_neg 0.0: must be > 0"),
+        (dict(vespo_k_pos=-1.0), "--vespo_k_pos -1.0"),
+        (dict(vespo_lambda_neg=0.0), "--vespo_lambda_neg 0.0"),
         (dict(objective="ppo"), "--objective"),
         (dict(importance_sampling_level="step"), "--importance_sampling_level"),
         (dict(kl_estimator="k4"), "--kl_estimator"),
         (dict(sampler_correction="truncate"), "--sampler_correction"),
         (dict(sampler_correction_cap=0.0), "--sampler_correction_cap"),
         (dict(sampler_correction="token_truncate", old_logprobs_from_sampler=True), "exactly 1; drop one"),
+        (dict(delta=1.0), "--delta 1.0: .* must be > 1"),
+        (dict(sampler_correction_min=0.5), "--sampler_correction_min 0.5 bounds .* --sampler_correction is none"),
+        (dict(sampler_correction="token_mask", sampler_correction_min=3.0), r"must be in \[0, --sampler_correction_cap 3.0\)"),
+        (dict(off_policy_mask_threshold=-0.1), "--off_policy_mask_threshold -0.1"),
     ],
 )
 def test_bad_options_name_the_flag(kwargs, message):
@@ -239,6 +251,10 @@ def test_the_config_builds_the_loss_options_once():
         (dict(kl_estimator="k4"), "unknown kl_estimator"),
         (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0"),
         (dict(sampler_correction_cap=0.0), "sampler_correction_cap must be > 0"),
+        (dict(delta=0.9), "delta must be > 1"),
+        (dict(sapo_temperature_pos=-1.0), "sapo_temperature_pos must be > 0"),
+        (dict(objective="vespo", importance_sampling_level="sequence"), "use importance_sampling_level 'token'"),
+        (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be >= 0"),
     ],
 )
 def test_loss_options_check_themselves_when_built(options, message):
@@ -263,3 +279,197 @@ def test_loss_options_errors():
             logprobs, None, None, torch.zeros(2), mask, LossOptions(beta=0.0), normaliser=1.0,
             sampler_logprobs=torch.zeros(2, 1),
         )  # fmt: skip
+
+
+# --- delta: INTELLECT-2's two-sided clip, and verl's dual-clip ---
+
+
+def test_delta_bounds_the_ratio_of_negative_advantages_by_hand():
+    # One completion, A = -1, token ratios [3.0, 1.5, 0.5], eps = 0.2, token aggregation (/ 3).
+    # PPO:      -max(r, clip(r)) per token = -3.0, -1.5, -max(0.5, 0.8) = -0.8; loss = 5.3 / 3 = 1.7666667
+    # delta 2:  -max(min(r, 2), clip(r))  = -2.0, -1.5, -0.8;                  loss = 4.3 / 3 = 1.4333333
+    # gradient of the loss in logp = -A * d(bounded ratio)/d logp / 3:
+    #   PPO      [3.0 / 3, 1.5 / 3, 0 (clipped low)] = [1.0, 0.5, 0.0]
+    #   delta 2  [0 (bounded: a constant), 0.5, 0.0]
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)  # [1, 3]
+    old_logprobs = logprobs.detach() - torch.tensor([[3.0, 1.5, 0.5]]).log()  # [1, 3]
+    mask, A = torch.ones(1, 3), torch.tensor([-1.0])
+    expected = {None: (1.7666667, [1.0, 0.5, 0.0]), 2.0: (1.4333333, [0.0, 0.5, 0.0])}
+    for delta, (value, gradient) in expected.items():
+        options = LossOptions(beta=0.0, aggregation="token", delta=delta)
+        loss, _ = grpo_loss(logprobs, old_logprobs, None, A, mask, options, normaliser=3.0)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert loss.item() == pytest.approx(value, abs=FLOAT32_TOL)
+        torch.testing.assert_close(grad, torch.tensor([gradient]), atol=FLOAT32_TOL, rtol=0)
+
+
+def test_delta_leaves_positive_advantages_alone():
+    # A = +1, ratios [3.0, 1.5, 0.5], eps 0.2, delta 2 >= 1 + eps_high: min(min(r, 2), clip(r)) = min(r, clip(r)),
+    # PPO's: 1.2 + 1.2 + 0.5 = 2.9, loss -2.9 / 3 = -0.9666667 both ways.
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]])  # [1, 3]
+    old_logprobs = logprobs - torch.tensor([[3.0, 1.5, 0.5]]).log()  # [1, 3]
+    for delta in (None, 2.0):
+        options = LossOptions(beta=0.0, aggregation="token", delta=delta)
+        loss, _ = grpo_loss(logprobs, old_logprobs, None, torch.tensor([1.0]), torch.ones(1, 3), options, normaliser=3.0)
+        assert loss.item() == pytest.approx(-0.9666667, abs=FLOAT32_TOL)
+
+
+def test_dual_clip_ppo_is_delta():
+    # Dual-clip PPO (Ye et al., arXiv 1912.09729, eq. 6; verl's compute_policy_loss with clip_ratio_c,
+    # OpenRLHF's dual_clip), written here from the paper: for A < 0 the loss is
+    # min(-A c, max(-A r, -A clip(r))), for A >= 0 PPO's max(-A r, -A clip(r)). With c = delta >= 1 + eps_high
+    # it is our --delta term exactly: the same products of the same numbers, value and gradient. The
+    # ratios step over every kink (0.8, 1.2, 1.28, 3.0) without landing on one: at a kink the two
+    # formulas' min/max pick different one-sided derivatives (both subgradients).
+    ratios = torch.tensor([0.1, 0.5, 0.79, 0.81, 1.0, 1.19, 1.21, 1.27, 1.29, 2.0, 2.99, 3.01, 10.0], dtype=torch.float64)
+    for A_value, (epsilon_low, epsilon_high, c) in itertools.product((-2.0, -0.5, 0.5, 2.0), ((0.2, 0.28, 3.0), (0.2, 0.2, 1.2))):
+        ratio = ratios.clone().requires_grad_(True)  # [13]
+        A = torch.tensor(A_value, dtype=torch.float64)
+        clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)  # [13]
+        ppo = torch.max(-A * ratio, -A * clipped)  # [13]
+        dual = torch.min(-A * c, ppo) if A_value < 0 else ppo  # [13]
+        options = LossOptions(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=c)
+        ours = -options.surrogate(ratio[None], A.reshape(1, 1), ratio[None], torch.ones(1, 13, dtype=torch.float64))[0]
+        (dual_grad,) = torch.autograd.grad(dual.sum(), ratio)
+        (ours_grad,) = torch.autograd.grad(ours.sum(), ratio)
+        assert torch.equal(ours, dual) and torch.equal(ours_grad, dual_grad), (A_value, c)
+
+
+# --- the off-policy sequence mask (DeepSeek-V3.2, eq. 9) ---
+
+
+def test_off_policy_mask_by_hand():
+    # The worked example's log-probs, one inner epoch (ratio 1), token aggregation (/ 5 tokens).
+    # log pi_sampler - log pi_theta: completion 0 [1.0, 1.0] (mean 1.0, but A = +1: kept),
+    #                                completion 1 [0.3, 0.1, 0.2] (mean 0.2, A = -0.5).
+    # threshold 0.1:  0.2 > 0.1, completion 1 dropped: loss = -(1 + 1) / 5 = -0.4,
+    #                 gradient -A / 5 = [[-0.2, -0.2, 0], [0, 0, 0]] (the normaliser still counts its 3 tokens)
+    # threshold 0.25: 0.2 <= 0.25, kept: loss = -(1 + 1 - 0.5 * 3) / 5 = -0.1,
+    #                 gradient [[-0.2, -0.2, 0], [0.1, 0.1, 0.1]]
+    logprobs, _ = worked_example_logprobs()
+    sampler_logprobs = logprobs.detach() + torch.tensor([[1.0, 1.0, 0.0], [0.3, 0.1, 0.2]])  # [2, 3]
+    expected = {
+        0.1: (-0.4, [[-0.2, -0.2, 0.0], [0.0, 0.0, 0.0]]),
+        0.25: (-0.1, [[-0.2, -0.2, 0.0], [0.1, 0.1, 0.1]]),
+    }
+    for threshold, (value, gradient) in expected.items():
+        options = LossOptions(beta=0.0, aggregation="token", off_policy_mask_threshold=threshold)
+        loss, metrics = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, options, normaliser=5.0, sampler_logprobs=sampler_logprobs)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        assert loss.item() == pytest.approx(value, abs=FLOAT32_TOL), threshold
+        # completion 1's 3 of the 5 tokens dropped, or none
+        assert metrics["off_policy_masked_frac"] == pytest.approx(0.6 if threshold == 0.1 else 0.0)  # approx's rel 1e-6: a fraction of 5 float32 counts
+        torch.testing.assert_close(grad, torch.tensor(gradient), atol=FLOAT32_TOL, rtol=0)
+        # Without the sampler's log-probs the mask measures the KL to pi_old instead (as TRL): with
+        # pi_old = those same numbers the same completion is dropped (the ratio moves, not the mask).
+        keep = LossOptions(off_policy_mask_threshold=threshold).token_weights(
+            logprobs, sampler_logprobs, ADVANTAGES[:, None], MASK, None, None
+        )  # fmt: skip
+        assert keep.flatten().tolist() == ([1.0, 0.0] if threshold == 0.1 else [1.0, 1.0])
+
+
+# --- --loss_type bnpo: each micro-batch's own token mean ---
+
+
+def test_bnpo_averages_the_micro_batches_token_means_by_hand():
+    # The worked example's per-token loss (beta 0, eps 0.2): [[-1.2, -0.9], [0.4, 0.55, 0.5]].
+    # Two micro-batches, completion 0 (2 tokens) and completion 1 (3 tokens); step_normaliser
+    # counts 2 micro-batches:  (-2.1 / 2 + 1.45 / 3) / 2 = (-1.05 + 0.4833333) / 2 = -0.2833333.
+    # One micro-batch of both (TRL's "local batch" = all 5 tokens): -0.65 / 5 = -0.13 (= dapo's).
+    # Gradient with two micro-batches: -A * ratio / (tokens of its micro-batch * 2), 0 where clipped:
+    #   [[0, -0.9 / 4 = -0.225], [0, 0.55 / 6 = 0.0916667, 0.5 / 6 = 0.0833333]]
+    logprobs, old_logprobs = worked_example_logprobs()
+    options = LossOptions(beta=0.0, aggregation="micro_batch_token")
+    normaliser = sum(step_normaliser(MASK[rows], "micro_batch_token") for rows in (slice(0, 1), slice(1, 2)))
+    assert normaliser == 2.0 and step_normaliser(torch.ones(8, 4), "micro_batch_token", micro_batch_size=3) == 3.0
+    loss = sum(
+        grpo_loss(logprobs[rows], old_logprobs[rows], None, ADVANTAGES[rows], MASK[rows], options, normaliser=normaliser)[0]
+        for rows in (slice(0, 1), slice(1, 2))
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(-0.2833333, abs=FLOAT32_TOL)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.225, 0.0], [0.0, 0.0916667, 0.0833333]]), atol=FLOAT32_TOL, rtol=0)
+    whole, _ = grpo_loss(logprobs, old_logprobs, None, ADVANTAGES, MASK, options, normaliser=step_normaliser(MASK, "micro_batch_token"))
+    assert whole.item() == pytest.approx(-0.13, abs=FLOAT32_TOL)
+
+
+# --- --loss_type luspo: GSPO with each completion's loss summed over its tokens ---
+
+
+def test_luspo_scales_each_completion_by_its_length_by_hand():
+    # GSPO's ratios of the worked example (test_gspo_worked_example_unclipped): s_0 = 1.1618950,
+    # s_1 = 0.8193213, none clipped at eps 0.2. LUSPO sums each completion's per-token loss
+    # (|o_i| copies of -A_i s_i) and averages over the 2 completions:
+    #   (2 * (-1.1618950) + 3 * 0.5 * 0.8193213) / 2 = (-2.3237900 + 1.2289820) / 2 = -0.5474040
+    # (GSPO: -0.3761172). d loss / d logp_it = -A_i s_i |o_i| (1 / |o_i|) / 2 = -A_i s_i / 2, the
+    # same for every token whatever the completion's length:
+    #   completion 0: -1.1618950 / 2 = -0.5809475;  completion 1: 0.5 * 0.8193213 / 2 = 0.2048303
+    logprobs, old_logprobs = worked_example_logprobs()
+    args = GRPOArguments(loss_type="luspo", beta=0.0)
+    loss, _ = grpo_loss(
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, args.loss_options,
+        normaliser=step_normaliser(MASK, args.loss_aggregation),
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(-0.5474040, abs=FLOAT32_TOL)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected = torch.tensor([[-0.5809475, -0.5809475, 0.0], [0.2048303, 0.2048303, 0.2048303]])
+    torch.testing.assert_close(grad, expected, atol=FLOAT32_TOL, rtol=0)
+
+
+# --- --loss_type sapo: a soft gate instead of the clip ---
+
+
+def test_sapo_worked_example():
+    # gate(r) = (4 / tau) sigmoid(tau (r - 1)); tau = 1.0 for A > 0, 1.05 for A <= 0 (TRL's defaults).
+    # completion 0 (A = 1):    r 1.5: 4 sigmoid(0.5) = 4 * 0.6224593 = 2.4898373
+    #                          r 0.9: 4 sigmoid(-0.1) = 4 * 0.4750208 = 1.9000833;  mean 2.1949603
+    # completion 1 (A = -0.5): r 0.5: 3.8095238 sigmoid(-0.525) = 3.8095238 * 0.3716838 = 1.4159383
+    #                          r 1.1: 3.8095238 sigmoid(0.105) = 3.8095238 * 0.5262259 = 2.0046701
+    #                          r 1.0: 3.8095238 / 2 = 1.9047619;  mean * A = -0.5 * 5.3253703 / 3 = -0.8875617
+    # sequence aggregation: -(2.1949603 - 0.8875617) / 2 = -0.6536993
+    # d loss / d logp_it = -A_i gate'(r) r / (|o_i| * 2), gate'(r) = 4 s (1 - s) at s = sigmoid(tau (r - 1)):
+    #   t = (0, 0): -4 * 0.6224593 * 0.3775407 * 1.5 / 4 = -1.4100223 / 4 = -0.3525056
+    #   the others likewise: [[-0.3525056, -0.2244384], [0.0389225, 0.0914145, 0.0833333]]
+    #   (r = 1: 4 * 1/4 * 1 = 1, PPO's own gradient there: 0.5 / 6 = 0.0833333). Nothing is ever cut.
+    logprobs, old_logprobs = worked_example_logprobs()
+    options = GRPOArguments(loss_type="sapo", beta=0.0).loss_options
+    loss, metrics = grpo_loss(logprobs, old_logprobs, None, ADVANTAGES, MASK, options, normaliser=2.0)
+    assert loss.item() == pytest.approx(-0.6536993, abs=FLOAT32_TOL)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected = torch.tensor([[-0.3525056, -0.2244384, 0.0], [0.0389225, 0.0914145, 0.0833333]])
+    torch.testing.assert_close(grad, expected, atol=FLOAT32_TOL, rtol=0)
+    assert metrics["clip_frac"] == 0.0
+
+
+# --- --loss_type vespo: a Gamma weight of the completion's ratio ---
+
+
+def test_vespo_worked_example():
+    # w_i = prod_t r_it: w_0 = 1.5 * 0.9 = 1.35, w_1 = 0.5 * 1.1 * 1.0 = 0.55.
+    # phi = exp(lambda + k ln w - lambda w), TRL's defaults (k, lambda) = (2, 3) for A >= 0, (3, 2) for A < 0:
+    #   phi_0 = exp(3 + 2 * 0.3001046 - 3 * 1.35) = exp(-0.4497908) = 0.6377615
+    #   phi_1 = exp(2 + 3 * (-0.5978370) - 2 * 0.55) = exp(-0.8935110) = 0.4092165
+    # per-token loss -phi A logp: [[0.6377615, 1.2755231], [-0.1023041, -0.3069124, -0.5115206]]
+    # token aggregation: sum / 5 = 0.9925476 / 5 = 0.1985095
+    # gradient -phi_i A_i / 5 (phi detached): completion 0 -0.1275523, completion 1 0.0409216
+    logprobs, old_logprobs = worked_example_logprobs()
+    options = GRPOArguments(loss_type="vespo", beta=0.0).loss_options
+    loss, _ = grpo_loss(logprobs, old_logprobs, None, ADVANTAGES, MASK, options, normaliser=5.0)
+    assert loss.item() == pytest.approx(0.1985095, abs=FLOAT32_TOL)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected = torch.tensor([[-0.1275523, -0.1275523, 0.0], [0.0409216, 0.0409216, 0.0409216]])
+    torch.testing.assert_close(grad, expected, atol=FLOAT32_TOL, rtol=0)
+
+
+def test_vespo_weight_is_one_on_policy_and_finite_far_off():
+    # One inner epoch: w = 1, phi(1) = e^lambda e^-lambda = 1: VESPO is then REINFORCE, -A logp / 5.
+    logprobs, _ = worked_example_logprobs()
+    options = LossOptions(beta=0.0, aggregation="token", objective="vespo")
+    loss, _ = grpo_loss(logprobs, None, None, ADVANTAGES, MASK, options, normaliser=5.0)
+    # -(1 * (-1 - 2) + (-0.5) * (-0.5 - 1.5 - 2.5)) / 5 = -(-3 + 2.25) / 5 = 0.15
+    assert loss.item() == pytest.approx(0.15, abs=FLOAT32_TOL)
+    # Log-ratios of +-100 per token: w is held in [1e-8, e^20], phi underflows to 0, nothing is NaN.
+    far = logprobs.detach() + torch.tensor([[100.0, 100.0, 0.0], [-100.0, -100.0, -100.0]])  # old log-probs
+    loss, _ = grpo_loss(logprobs, far, None, ADVANTAGES, MASK, options, normaliser=5.0)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

@@ -145,3 +145,42 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
         assert metrics["sampler_over_cap_frac"] == 0.0
         assert corrected.item() == pytest.approx(plain.item(), abs=weight_tol * max(abs(plain.item()), 1.0))
         torch.testing.assert_close(grad, plain_grad, atol=weight_tol * float(plain_grad.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "floor", "weights", "loss", "outside"),
+    [
+        # TIS with C_min 0.75: clamp(ratio, 0.75, 3) = [[2, 0.75], [3, 1, 1]]
+        # loss = (-1.2 * 2 - 0.9 * 0.75 + 0.4 * 3 + 0.55 + 0.5) / 5 = (-3.075 + 2.25) / 5 = -0.165
+        ("token_truncate", 0.75, [[2.0, 0.75, 1.0], [3.0, 1.0, 1.0]], -0.165, 0.4),
+        # MIS with C_min 0.75: 0.5 < 0.75 and 4 > 3 dropped -> [[2, 0], [0, 1, 1]]: (-2.4 + 1.05) / 5 = -0.27
+        ("token_mask", 0.75, [[2.0, 0.0, 1.0], [0.0, 1.0, 1.0]], -0.27, 0.4),
+        # products [1, 4], C_min 1.5: clamp -> [1.5, 3]: (-2.1 * 1.5 + 1.45 * 3) / 5 = 1.2 / 5 = 0.24
+        ("sequence_truncate", 1.5, [[1.5], [3.0]], 0.24, 1.0),
+        # products [1, 4], C_min 1.5: 1 < 1.5 and 4 > 3, both completions dropped: loss 0
+        ("sequence_mask", 1.5, [[0.0], [0.0]], 0.0, 1.0),
+    ],
+)
+def test_lower_bound_by_hand(mode, floor, weights, loss, outside):
+    # TRL's vllm_importance_sampling_clip_min (--sampler_correction_min): truncate raises to C_min,
+    # mask drops below it, as TRL's generation step does (its code is inline there, not callable).
+    logprobs, old_logprobs = worked_example_logprobs()
+    sampler_logprobs = old_logprobs - SAMPLER_RATIOS.log()  # so that exp(old - sampler) = SAMPLER_RATIOS
+    got, _ = importance_weights(old_logprobs, sampler_logprobs, MASK, mode, cap=3.0, floor=floor)
+    weight_tol = 8 * U32 * 4 + 4 * U32  # as in test_weights_and_loss_by_hand
+    torch.testing.assert_close(got, torch.tensor(weights), atol=weight_tol, rtol=0)
+    options = LossOptions(
+        beta=0.0, aggregation="token", sampler_correction=mode, sampler_correction_cap=3.0, sampler_correction_min=floor
+    )
+    corrected, metrics = grpo_loss(
+        logprobs, old_logprobs, None, ADVANTAGES, MASK, options, normaliser=5.0, sampler_logprobs=sampler_logprobs
+    )
+    assert corrected.item() == pytest.approx(loss, abs=1.5 * weight_tol + 5 * U32 * 1.2)
+    # the tokens whose weight was truncated or dropped, above or below (token modes 2 of 5; sequence: all 5)
+    assert metrics["sampler_over_cap_frac"] == pytest.approx(outside)  # approx's rel 1e-6: a fraction of 5 float32 counts
+
+
+def test_lower_bound_errors():
+    zeros = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match=r"floor must be in \[0, cap = 2.0\), got 2.0"):
+        importance_weights(zeros, zeros, torch.ones(1, 1), "token_mask", cap=2.0, floor=2.0)

@@ -267,3 +267,28 @@ def test_preflight_runs_with_every_loss_option(train_run, tmp_path):
         "--top_entropy_quantile", "0.5", "--num_iterations", "2",
     )
     assert [r["step"] for r in read_metrics(out)] == [1, 2]  # two inner epochs of one generation batch
+
+
+# The loss options of issue 24 (TRL's names), each end to end: 2 steps of a second inner epoch
+# (so the ratio has moved off 1 and every bound, gate and mask can act), finite, logged, training.
+TRL_LOSS_OPTIONS = {
+    "delta": ["--delta", "1.5"],
+    "off_policy_mask": ["--off_policy_mask_threshold", "0.0"],
+    "bnpo": ["--loss_type", "bnpo", "--micro_batch_size", "2"],  # two micro-batches per step
+    "sapo": ["--loss_type", "sapo", "--sapo_temperature_pos", "2.0", "--sapo_temperature_neg", "2.5"],
+    "luspo": ["--loss_type", "luspo"],
+    "vespo": ["--loss_type", "vespo", "--vespo_k_pos", "1.5", "--vespo_lambda_neg", "1.5"],
+    "sampler_min": ["--sampler_correction", "token_truncate", "--sampler_correction_min", "0.5"],
+}
+
+
+@pytest.mark.parametrize("flags", TRL_LOSS_OPTIONS.values(), ids=TRL_LOSS_OPTIONS.keys())
+def test_each_trl_loss_option_trains_end_to_end(train_run, tmp_path, flags):
+    out = train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "0", "--num_iterations", "2", *flags)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+    assert records[1]["ratio_mean"] != 1.0  # the second inner epoch trains off-policy
+    if "--off_policy_mask_threshold" in flags:
+        assert all(0.0 <= r["off_policy_masked_frac"] <= 1.0 for r in records)

@@ -265,6 +265,7 @@ class StepSums:
 
     sampler_correction: bool = False  # --sampler_correction != none: log the weights it applied
     entropy_bonus: bool = False  # --entropy_coef (or adaptive): log the entropy the bonus saw
+    off_policy_mask: bool = False  # --off_policy_mask_threshold: log the tokens it dropped
     loss: float = 0.0  # this rank's share of the step's loss (already divided by the normaliser)
     tokens: float = 0.0  # loss-mask tokens
     clip_low: float = 0.0  # the token-weighted sums of the loss's per-micro-batch means
@@ -275,6 +276,7 @@ class StepSums:
     sampler_gap: float = 0.0
     sampler_weight: float = 0.0
     sampler_over_cap: float = 0.0
+    off_policy_masked: float = 0.0  # tokens of the completions the off-policy mask dropped
     selected_tokens: float = 0.0  # --top_entropy_quantile: the tokens the step selected
     sampler_gap_max: float = 0.0  # a max, not a sum
     bonus_entropy: float = 0.0  # --entropy_coef: sum of the entropy over the bonus's tokens
@@ -282,7 +284,7 @@ class StepSums:
     entropy_threshold: float | None = None  # --top_entropy_quantile: the step's threshold (the same on every rank)
 
     SUMMED = ("loss", "tokens", "clip_low", "clip_high", "kl", "ratio", "entropy", "sampler_gap", "sampler_weight",
-              "sampler_over_cap", "selected_tokens", "bonus_entropy", "bonus_tokens")  # fmt: skip
+              "sampler_over_cap", "off_policy_masked", "selected_tokens", "bonus_entropy", "bonus_tokens")  # fmt: skip
 
     def add(self, loss: torch.Tensor, info: Mapping[str, float], entropy: torch.Tensor, mask: torch.Tensor) -> None:
         """One micro-batch: its loss, grpo_loss's info, the policy's entropy [R, T] and loss mask [R, T]."""
@@ -298,6 +300,7 @@ class StepSums:
         self.sampler_gap_max = max(self.sampler_gap_max, info.get("sampler_gap_max", 0.0))
         self.sampler_weight += info.get("sampler_weight_mean", 0.0) * n
         self.sampler_over_cap += info.get("sampler_over_cap_frac", 0.0) * n
+        self.off_policy_masked += info.get("off_policy_masked_frac", 0.0) * n
 
     def add_bonus_tokens(self, entropy: torch.Tensor, bonus_mask: torch.Tensor) -> None:
         """One micro-batch's entropy [R, T] over the entropy bonus's tokens [R, T] (what adaptive control measures)."""
@@ -324,6 +327,8 @@ class StepSums:
         if self.sampler_correction:
             metrics["sampler_weight_mean"] = total["sampler_weight"] / tokens
             metrics["sampler_over_cap_frac"] = total["sampler_over_cap"] / tokens
+        if self.off_policy_mask:
+            metrics["off_policy_masked_frac"] = total["off_policy_masked"] / tokens
         if self.entropy_threshold is not None:  # the step's high-entropy token selection
             metrics["entropy_selected_frac"] = total["selected_tokens"] / tokens
             metrics["entropy_threshold"] = self.entropy_threshold
