@@ -1,4 +1,11 @@
-"""AdamW and the learning-rate schedule (linear warm-up, then constant or cosine decay to 0)."""
+"""AdamW and the learning-rate schedule (linear warm-up, then constant or cosine decay to 0).
+
+A resumed run with a longer --max_steps than the run it continues (the demo's continued SFT) does
+not rebuild the cosine over the new length at the restored step: that would raise the lr at the
+resume point (a cosine stretched to twice the length is back near its peak at the old end). It
+continues from the lr the first run had reached and decays that to 0 over the remaining steps
+(extended_lr_multiplier).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +43,30 @@ def lr_multiplier(step: int, args: TrainArguments) -> float:
         return 1.0
     progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def extended_lr_multiplier(step: int, args: TrainArguments, resume_step: int, first_args: TrainArguments) -> float:
+    """The schedule of a run resumed at `resume_step` with a longer --max_steps than `first_args`'s.
+
+    m0 = lr_multiplier(resume_step, first_args), where the first run left it; then
+    m0 * 0.5 * (1 + cos(pi * (step - resume_step) / (max_steps - resume_step))) for a cosine, m0 for
+    a constant schedule. It never exceeds m0, so the resume never raises the lr.
+    """
+    m0 = lr_multiplier(resume_step, first_args)
+    if step <= resume_step or args.lr_scheduler == "constant":
+        return lr_multiplier(step, first_args) if step < resume_step else m0
+    progress = (step - resume_step) / max(1, args.max_steps - resume_step)
+    return m0 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def extend_schedule(scheduler, optimizer, args: TrainArguments, resume_step: int, first_args: TrainArguments) -> None:
+    """Rebind a restored LambdaLR to extended_lr_multiplier and set the optimizer's lr for the next step."""
+    scheduler.lr_lambdas = [lambda step: extended_lr_multiplier(step, args, resume_step, first_args)] * len(
+        optimizer.param_groups
+    )
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * extended_lr_multiplier(resume_step, args, resume_step, first_args)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArguments) -> torch.optim.lr_scheduler.LambdaLR:
