@@ -89,3 +89,36 @@ def test_demo_refuses_a_foreign_output_dir_before_any_work(tmp_path):
     assert "not an earlier demo's output" in result.stderr
     assert (foreign / "data.txt").read_text() == "keep"
     assert sorted(p.name for p in foreign.iterdir()) == ["data.txt"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_demo_stops_its_running_stage_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, _descendants, subprocess_env
+
+    out = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "grpo.demo", "--quick", "--output_dir", str(out)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "seed-0" / "sft.log").exists():  # the SFT stage (train.py) has started
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo never reached its SFT stage"
+            time.sleep(0.5)
+        stages = _descendants(demo.pid)
+        assert stages  # train.py runs below the demo
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=120) == 128 + signal.SIGTERM
+        alive = [pid for pid in stages if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert alive == []  # before the fix, train.py lived on, orphaned
+    finally:
+        for pid in [*_descendants(demo.pid), demo.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

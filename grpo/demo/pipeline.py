@@ -58,8 +58,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -438,10 +440,18 @@ def run_seed(args, seed: int, out: Path) -> dict:
     return record
 
 
+def _exit_on_sigterm(signum, frame):
+    # Python's default SIGTERM ends the process without unwinding, so run() never saw it and the
+    # running stage (train.py, torchrun) was orphaned; as SystemExit it goes through run()'s cleanup.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
     prepare_output_dir(out)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from grpo.demo.report import write_report
 
     records = []
