@@ -10,6 +10,7 @@ continues from the lr the first run had reached and decays that to 0 over the re
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -67,6 +68,28 @@ def extend_schedule(scheduler, optimizer, args: TrainArguments, resume_step: int
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * extended_lr_multiplier(resume_step, args, resume_step, first_args)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def extend_schedule_on_resume(scheduler, optimizer, args: TrainArguments, state: dict, is_main: bool) -> dict | None:
+    """After a checkpoint's scheduler state is loaded: when this run's --max_steps differs from the
+    one the checkpoint's run had, continue the lr from where that run left it (extend_schedule).
+    Returns the schedule's origin (resume step and the first run's schedule), which later
+    checkpoints carry so that a second resume of the extended run keeps the same schedule; None
+    when nothing changed."""
+    origin = state["extra"].get("lr_schedule_origin")
+    if origin is None:
+        recorded = state["run_config"].get("train", {})
+        if recorded.get("max_steps", args.max_steps) == args.max_steps:
+            return None
+        origin = {"resume_step": state["step"],
+                  **{k: recorded.get(k, getattr(args, k)) for k in ("max_steps", "warmup_steps", "lr_scheduler")}}
+    first = replace(args, **{k: origin[k] for k in ("max_steps", "warmup_steps", "lr_scheduler")})
+    extend_schedule(scheduler, optimizer, args, origin["resume_step"], first)
+    if is_main:
+        print(f"[resume] --max_steps {first.max_steps} -> {args.max_steps}: the lr continues from "
+              f"{optimizer.param_groups[0]['lr']:.3g} (where step {origin['resume_step']} left it) "
+              "and decays over the remaining steps, never above it", flush=True)
+    return origin
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArguments) -> torch.optim.lr_scheduler.LambdaLR:

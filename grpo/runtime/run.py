@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ from grpo.runtime.distributed import (
     sync_gradients,
 )
 from grpo.runtime.metrics import MetricsLogger, SampleLogger
-from grpo.runtime.optimizer import build_optimizer, build_scheduler, extend_schedule
+from grpo.runtime.optimizer import build_optimizer, build_scheduler, extend_schedule_on_resume
 from grpo.runtime.policy import (
     Policy,
     adapter_state,
@@ -84,7 +84,7 @@ class TrainingRun:
     sample_logger: SampleLogger | None = None
     reporter: Reporter | None = None
     progress: tqdm | None = None
-    schedule_origin: dict | None = None  # set by resume() when --max_steps changed (_extend_schedule_if_longer)
+    schedule_origin: dict | None = None  # set by resume() when --max_steps changed (extend_schedule_on_resume)
 
     @property
     def is_main(self) -> bool:
@@ -105,31 +105,11 @@ class TrainingRun:
         )
         stream.load_state_dict(state["data_state"])
         restore_adapters(self.policy, state["extra"].get("lora_adapters", {}))
-        self._extend_schedule_if_longer(state)
+        # a longer --max_steps continues the lr from where the checkpoint left it (grpo/runtime/optimizer.py)
+        self.schedule_origin = extend_schedule_on_resume(self.scheduler, self.optimizer, self.config.train, state, self.is_main)
         if self.is_main:
             print(f"[resume] {self.resume_from} at step {state['step']}", flush=True)
         return state
-
-    def _extend_schedule_if_longer(self, state: dict) -> None:
-        """A resume with another --max_steps than the checkpoint's run continues from the lr that run
-        had reached instead of rebuilding the schedule over the new length (grpo/runtime/optimizer.py).
-        The origin (resume step and the first run's schedule) travels in later checkpoints, so a
-        second resume of the extended run keeps the same schedule."""
-        targs = self.config.train
-        origin = state["extra"].get("lr_schedule_origin")
-        if origin is None:
-            recorded = state["run_config"].get("train", {})
-            if recorded.get("max_steps", targs.max_steps) == targs.max_steps:
-                return
-            origin = {"resume_step": state["step"],
-                      **{k: recorded.get(k, getattr(targs, k)) for k in ("max_steps", "warmup_steps", "lr_scheduler")}}
-        first = replace(targs, **{k: origin[k] for k in ("max_steps", "warmup_steps", "lr_scheduler")})
-        extend_schedule(self.scheduler, self.optimizer, targs, origin["resume_step"], first)
-        self.schedule_origin = origin
-        if self.is_main:
-            print(f"[resume] --max_steps {first.max_steps} -> {targs.max_steps}: the lr continues from "
-                  f"{self.optimizer.param_groups[0]['lr']:.3g} (where step {origin['resume_step']} left it) "
-                  "and decays over the remaining steps, never above it", flush=True)
 
     def save(self, step: int, stream: IndexStream, extra: dict | None = None) -> None:
         """A checkpoint of everything resume() restores. Every rank must call it: each contributes
