@@ -23,7 +23,7 @@ def test_quick_demo_runs_every_stage_for_two_seeds(tmp_path):
     for seed in (0, 1):
         run = out / f"seed-{seed}"
         # eval.py ran for every model on both test sets, and pass@k for SFT and GRPO
-        for model in ("base", "sft", "grpo", "sft-continued"):
+        for model in ("base", "sft", "grpo", "sft-continued", "rft", "filtered", "answer-only"):
             for dataset in ("synthetic", "synthetic-shifted"):
                 summary = json.loads((run / "eval" / f"{model}-{dataset}" / "summary.json").read_text())
                 assert summary["num_examples"] == 16 and summary["eval_part"] == "test"
@@ -51,8 +51,27 @@ def test_quick_demo_runs_every_stage_for_two_seeds(tmp_path):
         grpo_summary = json.loads((run / "eval" / "grpo-synthetic" / "summary.json").read_text())
         assert f"checkpoint-{record['grpo_step']:08d}" in grpo_summary["model"]
 
+        # RFT sampled G = 4 completions of exactly the 2 steps x 2 ranks x 2 prompts GRPO consumed.
+        rft_samples = json.loads((run / "eval" / "rft-samples" / "summary.json").read_text())
+        assert rft_samples["num_examples"] == 8 and rft_samples["num_samples"] == 4
+        assert record["rft"]["samples"] == 32
+        rft_summary = json.loads((run / "eval" / "rft-synthetic" / "summary.json").read_text())
+        if record["rft"]["kept"]:  # trained on what it kept, from the SFT model, for continued SFT's steps
+            assert read_metrics(run / "rft")[-1]["step"] == record["extra_sft_steps"]
+            assert f"checkpoint-{record['extra_sft_steps']:08d}" in rft_summary["model"]
+        else:  # the quick SFT model rarely writes a right answer: nothing kept, RFT is the SFT model
+            assert f"checkpoint-{record['plateau_step']:08d}" in rft_summary["model"]
+        # Answer-only SFT: from the SFT model, on the 8 prompts, for continued SFT's steps.
+        assert read_metrics(run / "answer-only")[-1]["step"] == record["extra_sft_steps"]
+        # Filtered demonstrations: only the right ones, the SFT schedule, checkpoints judged on validation.
+        assert 0 < record["filtered"]["kept"] < record["filtered"]["demonstrations"] == 64
+        assert [p["step"] for p in record["filtered"]["curve"]] == [2, 4]
+        filtered_summary = json.loads((run / "eval" / "filtered-synthetic" / "summary.json").read_text())
+        assert f"filtered/checkpoint-{record['filtered']['step']:08d}" in filtered_summary["model"]
+
     report = (out / "report.md").read_text()
     for text in ("untrained tiny Qwen2.5-VL", "SFT -> GRPO", "SFT continued for GRPO's training time",
+                 "SFT -> RFT", "SFT on the correct demonstrations only", "answer-only SFT", "95% t interval",
                  "## Over the seeds", "| seed 0 | seed 1 |", "Machine:", "commit"):
         assert text in report
     assert (out / "demo_curves.png").stat().st_size > 10_000
@@ -70,3 +89,36 @@ def test_demo_refuses_a_foreign_output_dir_before_any_work(tmp_path):
     assert "not an earlier demo's output" in result.stderr
     assert (foreign / "data.txt").read_text() == "keep"
     assert sorted(p.name for p in foreign.iterdir()) == ["data.txt"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_demo_stops_its_running_stage_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, _descendants, subprocess_env
+
+    out = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "grpo.demo", "--quick", "--output_dir", str(out)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "seed-0" / "sft.log").exists():  # the SFT stage (train.py) has started
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo never reached its SFT stage"
+            time.sleep(0.5)
+        stages = _descendants(demo.pid)
+        assert stages  # train.py runs below the demo
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=120) == 128 + signal.SIGTERM
+        alive = [pid for pid in stages if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert alive == []  # before the fix, train.py lived on, orphaned
+    finally:
+        for pid in [*_descendants(demo.pid), demo.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -564,11 +564,17 @@ def test_resume_refuses_a_flag_that_changes_the_steps_and_names_what_may_change(
     # What may change does: more steps, another save interval, another logging interval.
     train_run(out, "--max_steps", "2", "--resume", "--save_steps", "5", "--logging_steps", "1")
     assert _steps(out) == [1, 2]
-    # A cosine schedule's length is --max_steps: changing it on resume would bend the schedule.
-    cosine = train_run(tmp_path / "cosine", "--max_steps", "1", "--lr_scheduler", "cosine")
-    with pytest.raises(SystemExit):
-        train_run(cosine, "--max_steps", "3", "--resume", "--lr_scheduler", "cosine")
-    assert "--max_steps 3 (the run has 1)" in capsys.readouterr().err
+    # A cosine schedule's length is --max_steps: a longer resumed run continues the lr from where
+    # the checkpoint's run left it and decays it over the added steps, never above it
+    # (grpo/runtime/optimizer.py, extend_schedule_on_resume).
+    # Resumed from step 2 of 4 (lr still > 0 there), extended to 6 steps.
+    cosine = train_run(tmp_path / "cosine", "--max_steps", "4", "--save_steps", "2", "--lr_scheduler", "cosine")
+    shutil.rmtree(cosine / "checkpoint-00000004")
+    train_run(cosine, "--max_steps", "6", "--resume", "--lr_scheduler", "cosine")
+    lrs = [record["lr"] for record in read_metrics(cosine)]
+    assert _steps(cosine) == [1, 2, 3, 4, 5, 6]
+    assert lrs[1] > 0 and all(later <= earlier for earlier, later in zip(lrs[1:-1], lrs[2:], strict=True)), lrs  # never up
+    assert lrs[2] > 0  # it still trains after the resume (the schedule was stretched, not ended)
 
 
 @pytest.mark.parametrize("damaged", ["model/model.safetensors", "trainer_state.pt"])

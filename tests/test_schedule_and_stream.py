@@ -56,3 +56,44 @@ def test_wilson_interval_by_hand():
     assert low == pytest.approx(0.5 - 0.0961703, abs=1e-6)
     assert high == pytest.approx(0.5 + 0.0961703, abs=1e-6)
     assert math.isclose(sum(wilson_interval(0, 10)), wilson_interval(0, 10)[1])  # low is 0
+
+
+def test_a_longer_resumed_schedule_continues_from_where_the_first_left_the_lr():
+    from grpo.runtime.optimizer import extended_lr_multiplier
+
+    first = TrainArguments(max_steps=10, warmup_steps=2, lr_scheduler="cosine")
+    longer = TrainArguments(max_steps=14, warmup_steps=2, lr_scheduler="cosine")
+    # The first run at step 6: progress (6 - 2) / 8 = 0.5, multiplier 0.5 * (1 + cos(pi/2)) = 0.5.
+    # Rebuilt over 14 steps it would be 0.5 * (1 + cos(pi * 4/12)) = 0.75 there: a rise at the resume.
+    assert lr_multiplier(6, longer) == pytest.approx(0.75)  # float64 schedule arithmetic: a few ulps; approx's rel 1e-6 is far above
+    # Extended: 0.5 at the resume step, then 0.5 * cosine over the remaining 8 steps; at step 10,
+    # half way, 0.5 * 0.5 * (1 + cos(pi/2)) = 0.25; at step 14, 0.
+    assert extended_lr_multiplier(6, longer, 6, first) == pytest.approx(0.5)  # float64 schedule arithmetic: a few ulps
+    assert extended_lr_multiplier(10, longer, 6, first) == pytest.approx(0.25)  # float64 schedule arithmetic: a few ulps
+    assert extended_lr_multiplier(14, longer, 6, first) == pytest.approx(0.0, abs=1e-12)
+    assert extended_lr_multiplier(3, longer, 6, first) == lr_multiplier(3, first)  # before the resume: unchanged
+    assert max(extended_lr_multiplier(s, longer, 6, first) for s in range(6, 15)) == extended_lr_multiplier(6, longer, 6, first)
+
+
+def test_resuming_sft_with_more_steps_never_raises_the_lr(train_run, tmp_path):
+    import shutil
+
+    from conftest import read_metrics
+
+    out = tmp_path / "sft"
+    flags = ["--learning_rate", "1e-3", "--warmup_steps", "2", "--lr_scheduler", "cosine", "--save_total_limit", "10"]
+    train_run(out, "--max_steps", "10", "--save_steps", "6", *flags, stage="sft")
+    shutil.rmtree(out / "checkpoint-00000010")  # resume from step 6, as the demo's continued SFT does
+    train_run(out, "--max_steps", "14", "--save_steps", "12", "--resume", *flags, stage="sft")
+    lr = {m["step"]: m["lr"] for m in read_metrics(out)}  # the lr after step s: the one step s + 1 uses
+    # lr after step 6 of the first run: 1e-3 * 0.5 (the hand-worked multiplier above)
+    assert lr[6] == pytest.approx(5e-4)  # float64 schedule arithmetic: a few ulps; approx's rel 1e-6 is far above
+    assert max(lr[s] for s in range(7, 15)) < lr[6]
+    assert lr[10] == pytest.approx(2.5e-4)  # 1e-3 * 0.25; float64 schedule arithmetic
+    assert lr[14] == pytest.approx(0.0, abs=1e-12)
+    # A second resume of the extended run keeps its schedule (the origin travels in the checkpoint).
+    before = dict(lr)
+    shutil.rmtree(out / "checkpoint-00000014")
+    train_run(out, "--max_steps", "14", "--save_steps", "12", "--resume", *flags, stage="sft")
+    lr = {m["step"]: m["lr"] for m in read_metrics(out)}
+    assert lr[13] == pytest.approx(before[13])  # float64 schedule arithmetic: a few ulps

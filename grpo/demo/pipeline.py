@@ -14,10 +14,24 @@ about what the labels teach, not about perception).
   holds one its trace and its answer undercount (about half the demonstrations are wrong).
 - GRPO gets 8,000 prompts that carry only their verified answers (no traces), and a reward for the
   format and for the correct count.
-- The fair baseline is the same SFT run continued on the same demonstrations for as long as GRPO
+- The first baseline is the same SFT run continued on the same demonstrations for as long as GRPO
   trained. SFT is first trained to its plateau (greedy accuracy on held-out scenes no longer
-  improving), so "SFT had not converged yet" cannot explain the difference. GRPO and continued
-  SFT are judged at their last step, where both learning-rate schedules end.
+  improving), so "SFT had not converged yet" cannot explain the difference. Resumed with a longer
+  --max_steps, its lr continues from where the SFT run left it and decays to 0 (never a rise).
+- The baselines that use the same checkable answers as GRPO (so "correct labels beat wrong labels"
+  cannot be the whole story):
+  * RFT (rejection-sampling fine-tuning, expert iteration): from the SFT model, G samples at
+    GRPO's temperature of exactly the prompts GRPO consumed (the same number of sampled
+    completions), the ones the reward verifies (right count, right format) kept, then SFT on them.
+    One round: GRPO's whole sampling budget drawn from the SFT model, the round the outside check
+    of issue 26 measured; several rounds would be more on-policy (docs/demo.md).
+  * Filtered demonstrations: the SFT stage from the untrained model on only the demonstrations
+    whose answer is the true count, its checkpoint chosen by the SFT arm's plateau rule.
+  * Answer-only SFT: from the SFT model, on the prompts GRPO consumed with their verified answers
+    as the whole target (`<answer>N</answer>`).
+  Every SFT arm uses the SFT stage's recipe (lr --sft_lr, warm-up then --sft_schedule, batch 32);
+  the arms from the SFT model get GRPO's training time in SFT steps, as continued SFT does. Every
+  arm but the two plateau-chosen SFT models is judged at its last step, like GRPO.
 
 The stages drive the real command lines, so what it shows is what a user gets:
 
@@ -25,11 +39,17 @@ The stages drive the real command lines, so what it shows is what a user gets:
     2. train.py     --stage sft with early stopping on validation accuracy (its plateau)
     3. torchrun train.py --stage grpo from the plateau checkpoint
     4. train.py     --stage sft --resume: the continued-SFT baseline, for GRPO's training time
-    5. eval.py      greedy accuracy of every model on the test scenes, pass@1 and pass@8 of SFT
+    5. eval.py      --num_samples G on GRPO's prompts (saved with save_to_disk), then train.py
+                    --stage sft on the verified samples: RFT
+    6. train.py     --stage sft on the correct demonstrations (filtered), and on GRPO's prompts
+                    with their answers only (answer-only)
+    7. eval.py      greedy accuracy of every model on the test scenes, pass@1 and pass@8 of SFT
                     and GRPO, and accuracy of GRPO's checkpoints on the validation scenes over time
-    6. report.md, a plot and demo.json in --output_dir (one folder per seed under it)
+    8. report.md, a plot and demo.json in --output_dir (one folder per seed under it), rewritten
+       after every seed
 
-Nothing in the report is typed in: every number is read from what the runs wrote.
+Nothing in the report is typed in: every number is read from what the runs wrote. No arm reads a
+validation or test scene to train; validation scenes choose the two SFT plateau checkpoints only.
 """
 
 from __future__ import annotations
@@ -38,15 +58,24 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
 import eval as eval_cli
-from grpo.config import ConfigError
+from data.index_stream import IndexStream
+from data.loading import load_eval_dataset
+from data.sources import extract_tag
+from grpo.config import ConfigError, DataArguments
 from grpo.demo.report import write_report
+from grpo.reward_functions import extract_answer, format_reward
 from grpo.runtime.start_checks import check_writable
+from grpo.validation import EarlyStopping
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py, eval.py
 MARKER = ".grpo-demo"  # written into every output_dir this demo creates; nothing else is ever deleted
@@ -168,6 +197,45 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"checkpoint-{step:08d}"
 
 
+def consumed_prompt_indices(num_examples: int, seed: int, world_size: int, per_device_prompts: int,
+                            steps: int) -> list[int]:
+    """The rows of GRPO's prompt set its ranks read, in order: every rank's IndexStream, built as
+    grpo/grpo_loop.py builds it, takes per_device_prompts a step."""
+    streams = [IndexStream(num_examples, seed=seed, rank=rank, world_size=world_size) for rank in range(world_size)]
+    return [index for _ in range(steps) for stream in streams for index in stream.take(per_device_prompts)]
+
+
+def load_training_part(args, *, seed: int, num_examples: int, demonstrator_misses: str | None = None):
+    """The training part train.py reads with these flags (data/loading.py), as a datasets.Dataset."""
+    flags = [*data_flags(args), "--num_examples", str(num_examples),
+             *(["--demonstrator_misses", demonstrator_misses] if demonstrator_misses else [])]
+    (data_args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(args=flags)
+    dataset, _ = load_eval_dataset(data_args, part="train", seed=seed)
+    return dataset
+
+
+def verified_rows(samples: list[dict]) -> tuple[list[int], list[str], list[str]]:
+    """RFT's filter over eval.py's samples.jsonl records (one per prompt, in the dataset's order):
+    every sample whose count is right (eval.py's `correct`) and whose format GRPO's format reward
+    accepts. Returns (prompt row, trace, answer) per kept sample, the trace and answer read back
+    from the sample's own <think> and <answer> tags."""
+    rows, traces, answers = [], [], []
+    for row, record in enumerate(samples):
+        formatted = format_reward(record["outputs"], [record["gold"]] * len(record["outputs"]))
+        for output, correct, well_formed in zip(record["outputs"], record["correct"], formatted, strict=True):
+            if correct and well_formed > 0:
+                rows.append(row)
+                traces.append(extract_tag(output, "think"))
+                answers.append(extract_answer(output))
+    return rows, traces, answers
+
+
+def correct_demonstrations(demonstrations) -> list[int]:
+    """Rows whose demonstrated answer is the scene's true count (the synthetic `count` column)."""
+    return [i for i, (answer, count) in enumerate(zip(demonstrations["answer"], demonstrations["count"], strict=True))
+            if answer.strip() == str(count)]
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -184,7 +252,8 @@ def best_step(points: list[dict], key: str) -> int:
 def run_seed(args, seed: int, out: Path) -> dict:
     """The whole demo for one seed, in out/; returns everything the report needs."""
     out.mkdir(parents=True)
-    seconds = dict.fromkeys(("sft to plateau", "grpo", "sft continued", "evaluation"), 0.0)
+    seconds = dict.fromkeys(("sft to plateau", "grpo", "sft continued", "rft sampling", "rft sft", "filtered sft",
+                             "answer-only sft", "evaluation"), 0.0)
     results: dict[str, dict] = {}
     started = time.perf_counter()
     common = ["--seed", str(seed), "--progress_bar", "false"]
@@ -294,23 +363,104 @@ def run_seed(args, seed: int, out: Path) -> dict:
     continued_metrics = read_metrics(continued_dir / "metrics.jsonl")
     continued_step = continued_metrics[-1]["step"]
     test_eval(str(checkpoint_dir(continued_dir, continued_step)), "sft-continued")
+
+    # --- 5. the baselines that use the checkable answers too: RFT, filtered demonstrations, answer-only ---
+    def sft_on(dataset_dir: Path, run_dir: Path, name: str, steps: int, *, init_from: str | None = None,
+               save_every: int = 0) -> float:
+        """The SFT stage's recipe (lr, warm-up, schedule, batch) on a saved dataset, no in-loop
+        validation (--val_fraction 0: the saved rows are all training rows)."""
+        return run([
+            sys.executable, "train.py", "--stage", "sft", "--output_dir", str(run_dir), "--max_steps", str(steps),
+            "--learning_rate", str(args.sft_lr), "--warmup_steps", str(min(30, steps // 10)),
+            "--lr_scheduler", args.sft_schedule, "--per_device_batch_size", "32", "--val_fraction", "0",
+            "--save_steps", str(save_every), "--save_total_limit", "1000",
+            *(["--init_from", init_from] if init_from else []), *common, *data_flags(args, str(dataset_dir)),
+        ], name, out)
+
+    data_dir = out / "data"
+    # GRPO's prompts, exactly those its ranks read, with their verified answers (no traces).
+    prompts = load_training_part(args, seed=seed, num_examples=args.grpo_examples)
+    consumed = consumed_prompt_indices(len(prompts), seed, args.nproc, args.grpo_prompts, grpo_step)
+    prompts = prompts.select(consumed).remove_columns("thinking")
+    prompts.save_to_disk(str(data_dir / "grpo-prompts"))
+
+    # RFT: G samples of each at GRPO's temperature from the SFT model (eval.py's sampler), the
+    # verified ones kept, SFT on them for GRPO's training time in SFT steps.
+    t = time.perf_counter()
+    rft_samples = evaluate(sft_model, out / "eval" / "rft-samples", seed=seed, dataset=str(data_dir / "grpo-prompts"),
+                           part="all", num_examples=len(prompts), args=args, num_samples=args.num_generations)
+    seconds["rft sampling"] = time.perf_counter() - t
+    samples = read_metrics(out / "eval" / "rft-samples" / "samples.jsonl")
+    rows, traces, answers = verified_rows(samples)
+    rft = {"prompts": len(prompts), "samples": len(prompts) * args.num_generations, "kept": len(rows),
+           "prompts_with_a_kept_sample": len(set(rows)), "sampling_accuracy": rft_samples["accuracy"]}
+    print(f"\n[demo] RFT: {len(rows)} of {rft['samples']} samples verified, from {len(set(rows))} of "
+          f"{len(prompts)} prompts", flush=True)
+    if rows:
+        kept = prompts.select(rows).remove_columns("answer").add_column("thinking", traces).add_column("answer", answers)
+        kept.save_to_disk(str(data_dir / "rft"))
+        seconds["rft sft"] = sft_on(data_dir / "rft", out / "rft", "rft", extra_steps, init_from=sft_model)
+        rft_model = str(checkpoint_dir(out / "rft", extra_steps))
+    else:  # nothing verified (the untrained model of --quick): RFT has nothing to learn from
+        rft_model = sft_model
+    test_eval(rft_model, "rft")
+
+    # Answer-only SFT: the same prompts, the verified answer as the whole target, from the SFT model.
+    seconds["answer-only sft"] = sft_on(data_dir / "grpo-prompts", out / "answer-only", "answer-only", extra_steps,
+                                        init_from=sft_model)
+    test_eval(str(checkpoint_dir(out / "answer-only", extra_steps)), "answer-only")
+
+    # Filtered demonstrations: SFT from the untrained model on the demonstrations whose answer is
+    # the true count, over the SFT stage's schedule, a checkpoint every --sft_eval_steps; its model
+    # is chosen by the SFT arm's own plateau rule on the same validation scenes.
+    demonstrations = load_training_part(args, seed=seed, num_examples=args.sft_examples,
+                                        demonstrator_misses=args.demonstrator_misses or None)
+    correct = correct_demonstrations(demonstrations)
+    demonstrations.select(correct).save_to_disk(str(data_dir / "filtered-demonstrations"))
+    filtered_dir = out / "filtered"
+    seconds["filtered sft"] = sft_on(data_dir / "filtered-demonstrations", filtered_dir, "filtered",
+                                     args.sft_max_steps, save_every=args.sft_eval_steps)
+    t = time.perf_counter()
+    stopping, filtered_curve = EarlyStopping(args.sft_patience, args.sft_min_delta), []
+    for step in range(args.sft_eval_steps, args.sft_max_steps + 1, args.sft_eval_steps):
+        summary = evaluate(str(checkpoint_dir(filtered_dir, step)), out / "eval" / f"filtered-val-{step}", seed=seed,
+                           dataset="synthetic", part="validation", num_examples=args.val_examples, args=args)
+        filtered_curve.append({"step": step, "accuracy": summary["accuracy"]})
+        if stopping.update(step, summary["accuracy"]):
+            break  # where the SFT arm's early stopping would have ended this run
+    seconds["evaluation"] += time.perf_counter() - t
+    stop_step, filtered_step = filtered_curve[-1]["step"], best_step(filtered_curve, "accuracy")
+    test_eval(str(checkpoint_dir(filtered_dir, filtered_step)), "filtered")
+
     seconds["total"] = time.perf_counter() - started
     record = {
         "seed": seed, "results": results, "seconds": seconds, "plateau_step": plateau_step,
         "extra_sft_steps": extra_steps, "grpo_curve": curve, "sft_metrics": sft_metrics, "grpo_step": grpo_step,
         "continued_step": continued_step, "continued_metrics": continued_metrics, "grpo_metrics": grpo_metrics,
+        "rft": rft, "filtered": {"demonstrations": len(demonstrations), "kept": len(correct), "curve": filtered_curve,
+                                 "stopped_at": stop_step, "step": filtered_step},
     }
     (out / "demo.json").write_text(json.dumps(record))
     return record
+
+
+def _exit_on_sigterm(signum, frame):
+    # Python's default SIGTERM ends the process without unwinding, so run() never saw it and the
+    # running stage (train.py, torchrun) was orphaned; as SystemExit it goes through run()'s cleanup.
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
     prepare_output_dir(out)
-    records = [run_seed(args, seed, out / f"seed-{seed}") for seed in args.seed_list]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    report = write_report(out, args, records, argv if argv is not None else sys.argv[1:])
+    records = []
+    for seed in args.seed_list:  # the report is rewritten after every seed: a stopped run keeps what it did
+        records.append(run_seed(args, seed, out / f"seed-{seed}"))
+        report = write_report(out, args, records, argv if argv is not None else sys.argv[1:])
     print("\n" + report, flush=True)
     return {"records": records}
 

@@ -2,9 +2,16 @@
 
 Per seed: greedy accuracy on the test scenes (in distribution and shifted) with 95% Wilson
 intervals, pass@1 and pass@k of SFT and GRPO, and the wall time of every stage. Over the seeds: the
-mean and the spread (min..max) of each model's accuracy and of the two gains that matter (GRPO
-minus SFT, GRPO minus continued SFT), and the pooled accuracy (every seed's test scenes together)
-with its Wilson interval.
+mean and the spread (min..max) of each model's accuracy, the pooled accuracy (every seed's test
+scenes together) with its Wilson interval, and GRPO's gain over every other arm per seed with its
+mean and a 95% Student t interval over the seeds.
+
+The pooled Wilson interval counts every test scene as an independent draw, so it is narrow; but
+what varies most is the seed (which SFT checkpoint the plateau rule lands on), and it ignores that.
+The t interval treats the seeds as the independent draws: mean gain d = sum(d_s) / n, its standard
+error s / sqrt(n) with s the sample standard deviation of the n per-seed gains (n - 1 in the
+denominator), and d +- t_{0.975, n-1} s / sqrt(n). With 3 seeds, t_{0.975, 2} = 4.303: an interval
+that excludes 0 needs a gain consistent across seeds.
 """
 
 from __future__ import annotations
@@ -25,8 +32,36 @@ MODELS = (
     ("base", "untrained tiny Qwen2.5-VL"),
     ("sft", "SFT (to its plateau)"),
     ("sft-continued", "SFT continued for GRPO's training time"),
+    ("rft", "SFT -> RFT (verified samples of GRPO's prompts)"),
+    ("filtered", "SFT on the correct demonstrations only"),
+    ("answer-only", "SFT -> answer-only SFT on GRPO's prompts"),
     ("grpo", "SFT -> GRPO"),
 )
+BASELINES = ("sft", "sft-continued", "rft", "filtered", "answer-only")  # what GRPO's gain is measured over
+
+# Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30, as printed in any table (e.g.
+# the NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2); tests/test_demo_stats.py checks
+# each against a numerical integral of the t density. Above 30 degrees of freedom the 30-dof value
+# is used: a little wider than the exact one (which falls toward 1.960), never narrower.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom (2 seeds), got {df}")
+    return T_975[min(df, len(T_975)) - 1]
+
+
+def t_interval(values: list[float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the 95% Student t interval of the mean over independent values (the
+    seeds); (mean, None, None) for a single value, which has no spread to estimate."""
+    n = len(values)
+    mean = statistics.mean(values)
+    if n < 2:
+        return mean, None, None
+    half = t_quantile_975(n - 1) * statistics.stdev(values) / n**0.5  # stdev: n - 1 in the denominator
+    return mean, mean - half, mean + half
 DATASETS = (("synthetic", "in-distribution"), ("synthetic-shifted", "shifted (OOD)"))
 
 
@@ -113,25 +148,35 @@ def summary_table(records: list[dict]) -> str:
 
 
 def gains(records: list[dict]) -> dict:
-    """GRPO's gain over SFT and over continued SFT, in points, per seed and per set."""
+    """GRPO's gain over every baseline, in points, per seed and per set."""
     out = {}
     for dataset, _ in DATASETS:
-        for baseline in ("sft", "sft-continued"):
+        for baseline in BASELINES:
             out[(dataset, baseline)] = [100 * (_accuracy(r, "grpo", dataset) - _accuracy(r, baseline, dataset))
                                         for r in records]
     return out
 
 
+def _pooled(records: list[dict], model: str, dataset: str) -> float:
+    correct = sum(r["results"][model][dataset]["accuracy"] * r["results"][model][dataset]["num_examples"] for r in records)
+    return correct / sum(r["results"][model][dataset]["num_examples"] for r in records)
+
+
 def gains_table(records: list[dict]) -> str:
     table = gains(records)
     seeds = [r["seed"] for r in records]
-    lines = ["| gain of GRPO (points) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min |",
-             "|---|" + "---|" * (len(seeds) + 2)]
+    names = dict(MODELS)
+    lines = ["| gain of GRPO (points) | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean [95% t interval over seeds] | min | pooled gain |",
+             "|---|" + "---|" * (len(seeds) + 3)]
     for dataset, label in DATASETS:
-        for baseline, name in (("sft", "SFT"), ("sft-continued", "continued SFT")):
+        for baseline in BASELINES:
             values = table[(dataset, baseline)]
-            lines.append(f"| over {name}, {label} | " + " | ".join(f"{v:+.1f}" for v in values)
-                         + f" | {statistics.mean(values):+.1f} | {min(values):+.1f} |")
+            mean, low, high = t_interval(values)
+            interval = f" [{low:+.1f}, {high:+.1f}]" if low is not None else " (one seed: no interval)"
+            pooled = 100 * (_pooled(records, "grpo", dataset) - _pooled(records, baseline, dataset))
+            lines.append(f"| over {names[baseline]}, {label} | " + " | ".join(f"{v:+.1f}" for v in values)
+                         + f" | {mean:+.1f}{interval} | {min(values):+.1f} | {pooled:+.1f} |")
     return "\n".join(lines)
 
 
@@ -212,11 +257,17 @@ def write_report(out: Path, args, records: list[dict], argv: list[str]) -> str:
                         title=f"GRPO, seed {record['seed']}")
     info = machine()
     table = gains(records)
-    over_sft = min(table[("synthetic", "sft")])
-    over_continued = min(table[("synthetic", "sft-continued")])
-    shifted = statistics.mean(table[("synthetic-shifted", "sft-continued")])
+    names = dict(MODELS)
+    closing = []
+    for dataset, label in DATASETS:
+        parts = []
+        for baseline in BASELINES:
+            mean, low, high = t_interval(table[(dataset, baseline)])
+            interval = f" [{low:+.1f}, {high:+.1f}]" if low is not None else ""
+            parts.append(f"{mean:+.1f}{interval} over {names[baseline]}")
+        closing.append(f"Mean gain of GRPO, {label}: " + "; ".join(parts) + ".")
     lines = [
-        "# Demo: does GRPO beat simply training SFT for longer? (tiny Qwen2.5-VL, synthetic counting, CPU)",
+        "# Demo: GRPO against SFT, continued SFT, RFT, filtered demonstrations and answer-only SFT (tiny Qwen2.5-VL, synthetic counting, CPU)",
         "",
         f"Command: `python -m grpo.demo {' '.join(argv)}`".replace("demo ` ", "demo`"),
         f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
@@ -233,8 +284,17 @@ def write_report(out: Path, args, records: list[dict], argv: list[str]) -> str:
         f"x G={args.num_generations} from {args.grpo_examples} answer-only prompts, lr {args.grpo_lr} "
         f"({args.grpo_schedule}), beta {args.beta}. "
         "Continued SFT: the same SFT run resumed from that checkpoint on the same demonstrations for GRPO's "
-        "training time (its cosine schedule stretched to the longer run). GRPO and continued SFT are judged at "
-        "their last step, where both schedules end; their best validation points are in the table below. Test: "
+        "training time in SFT steps (its lr continues from where the SFT run left it and decays to 0 over the "
+        "added steps; it never rises). "
+        f"RFT: from the SFT model, G={args.num_generations} samples at temperature 1 of each prompt GRPO consumed "
+        "(the same number of sampled completions as GRPO), the ones with the right count and format kept, "
+        "then SFT on them from the SFT model (one round) for as many steps as continued SFT. "
+        "Answer-only SFT: from the SFT model, the prompts GRPO consumed with `<answer>N</answer>` as the target, "
+        "as many steps. Filtered demonstrations: the SFT stage from the untrained model on only the demonstrations "
+        "whose answer is the true count, its checkpoint chosen by the SFT arm's plateau rule on the same validation "
+        f"scenes. Every SFT arm uses lr {args.sft_lr} with warm-up then {args.sft_schedule} over its own steps, "
+        "batch 32. All arms but the two plateau-chosen SFT models are judged at their last step, where their "
+        "schedules end; continued SFT's and GRPO's best validation points are in the table below. Test: "
         f"{args.eval_examples} held-out scenes per set, greedy decoding; pass@{args.pass_k} samples at temperature 1.",
         "",
         "## Per seed",
@@ -249,14 +309,24 @@ def write_report(out: Path, args, records: list[dict], argv: list[str]) -> str:
           f"+{r['extra_sft_steps']}: {_end_and_best(_continued_points(r))} | "
           f"{r['grpo_step']}: {_end_and_best(r['grpo_curve'])} |" for r in records],
         "",
+        "| seed | RFT: samples, verified kept (from prompts), sample accuracy "
+        "| filtered: correct demonstrations of all, stopped at, its checkpoint, validation there |",
+        "|---|---|---|",
+        *[f"| {r['seed']} | {r['rft']['samples']}, {r['rft']['kept']} ({r['rft']['prompts_with_a_kept_sample']} of "
+          f"{r['rft']['prompts']}), {_pct(r['rft']['sampling_accuracy'])} | {r['filtered']['kept']} of "
+          f"{r['filtered']['demonstrations']}, step {r['filtered']['stopped_at']}, step {r['filtered']['step']}, "
+          f"{_pct(next(p['accuracy'] for p in r['filtered']['curve'] if p['step'] == r['filtered']['step']))} |"
+          for r in records],
+        "",
         "## Over the seeds",
         "",
         summary_table(records),
         "",
         gains_table(records),
         "",
-        f"Smallest in-distribution gain over any seed: {over_sft:+.1f} points over SFT, {over_continued:+.1f} over "
-        f"continued SFT; mean gain on shifted scenes over continued SFT {shifted:+.1f}.",
+        *closing,
+        "The t interval is over the seeds (n - 1 degrees of freedom); the pooled gain counts every test scene "
+        "as independent and ignores the spread across seeds.",
         "",
         "## Wall time",
         "",

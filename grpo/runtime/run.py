@@ -53,7 +53,7 @@ from grpo.runtime.distributed import (
     sync_gradients,
 )
 from grpo.runtime.metrics import MetricsLogger, SampleLogger
-from grpo.runtime.optimizer import build_optimizer, build_scheduler
+from grpo.runtime.optimizer import build_optimizer, build_scheduler, extend_schedule_on_resume
 from grpo.runtime.policy import (
     Policy,
     adapter_state,
@@ -85,6 +85,7 @@ class TrainingRun:
     sample_logger: SampleLogger | None = None
     reporter: Reporter | None = None
     progress: tqdm | None = None
+    schedule_origin: dict | None = None  # set by resume() when --max_steps changed (extend_schedule_on_resume)
 
     @property
     def is_main(self) -> bool:
@@ -105,6 +106,8 @@ class TrainingRun:
         )
         stream.load_state_dict(state["data_state"])
         restore_adapters(self.policy, state["extra"].get("lora_adapters", {}))
+        # a longer --max_steps continues the lr from where the checkpoint left it (grpo/runtime/optimizer.py)
+        self.schedule_origin = extend_schedule_on_resume(self.scheduler, self.optimizer, self.config.train, state, self.is_main)
         if self.is_main:
             print(f"[resume] {self.resume_from} at step {state['step']}", flush=True)
             max_steps = self.config.train.max_steps
@@ -129,7 +132,8 @@ class TrainingRun:
                 targs.output_dir, step, model=self.policy.model, processor=self.policy.processor,
                 optimizer=optimizer_to_save, scheduler=self.scheduler, data_state=stream.state_dict(),
                 run_config={"stage": self.stage, **self.config.to_dict(), "starting_point": self.policy.starting_point},
-                extra={"lora_adapters": adapter_state(self.policy), **(extra or {})},
+                extra={"lora_adapters": adapter_state(self.policy), **(extra or {}),
+                       **({"lr_schedule_origin": self.schedule_origin} if self.schedule_origin else {})},
                 keep_last=targs.save_total_limit, model_to_save=model_to_save, rng_states=rng_states,
             )
 

@@ -189,8 +189,9 @@ def check_resume_settings(config: Config) -> None:
         for name, value in current[group].items()
         if name not in RESUMABLE[group] and name in saved[group] and saved[group][name] != value
     ]
-    if config.train.lr_scheduler == "cosine" and saved.get("train", {}).get("max_steps", config.train.max_steps) != config.train.max_steps:
-        changed.append(("max_steps", saved["train"]["max_steps"], config.train.max_steps))  # the cosine's length
+    # --max_steps may change under any schedule: a longer run continues the lr from where the
+    # checkpoint's run left it and decays it over the added steps, never above it
+    # (grpo/runtime/optimizer.py, extend_schedule_on_resume); a shorter one stops sooner.
     if changed:
         listed = ", ".join(f"--{name} {new} (the run has {old})" for name, old, new in changed)
         may_change = sorted(
@@ -201,7 +202,6 @@ def check_resume_settings(config: Config) -> None:
             f"the run's values (its {checkpoint / RUN_CONFIG}), or start a new run from the checkpoint "
             f"(--init_from {checkpoint} --output_dir NEW). Flags that may change on resume: "
             + ", ".join(f"--{name}" for name in may_change)
-            + (" (--max_steps not under --lr_scheduler cosine, whose length it sets)" if config.train.lr_scheduler == "cosine" else "")
         )
 
 
