@@ -51,8 +51,10 @@ STAGES = ("sft", "grpo")
 REPORT_TO = ("tensorboard", "wandb")  # the import name is the package name for both
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, aliases: list[str] | None = None, **kwargs):
+    """A dataclass field with its --help text (and other names the flag answers to, e.g. TRL's)."""
+    metadata = {"help": text} | ({"aliases": aliases} if aliases else {})
+    return field(metadata=metadata, **kwargs)
 
 
 class ConfigError(ValueError):
@@ -373,17 +375,20 @@ class GRPOArguments:
         "(pi_sampler: the rollout's recorded logprobs) capped at --sampler_correction_cap: none | "
         "token_truncate (TIS: min(ratio, C) per token) | token_mask (MIS: tokens with ratio > C dropped) "
         "| sequence_truncate | sequence_mask (MIS: completions whose product of ratios > C dropped). "
-        "TRL's vllm_importance_sampling_mode. The gap itself is logged every step either way.",
-        default="none",
+        "TRL's --vllm_importance_sampling_mode (an alias here; TRL turns it on by default for vLLM, "
+        "whose kernels differ from the trainer's: this project's sampler is the policy itself, so none). "
+        "The gap itself is logged every step either way.",
+        default="none", aliases=["--vllm_importance_sampling_mode"],
     )
     sampler_correction_cap: float = _help(
-        "C, the cap of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_max).", default=3.0
+        "C, the cap of --sampler_correction's weight (TRL's --vllm_importance_sampling_clip_max, an alias).",
+        default=3.0, aliases=["--vllm_importance_sampling_clip_max"],
     )
     sampler_correction_min: float | None = _help(
         "C_min, a lower bound of --sampler_correction's weight (TRL's vllm_importance_sampling_clip_min): "
         "the truncate modes raise weights below it to C_min, the mask modes drop them. In [0, "
-        "--sampler_correction_cap). Default: none.",
-        default=None,
+        "--sampler_correction_cap). Default: none. Alias: --vllm_importance_sampling_clip_min.",
+        default=None, aliases=["--vllm_importance_sampling_clip_min"],
     )
     delta: float | None = _help(
         "INTELLECT-2's two-sided clip (arXiv 2505.07291; TRL's delta): bound the unclipped ratio above by "

@@ -155,3 +155,15 @@ def test_tiered_help_parses_as_before():
                            "--no_shared_prompt_forward", "--seed", "3", "--eval_steps", "5"])  # fmt: skip
     assert (config.grpo.num_generations, config.grpo.kl_estimator, config.grpo.micro_batch_size) == (4, "k2", 2)
     assert (config.grpo.shared_prompt_forward, config.train.seed, config.sft.eval_steps) == (False, 3, 5)
+
+
+def test_trls_sampler_correction_names_are_aliases_of_ours():
+    # TRL's vllm_importance_sampling_{mode, clip_max, clip_min} set --sampler_correction,
+    # --sampler_correction_cap and --sampler_correction_min (the same modes, the same bounds).
+    config = parse_config([
+        "--stage", "grpo", "--output_dir", "unused", "--vllm_importance_sampling_mode", "sequence_mask",
+        "--vllm_importance_sampling_clip_max", "2.5", "--vllm_importance_sampling_clip_min", "0.5",
+    ])  # fmt: skip
+    assert (config.grpo.sampler_correction, config.grpo.sampler_correction_cap) == ("sequence_mask", 2.5)
+    assert config.grpo.sampler_correction_min == 0.5
+    assert config.grpo.loss_options.sampler_correction == "sequence_mask"
