@@ -43,7 +43,8 @@ from torch import Tensor
 
 from grpo.advantages import zero_spread_groups
 from grpo.engine.inputs import image_ranges, tokens_per_image
-from grpo.engine.rollout import Rollout, SampledGroups, completion_mask
+from grpo.engine.rollout import Rollout, SampledGroups
+from grpo.masks import completion_mask
 from grpo.runtime.distributed import all_reduce_sum
 
 

@@ -24,7 +24,7 @@ from grpo.engine.inputs import (
     image_inputs_for_rows,
     mrope_position_ids,
 )
-from grpo.engine.rollout import completion_mask
+from grpo.masks import completion_mask
 from models.freeze import enable_gradient_checkpointing
 
 VOCAB = 300

@@ -29,9 +29,9 @@ from grpo.engine.decoders import StaticKVCache, default_decode
 from grpo.engine.forward import completion_logprobs
 from grpo.engine.hf_generate import generate_rollouts_naive, repeat_batch_per_group
 from grpo.engine.inputs import image_inputs_for_rows
-from grpo.engine.rollout import completion_mask as grpo_completion_mask
 from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import sample_next_token
+from grpo.masks import completion_mask as grpo_completion_mask
 
 
 # The sampler is compared with generate(), the training forward and its own static twin: other

@@ -88,7 +88,8 @@ def test_on_cpu_the_sampler_and_the_trainer_agree(float64_hf):
     from data.collators import GRPOCollator
     from data.sources import load_examples
     from grpo.engine.forward import GenerationBatch
-    from grpo.engine.rollout import completion_mask, sample_rollouts
+    from grpo.engine.rollout import sample_rollouts
+    from grpo.masks import completion_mask
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)

@@ -73,7 +73,7 @@ def _build_problem():
     from data.sources import load_examples
     from grpo.advantages import group_advantages
     from grpo.engine.forward import GenerationBatch
-    from grpo.engine.rollout import completion_mask
+    from grpo.masks import completion_mask
     from models.loading import load_policy, special_token_ids
 
     torch.manual_seed(0)

@@ -285,7 +285,7 @@ def _generation_batch(model, batch, images_per_prompt, completion_ids, group_siz
 
     from grpo.engine.forward import GenerationBatch
     from grpo.engine.inputs import encode_images
-    from grpo.engine.rollout import completion_mask
+    from grpo.masks import completion_mask
 
     with torch.no_grad():
         rollout_embeds = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])  # [N, D]
@@ -382,7 +382,7 @@ def test_each_completion_is_scored_with_its_own_prompts_image_grid(model64):
     from test_forward import EOS, PAD, PATH_TERMS
     from tolerances import network_error
 
-    from grpo.engine.rollout import completion_mask
+    from grpo.masks import completion_mask
 
     G = 2
     batch = _vision_batch(TRANSPOSED_GRIDS, seed=21)

@@ -25,7 +25,7 @@ import torch
 from data.collators import longest_example
 from grpo.engine.forward import GenerationBatch
 from grpo.engine.inputs import count_images_per_prompt
-from grpo.engine.rollout import completion_mask as build_completion_mask
+from grpo.masks import completion_mask as build_completion_mask
 
 
 def _forward_backward(step) -> None:
