@@ -35,17 +35,16 @@ from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
 from grpo.engine.sampling import MIN_TEMPERATURE
-from grpo.kl import KL_ESTIMATORS
 from grpo.objectives import (
-    AGGREGATIONS,
-    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
-    OBJECTIVES,
+    LossOptionError,
     LossOptions,
 )
-from grpo.sampler_correction import SAMPLER_CORRECTIONS
 from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
 
+# LossOptions' fields whose flag has another name (GRPO's epsilon is the lower clip; the
+# aggregation is --loss_aggregation); every other field is its flag.
+LOSS_OPTION_FLAGS = {"epsilon_low": "epsilon", "aggregation": "loss_aggregation"}
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
 REPORT_TO = ("tensorboard", "wandb")  # the import name is the package name for both
@@ -505,67 +504,24 @@ class GRPOArguments:
         for name in ("per_device_prompts", "steps_per_generation", "micro_batch_size", "num_iterations", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta < 0:
-            raise ConfigError(f"--beta {self.beta}: the KL weight must be >= 0 (0 turns the KL term off)")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ConfigError(f"--epsilon {self.epsilon}: must be in [0, 1) so that 1 - epsilon > 0")
-        if self.epsilon_high < 0:
-            raise ConfigError(f"--epsilon_high {self.epsilon_high}: must be >= 0")
         if self.decode not in ("auto", *DECODE_MODES):
             raise ConfigError(f"--decode {self.decode!r} is not one of {('auto', *DECODE_MODES)}")
         self._resolve_loss_type()
-        if self.loss_aggregation not in AGGREGATIONS:
-            raise ConfigError(f"--loss_aggregation {self.loss_aggregation!r} is not one of {AGGREGATIONS}")
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ConfigError(
-                f"--importance_sampling_level {self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}"
-            )
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective {self.objective!r} is not one of {OBJECTIVES}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"--kl_estimator {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
-        if self.sampler_correction not in SAMPLER_CORRECTIONS:
-            raise ConfigError(f"--sampler_correction {self.sampler_correction!r} is not one of {SAMPLER_CORRECTIONS}")
-        if not self.sampler_correction_cap > 0:
-            raise ConfigError(f"--sampler_correction_cap {self.sampler_correction_cap}: the cap C must be > 0")
-        if self.sampler_correction_min is not None:
-            if self.sampler_correction == "none":
-                raise ConfigError(
-                    f"--sampler_correction_min {self.sampler_correction_min} bounds --sampler_correction's weight, "
-                    "but --sampler_correction is none; pick a mode (token_truncate, token_mask, sequence_truncate, "
-                    "sequence_mask) or drop --sampler_correction_min"
-                )
-            if not 0.0 <= self.sampler_correction_min < self.sampler_correction_cap:
-                raise ConfigError(
-                    f"--sampler_correction_min {self.sampler_correction_min}: must be in [0, --sampler_correction_cap "
-                    f"{self.sampler_correction_cap})"
-                )
-        if self.delta is not None and not self.delta > 1.0:
-            raise ConfigError(
-                f"--delta {self.delta}: the two-sided clip's bound on the ratio must be > 1 (the on-policy ratio "
-                f"is 1); INTELLECT-2 uses 4, and it acts only on A < 0 when >= 1 + --epsilon_high"
-            )
-        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0.0:
-            raise ConfigError(
-                f"--off_policy_mask_threshold {self.off_policy_mask_threshold}: a KL threshold must be >= 0 "
-                "(DeepSeek-V3.2 and TRL suggest values like 0.5)"
-            )
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name} {getattr(self, name)}: must be > 0")
-        for name in ("vespo_k_pos", "vespo_k_neg"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0 (0: no down-weighting of w < 1)")
-        if self.objective == "vespo" and self.importance_sampling_level != "token":
-            raise ConfigError(
-                "--objective vespo (--loss_type vespo) builds its own sequence weight from the token ratios; "
-                f"drop --importance_sampling_level {self.importance_sampling_level} (token is its level)"
-            )
-        if self.objective == "vespo" and self.sampler_correction != "none":
-            raise ConfigError(
-                f"--objective vespo with --sampler_correction {self.sampler_correction} is not implemented (TRL folds "
-                "the sampler's ratio into VESPO's weight instead of multiplying the loss by it); drop one of them"
-            )
+        # The loss's options, built and checked once, here: LossOptions holds the checks (the loss
+        # never re-checks them); its errors name the flags.
+        try:
+            self.loss_options = LossOptions(
+                epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
+                aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
+                objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
+                sampler_correction_cap=self.sampler_correction_cap, sampler_correction_min=self.sampler_correction_min,
+                delta=self.delta, off_policy_mask_threshold=self.off_policy_mask_threshold,
+                sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+                vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                vespo_lambda_neg=self.vespo_lambda_neg,
+            )  # fmt: skip
+        except LossOptionError as error:
+            raise ConfigError(error.naming(lambda name: "--" + LOSS_OPTION_FLAGS.get(name, name))) from None
         if self.sampler_correction != "none" and self.old_logprobs_from_sampler:
             raise ConfigError(
                 f"--sampler_correction {self.sampler_correction} with --old_logprobs_from_sampler: pi_old is then "
@@ -608,17 +564,6 @@ class GRPOArguments:
                 f"each optimizer step takes {mini_batch} completions, which --micro_batch_size "
                 f"{self.micro_batch_size} does not divide; pick a divisor of {mini_batch}"
             )
-        # The loss's options, built and checked once, here (the loss never re-checks them).
-        self.loss_options = LossOptions(
-            epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
-            aggregation=self.loss_aggregation, importance_sampling_level=self.importance_sampling_level,
-            objective=self.objective, kl_estimator=self.kl_estimator, sampler_correction=self.sampler_correction,
-            sampler_correction_cap=self.sampler_correction_cap, sampler_correction_min=self.sampler_correction_min,
-            delta=self.delta,
-            off_policy_mask_threshold=self.off_policy_mask_threshold, sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
-            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg,
-        )  # fmt: skip
 
     def _check_reference_sync_and_entropy_bonus(self) -> None:
         """--sync_ref_model and the entropy bonus's flags (grpo/reference_sync.py, grpo/entropy_bonus.py)."""
@@ -659,14 +604,13 @@ class GRPOArguments:
     def _resolve_loss_type(self) -> None:
         """--loss_type fills --loss_aggregation, --importance_sampling_level and --objective; a value
         given for one of them must agree. Unset ones fall back to GRPO (sequence, token, clip)."""
-        flag_of = {"aggregation": "loss_aggregation"}  # LossOptions' field -> this class's field
         if self.loss_type is not None:
             if self.loss_type not in LOSS_TYPES:
                 raise ConfigError(
                     f"--loss_type {self.loss_type!r} is not one of {tuple(LOSS_TYPES)}: that loss is not implemented here"
                 )
             for option, value in LOSS_TYPES[self.loss_type].items():
-                name = flag_of.get(option, option)
+                name = LOSS_OPTION_FLAGS.get(option, option)
                 given = getattr(self, name)
                 if given is not None and given != value:
                     raise ConfigError(

@@ -11,7 +11,8 @@
 
 and each `options.*` is one of the named functions below, picked by name from a table. The
 defaults are GRPO. `LossOptions` is built once per run from the config
-(`GRPOArguments.loss_options`) and checks itself once, when built; the loss never re-checks it.
+(`GRPOArguments.loss_options`) and checks itself once, when built: its checks are the only ones
+(the config shows their `LossOptionError` with the flags' names), and the loss never re-checks it.
 A new option is one more small function and one more table entry here (a transformation of the
 log-ratio, of the surrogate, of the token weights, the KL term, or the aggregation), never a
 branch in `grpo_loss`: SAPO's gate, VESPO's weighting and the two-sided clip `delta` are
@@ -76,6 +77,8 @@ Run the tests: `python -m pytest tests/test_objectives.py tests/test_loss.py -q`
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +106,19 @@ LOSS_TYPES = {
     # makes its own sequence weight from the token ratios).
     "vespo": {"aggregation": "token", "importance_sampling_level": "token", "objective": "vespo"},
 }
+
+
+class LossOptionError(ValueError):
+    """A `LossOptions` value that cannot work, with the fix. The message writes each option as
+    `<name>`: `str(error)` shows the field names, `error.naming(flag_of)` another name for each (the
+    config shows the command-line flags), so the checks live here once and still name the flag."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.naming(lambda name: name))
+
+    def naming(self, name_of: Callable[[str], str]) -> str:
+        return re.sub(r"<(\w+)>", lambda match: name_of(match.group(1)), self.template)
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,8 @@ class LossOptions:
     vespo_lambda_neg: float = 2.0
 
     def __post_init__(self):
+        """Every check of the options, the only one: the config builds this object once when it
+        reads the flags and turns a `LossOptionError` into a message naming the flags."""
         choices = {
             "aggregation": AGGREGATIONS,
             "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
@@ -142,37 +160,53 @@ class LossOptions:
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+                raise LossOptionError(f"<{name}> {getattr(self, name)!r} is not one of: {', '.join(valid)}")
         # `not x >= 0` rather than `x < 0`: NaN fails every comparison, so it is refused too.
         if not 0 <= self.epsilon_low < 1:
-            raise ValueError(f"epsilon_low must be in [0, 1) so that 1 - epsilon_low > 0, got {self.epsilon_low}")
+            raise LossOptionError(f"<epsilon_low> {self.epsilon_low}: must be in [0, 1) so that 1 - <epsilon_low> > 0")
         if not self.epsilon_high >= 0:
-            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+            raise LossOptionError(f"<epsilon_high> {self.epsilon_high}: must be >= 0")
         if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise LossOptionError(f"<beta> {self.beta}: the KL weight must be >= 0 (0 turns the KL term off)")
         if not self.sampler_correction_cap > 0:
-            raise ValueError(f"sampler_correction_cap must be > 0, got {self.sampler_correction_cap}")
+            raise LossOptionError(f"<sampler_correction_cap> {self.sampler_correction_cap}: the cap C must be > 0")
+        if self.sampler_correction_min is not None and self.sampler_correction == "none":
+            raise LossOptionError(
+                f"<sampler_correction_min> {self.sampler_correction_min} bounds <sampler_correction>'s weight, but "
+                "<sampler_correction> is none; pick a mode (token_truncate, token_mask, sequence_truncate, "
+                "sequence_mask) or drop <sampler_correction_min>"
+            )
         if self.sampler_correction_min is not None and not 0 <= self.sampler_correction_min < self.sampler_correction_cap:
-            raise ValueError(
-                f"sampler_correction_min must be in [0, sampler_correction_cap = {self.sampler_correction_cap}), "
-                f"got {self.sampler_correction_min}"
+            raise LossOptionError(
+                f"<sampler_correction_min> {self.sampler_correction_min}: must be in [0, <sampler_correction_cap> "
+                f"{self.sampler_correction_cap})"
             )
         if self.delta is not None and not self.delta > 1:
-            raise ValueError(f"delta must be > 1 (a ratio of 1 is on-policy and never bounded), got {self.delta}")
+            raise LossOptionError(
+                f"<delta> {self.delta}: the two-sided clip's bound on the ratio must be > 1 (the on-policy ratio "
+                "is 1); INTELLECT-2 uses 4, and it acts only on A < 0 when >= 1 + <epsilon_high>"
+            )
         if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
-            raise ValueError(f"off_policy_mask_threshold must be >= 0 (a KL), got {self.off_policy_mask_threshold}")
+            raise LossOptionError(
+                f"<off_policy_mask_threshold> {self.off_policy_mask_threshold}: a KL threshold must be >= 0 "
+                "(DeepSeek-V3.2 and TRL suggest values like 0.5)"
+            )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise LossOptionError(f"<{name}> {getattr(self, name)}: must be > 0")
         for name in ("vespo_k_pos", "vespo_k_neg"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise LossOptionError(f"<{name}> {getattr(self, name)}: must be >= 0 (0: no down-weighting of w < 1)")
         if self.objective == "vespo" and self.importance_sampling_level != "token":
-            raise ValueError("objective 'vespo' builds its own sequence weight from the token ratios; "
-                             "use importance_sampling_level 'token'")  # fmt: skip
+            raise LossOptionError(
+                "<objective> vespo builds its own sequence weight from the token ratios; drop "
+                f"<importance_sampling_level> {self.importance_sampling_level} (token is its level)"
+            )
         if self.objective == "vespo" and self.sampler_correction != "none":
-            raise ValueError("objective 'vespo' with a sampler correction is not implemented (TRL folds the "
-                             "sampler's ratio into VESPO's sequence weight); use sampler_correction 'none'")  # fmt: skip
+            raise LossOptionError(
+                f"<objective> vespo with <sampler_correction> {self.sampler_correction} is not implemented (TRL "
+                "folds the sampler's ratio into VESPO's weight instead of multiplying the loss by it); drop one of them"
+            )
 
     def log_ratio(self, log_ratio: Tensor, mask: Tensor) -> Tensor:
         """[R, T] the log-ratio at the chosen level (LOG_RATIO_OF)."""

@@ -385,7 +385,7 @@ def test_errors():
         call(advantages=torch.zeros(2, 1))
     with pytest.raises(ValueError, match="needs ref_logprobs"):
         call(beta=0.04)
-    with pytest.raises(ValueError, match="valid: sequence, token, constant"):
+    with pytest.raises(ValueError, match="aggregation .tokens. is not one of: sequence, token, constant"):
         call(aggregation="tokens")
     with pytest.raises(ValueError, match="epsilon_low"):
         call(epsilon_low=1.0)

@@ -19,10 +19,10 @@ from loss_reference import grpo_loss_reference
 from test_loss import ADVANTAGES, MASK, random_batch, worked_example_logprobs
 from tolerances import U32, sum_error
 
-from grpo.config import ConfigError, GRPOArguments
+from grpo.config import LOSS_OPTION_FLAGS, ConfigError, GRPOArguments
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import grpo_loss, step_normaliser
-from grpo.objectives import LossOptions
+from grpo.objectives import LossOptionError, LossOptions
 from grpo.sampler_correction import SAMPLER_CORRECTIONS
 
 # float32 values and gradients of size <= 1.2 from <= 16 roundings (exp, log, products, sums of
@@ -246,20 +246,40 @@ def test_the_config_builds_the_loss_options_once():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(aggregation="tokens"), "unknown aggregation 'tokens'; valid: sequence, token, constant"),
-        (dict(importance_sampling_level="step"), "unknown importance_sampling_level"),
-        (dict(kl_estimator="k4"), "unknown kl_estimator"),
-        (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0"),
-        (dict(sampler_correction_cap=0.0), "sampler_correction_cap must be > 0"),
-        (dict(delta=0.9), "delta must be > 1"),
-        (dict(sapo_temperature_pos=-1.0), "sapo_temperature_pos must be > 0"),
-        (dict(objective="vespo", importance_sampling_level="sequence"), "use importance_sampling_level 'token'"),
-        (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be >= 0"),
+        (dict(aggregation="tokens"), "aggregation 'tokens' is not one of: sequence, token, constant"),
+        (dict(importance_sampling_level="step"), "importance_sampling_level 'step' is not one of"),
+        (dict(kl_estimator="k4"), "kl_estimator 'k4' is not one of"),
+        (dict(epsilon_high=float("nan")), "epsilon_high nan: must be >= 0"),
+        (dict(sampler_correction_cap=0.0), "sampler_correction_cap 0.0: the cap C must be > 0"),
+        (dict(delta=0.9), "delta 0.9: the two-sided clip's bound on the ratio must be > 1"),
+        (dict(sapo_temperature_pos=-1.0), "sapo_temperature_pos -1.0: must be > 0"),
+        (dict(objective="vespo", importance_sampling_level="sequence"), "drop importance_sampling_level sequence"),
+        (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold nan: a KL threshold must be >= 0"),
+        (dict(sampler_correction_min=0.5), "sampler_correction_min 0.5 bounds sampler_correction's weight"),
+        (dict(epsilon_low=1.0), r"epsilon_low 1.0: must be in \[0, 1\) so that 1 - epsilon_low > 0"),
     ],
 )
 def test_loss_options_check_themselves_when_built(options, message):
     with pytest.raises(ValueError, match=message):
         LossOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "value"),
+    [("epsilon_low", "epsilon", 1.5), ("aggregation", "loss_aggregation", "tokens"), ("beta", "beta", -1.0),
+     ("delta", "delta", 0.5), ("kl_estimator", "kl_estimator", "k9")],
+)  # fmt: skip
+def test_the_options_are_checked_in_one_place_and_named_as_flags_by_the_config(field, flag, value):
+    # One check, two namings: LossOptions' own message (its field names) and the config's (the
+    # flags, --epsilon for epsilon_low, --loss_aggregation for aggregation) are the same sentence.
+    with pytest.raises(LossOptionError) as raised:
+        LossOptions(**{field: value})
+    with pytest.raises(ConfigError) as named:
+        GRPOArguments(**{flag: value})
+    as_flags = str(named.value)
+    assert as_flags.startswith(f"--{flag} ")
+    assert as_flags == raised.value.naming(lambda name: "--" + LOSS_OPTION_FLAGS.get(name, name))
+    assert str(raised.value).startswith(f"{field} ")
 
 
 def test_agreeing_flags_are_accepted():
@@ -269,7 +289,7 @@ def test_agreeing_flags_are_accepted():
 
 def test_loss_options_errors():
     logprobs, mask = torch.zeros(2, 3), torch.ones(2, 3)
-    with pytest.raises(ValueError, match="unknown objective 'ppo'"):
+    with pytest.raises(ValueError, match="objective 'ppo' is not one of"):
         grpo_loss(logprobs, None, None, torch.zeros(2), mask, LossOptions(beta=0.0, objective="ppo"), normaliser=1.0)
     with pytest.raises(ValueError, match="needs sampler_logprobs"):
         options = LossOptions(beta=0.0, sampler_correction="token_mask")
