@@ -126,11 +126,11 @@ def merge_groups(
     if all(rounds[r].rollout.image_embeds is not None for r, _ in chosen):
         blocks = {r: _image_embeds_per_prompt(rounds[r], merge_size) for r in {r for r, _ in chosen}}
         image_embeds = torch.cat([blocks[r][g] for r, g in chosen])  # [N, D]
-    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T] through the first EOS
+    # The merged batch's one completion mask, from the merged ids (as RolloutRounds does for a round).
+    mask, is_truncated = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T], [B*G]
     rollout = Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
-        completion_mask=mask,
         is_eos_terminated=torch.stack([rounds[r].rollout.is_eos_terminated[i] for r, i in rows]),  # [B*G]
         image_embeds=image_embeds,
         images_per_prompt=[rounds[r].rollout.images_per_prompt[g] for r, g in chosen],
@@ -143,6 +143,8 @@ def merge_groups(
         batch=batch,
         batch_on_device={k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)},
         rollout=rollout,
+        completion_mask=mask,
+        is_truncated=is_truncated,
         completions=[rounds[r].completions[i] for r, i in rows],
         rewards=torch.stack([rounds[r].rewards[i] for r, i in rows]),  # [B*G]
         per_function=torch.stack([rounds[r].per_function[i] for r, i in rows]),  # [B*G, F]

@@ -98,7 +98,8 @@ def train_grpo(config: Config) -> dict:
             advantages, _ = generation_advantages(sampled.rewards, G, gargs.advantage_scale, world_size)  # [B*G]
             advantages = advantages.to(device)
             # --- masks: the tokens through each completion's first EOS (never ids != pad: pad may be EOS) ---
-            completion_mask, is_truncated = completion_mask_of(rollout.completion_ids, policy.tokens.eos_token_ids)  # [B*G, T], [B*G]
+            # computed once per generation batch, by RolloutRounds (or merge_groups), with grpo.masks.completion_mask
+            completion_mask, is_truncated = sampled.completion_mask, sampled.is_truncated  # [B*G, T], [B*G]
             loss_mask = mask_truncated(completion_mask, is_truncated) if gargs.mask_truncated_completions else completion_mask
             generation = generation_inputs(sampled, completion_mask, gargs, merge_size)  # shared by every forward
             generation_metrics = rollout_metrics(
@@ -211,13 +212,18 @@ class RolloutRounds:
         )  # fmt: skip
         self.seconds.append(time.perf_counter() - started)
         completions = self.processor.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        # The batch's one completion mask: the tokens through each row's first EOS (grpo/masks.py),
+        # read by the rewards here and by the loss and the metrics in the loop.
+        completion_mask, is_truncated = completion_mask_of(rollout.completion_ids, tokens.eos_token_ids)  # [B*G, T], [B*G]
         rewards, per_function = compute_rewards(
             self.reward_functions, gargs.reward_weight_values, completions,
             [answer for answer in batch["answers"] for _ in range(G)],
             **example_columns(examples, G),  # questions, images, image_paths, every other column
-            completion_lengths=rollout.completion_mask.sum(1).tolist(),
+            completion_lengths=completion_mask.sum(1).tolist(),
         )  # [B*G] (NaN: no function scored it), [B*G, F]
-        return SampledGroups(examples, batch, batch_on_device, rollout, completions, rewards, per_function)
+        return SampledGroups(
+            examples, batch, batch_on_device, rollout, completion_mask, is_truncated, completions, rewards, per_function
+        )
 
 
 def generation_advantages(rewards: torch.Tensor, group_size: int, scale: str, world_size: int):

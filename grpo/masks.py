@@ -20,7 +20,9 @@ Choices of the mask:
    filtering, arXiv 2503.14476 sec. 3.4): a truncated answer is not wrong, only unfinished,
    and a reward that punishes it is noise.
 
-Pure tensor functions; the sampler (grpo/engine/rollout.py) and the loop call them.
+Pure tensor functions; the loop's rounds call `completion_mask` once per generation batch
+(grpo/grpo_loop.py, RolloutRounds; grpo/dynamic_sampling.py for a merged batch), the loop
+`mask_truncated`.
 
 Run the tests: `python -m pytest tests/test_masks.py -q`.
 """

@@ -2,7 +2,8 @@
 
 The selection is pure and worked by hand; the rounds run here in one process with fake rounds
 (no model), the merge on a real tiny rollout. The 2-rank run is in tests/test_torchrun.py, the
-resume in tests/test_resume.py.
+resume in tests/test_resume.py. Last, the completion mask of a generation batch is computed once
+(RolloutRounds, or merge_groups for a merged batch), counted over a tiny training run.
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_dynamic_sampling.py -q
 """
 
@@ -17,6 +18,7 @@ from grpo.dynamic_sampling import (
     select_groups,
 )
 from grpo.engine.rollout import SampledGroups
+from grpo.masks import completion_mask
 
 NAN = float("nan")
 
@@ -39,7 +41,8 @@ def test_select_groups_by_hand():
 
 def _fake_round(rewards: list[float]) -> SampledGroups:
     rewards = torch.tensor(rewards)
-    return SampledGroups([], {}, {}, None, [], rewards, rewards[:, None])
+    # no rollout, so no completion mask: these rounds are only counted, never merged
+    return SampledGroups([], {}, {}, None, None, None, [], rewards, rewards[:, None])
 
 
 def test_rounds_stop_when_full_or_at_the_cap():
@@ -93,7 +96,10 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
             pad_token_id=tokens.pad_token_id, generator=generator,
         )  # fmt: skip
         rewards = torch.arange(4, dtype=torch.float32) + 10 * r  # [B*G] tags the rows
-        rounds.append(SampledGroups(chunk, batch, batch, rollout, [f"{r}/{i}" for i in range(4)], rewards, rewards[:, None]))
+        mask, is_truncated = completion_mask(rollout.completion_ids, tokens.eos_token_ids)  # as RolloutRounds builds them
+        rounds.append(SampledGroups(
+            chunk, batch, batch, rollout, mask, is_truncated, [f"{r}/{i}" for i in range(4)], rewards, rewards[:, None]
+        ))  # fmt: skip
     merged = merge_groups(
         rounds, [(1, 0), (0, 1)], collate=collator, device=torch.device("cpu"), group_size=G,
         pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge,
@@ -108,6 +114,12 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
     assert torch.equal(merged.rollout.completion_ids[2:4, : short.shape[1]], short)
     assert (merged.rollout.completion_ids[2:4, short.shape[1] :] == tokens.pad_token_id).all()
     assert torch.equal(merged.rollout.completion_ids[:2], rounds[1].rollout.completion_ids[:2, :width])
+    # The merged batch's mask is the mask of its ids; round 1's rows (already at the merged width)
+    # keep the mask their round computed, and the tokens generated are the mask's count.
+    mask, is_truncated = completion_mask(merged.rollout.completion_ids, tokens.eos_token_ids)  # [4, T]
+    assert torch.equal(merged.completion_mask, mask) and torch.equal(merged.is_truncated, is_truncated)
+    assert torch.equal(merged.completion_mask[:2], rounds[1].completion_mask[:2])
+    assert merged.rollout.num_generated_tokens == int(mask.sum())
     # image features: round 1's first prompt, then round 0's second, each as the round encoded it
     per_prompt_tokens = (rounds[0].batch["image_grid_thw"].prod(-1) // merge**2).tolist()
     n0 = per_prompt_tokens[0]
@@ -115,3 +127,29 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
     assert torch.equal(merged.rollout.image_embeds[n0:], rounds[0].rollout.image_embeds[n0:])
     # the prompts are collated again, in the merged order
     assert torch.equal(merged.batch["pixel_values"], collator([examples[2], examples[1]])["pixel_values"])
+
+
+def test_the_completion_mask_is_computed_once_per_generation_batch(train_run, tmp_path, monkeypatch):
+    """Two steps of the tiny run, one generation batch each: grpo.masks.completion_mask runs twice.
+
+    It is wrapped in grpo.masks and in every loaded module that imported it (under any name), so a
+    second computation anywhere (the sampler, the loop) is counted. The preflight builds its own
+    mask for a made-up batch; it is skipped here.
+    """
+    import sys
+
+    import grpo.masks
+    import train  # noqa: F401  (loads the loop's modules, so their imported names can be wrapped)
+
+    original, calls = grpo.masks.completion_mask, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            if value is original:
+                monkeypatch.setattr(module, name, counted)
+    train_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "0", "--skip_preflight")
+    assert len(calls) == 2  # steps_per_generation 1: one generation batch per step, one mask each

@@ -99,7 +99,7 @@ def make_batch(prompts: list[list], seed: int = 0) -> dict:
 
 
 def completion_mask_of(completion_ids: torch.Tensor) -> torch.Tensor:
-    """1 through the first EOS, 0 after, as the trainer builds it (grpo/engine/rollout.py, completion_mask)."""
+    """1 through the first EOS, 0 after, as the trainer builds it (grpo/grpo_loop.py, RolloutRounds)."""
     return completion_mask(completion_ids, [EOS])[0]  # [R, T]
 
 

@@ -29,8 +29,9 @@ Where it departs from `model.generate()` on G repeated prompts:
     `completion_logprobs` on the same tokens and can serve as old-policy logprobs. Greedy
     (tau = 0) records logprobs at tau = 1.
 
-Which completion tokens count is the math layer's (grpo/masks.py): the sampler masks the tokens
-it drew through the first EOS with `completion_mask`; the loop applies `mask_truncated`.
+Which completion tokens count is the math layer's (grpo/masks.py): the sampler returns what it
+drew; the loop's round (grpo/grpo_loop.py, RolloutRounds) masks it through the first EOS with
+`completion_mask`, once per generation batch, and the loop applies `mask_truncated`.
 
 `grpo/engine/hf_generate.py` keeps the `generate()` version, the twin that tests and benchmarks
 compare this sampler with.
@@ -53,7 +54,6 @@ from grpo.engine.forward import prefill_prompts
 from grpo.engine.hf_compat import image_token_id_of, spatial_merge_size_of
 from grpo.engine.inputs import count_images_per_prompt, encode_images
 from grpo.engine.sampling import sample_next_token
-from grpo.masks import completion_mask
 
 # ---------------------------------------------------------------------------------------------
 # the sampler
@@ -68,18 +68,16 @@ class Rollout:
     """[B*G, T] sampled tokens; pad_token_id after each row's first EOS; T = longest row."""
     sampler_logprobs: Tensor
     """[B*G, T] float32 log softmax(logits / tau) of each chosen token (tau = 1 when greedy); 0 after EOS."""
-    completion_mask: Tensor
-    """[B*G, T] float32: 1 through each row's first EOS (EOS included), 0 after (`completion_mask`);
-    computed once here, used by the rewards, the loss and the metrics."""
     is_eos_terminated: Tensor
-    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens; `is_truncated` of `completion_mask` negated)."""
+    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens; `is_truncated` of
+    grpo.masks.completion_mask negated)."""
     image_embeds: Tensor | None
     """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
     when the vision tower is frozen (expand with grpo.engine.inputs.image_inputs_for_rows)."""
     images_per_prompt: list[int]
     """[B] how many images (image_grid_thw rows) each prompt has, for image_inputs_for_rows."""
     num_generated_tokens: int
-    """Tokens generated over all rows, each row counted through its first EOS."""
+    """Tokens generated over all rows, each row counted through its first EOS (all T when cut)."""
 
 
 @dataclass
@@ -87,13 +85,18 @@ class SampledGroups:
     """One round's B prompts, their B*G completions and their rewards (or dynamic sampling's merged batch).
 
     The GRPO loop's rollout step returns one (grpo/grpo_loop.py, RolloutRounds): the Rollout above,
-    with the prompts it was sampled from, the decoded completions and their scores.
+    with the prompts it was sampled from, its completion mask, the decoded completions and their
+    scores. The mask is computed once per generation batch, here at the GRPO level (RolloutRounds,
+    or grpo/dynamic_sampling.py's merge_groups for a merged batch), and used by the rewards, the
+    loss and the metrics.
     """
 
     examples: list[dict]
     batch: dict  # the collator's output for `examples` (CPU)
     batch_on_device: dict  # its tensors on the device
     rollout: Rollout
+    completion_mask: Tensor  # [B*G, T] float32, 1 through each row's first EOS (grpo.masks.completion_mask)
+    is_truncated: Tensor  # [B*G] bool, the row has no EOS (cut at max_new_tokens)
     completions: list[str]  # [B*G] decoded
     rewards: Tensor  # [B*G] NaN = unscored
     per_function: Tensor  # [B*G, F]
@@ -182,6 +185,7 @@ def sample_rollouts(
 
     # --- decode ---
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [R]
+    num_generated = torch.zeros((), dtype=torch.long, device=device)  # [] tokens drawn by unfinished rows
     tokens, logprobs = [], []  # each step: [R]
     for step in range(max_new_tokens):
         token, logprob = sample_next_token(
@@ -193,6 +197,7 @@ def sample_rollouts(
         logprob = torch.where(finished, torch.zeros_like(logprob), logprob)  # [R]
         tokens.append(token)
         logprobs.append(logprob)
+        num_generated += (~finished).sum()  # a row counts this token (its EOS included) if it had not ended before
         finished = finished | torch.isin(token, eos)  # [R]
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
@@ -200,15 +205,13 @@ def sample_rollouts(
 
     completion_ids = torch.stack(tokens, dim=1)  # [R, T]; T = longest row (loop stops when all end)
     sampler_logprobs = torch.stack(logprobs, dim=1)  # [R, T]
-    mask, _ = completion_mask(completion_ids, list(eos_token_ids))  # [R, T] 1 through the first EOS
     return Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
-        completion_mask=mask,
         is_eos_terminated=finished,
         image_embeds=None if image_embeds is None else image_embeds.detach(),
         images_per_prompt=count_images_per_prompt(
             input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
         ),
-        num_generated_tokens=int(mask.sum()),
+        num_generated_tokens=int(num_generated),
     )
