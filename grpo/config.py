@@ -522,6 +522,11 @@ class GRPOArguments:
             )  # fmt: skip
         except LossOptionError as error:
             raise ConfigError(error.naming(lambda name: "--" + LOSS_OPTION_FLAGS.get(name, name))) from None
+        # Values derived from the flags, once, here (the step reads them; nothing re-derives them).
+        self.reward_weight_values = self._parse_reward_weights()  # [F] or None
+        # Whether the loss carries the entropy bonus: a coefficient, or adaptive control (which may
+        # bring a coefficient decremented to 0 back).
+        self.entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
         if self.sampler_correction != "none" and self.old_logprobs_from_sampler:
             raise ConfigError(
                 f"--sampler_correction {self.sampler_correction} with --old_logprobs_from_sampler: pi_old is then "
@@ -595,12 +600,6 @@ class GRPOArguments:
                 "pick a start inside the range"
             )
 
-    @property
-    def entropy_bonus_enabled(self) -> bool:
-        """Whether the loss carries the entropy bonus: a coefficient, or adaptive control (which may
-        bring a coefficient decremented to 0 back)."""
-        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
-
     def _resolve_loss_type(self) -> None:
         """--loss_type fills --loss_aggregation, --importance_sampling_level and --objective; a value
         given for one of them must agree. Unset ones fall back to GRPO (sequence, token, clip)."""
@@ -626,8 +625,8 @@ class GRPOArguments:
     def reward_function_names(self) -> list[str]:
         return [name.strip() for name in self.reward_functions.split(",") if name.strip()]
 
-    @property
-    def reward_weight_values(self) -> list[float] | None:
+    def _parse_reward_weights(self) -> list[float] | None:
+        """--reward_weights as numbers, one per reward function (None: every weight 1)."""
         if self.reward_weights is None:
             return None
         try:
@@ -865,7 +864,6 @@ def validate(config: Config) -> None:
     """Checks that span several argument groups."""
     if config.train.stage == "grpo" and not config.grpo.reward_function_names:
         raise ConfigError("--reward_functions is empty; GRPO needs at least one reward function")
-    _ = config.grpo.reward_weight_values  # raises when the weights do not match the functions
     if config.train.fsdp and config.model.freeze_policy == "lora":
         raise ConfigError(
             "--fsdp with --freeze_policy lora is not supported (saving would have to merge adapters "

@@ -308,8 +308,7 @@ def _bonus_gradients(problem, generation, rows, aggregation, quantile, micro, wo
     from grpo.runtime.distributed import sync_gradients
 
     model = problem["model"]
-    gargs = _grpo_args(aggregation, micro, quantile)
-    gargs.entropy_coef = coef
+    gargs = _grpo_args(aggregation, micro, quantile, entropy_coef=coef)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     model.train()

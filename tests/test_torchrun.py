@@ -53,13 +53,13 @@ REWARDS = [1.0, 0.0, 0.2, 0.9, 0.0, 1.0, 0.7, 0.3]
 
 
 
-def _grpo_args(aggregation: str, micro_batch_size: int, top_entropy_quantile: float = 1.0):
+def _grpo_args(aggregation: str, micro_batch_size: int, top_entropy_quantile: float = 1.0, **flags):
     from grpo.config import GRPOArguments
 
     args = GRPOArguments(
         per_device_prompts=4, num_generations=G, micro_batch_size=4, max_completion_length=T,
         beta=0.1, epsilon=0.2, epsilon_high=0.28, loss_aggregation=aggregation,
-        top_entropy_quantile=top_entropy_quantile,
+        top_entropy_quantile=top_entropy_quantile, **flags,
     )  # fmt: skip
     # Set after the checks: 3 does not divide the 8 rows, which the loop never asks for but this
     # function handles (the last micro-batch is smaller); it makes the split differ from the ranks'.
