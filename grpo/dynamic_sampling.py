@@ -44,7 +44,6 @@ from torch import Tensor
 from grpo.advantages import zero_spread_groups
 from grpo.engine.inputs import image_ranges, tokens_per_image
 from grpo.engine.rollout import Rollout, SampledGroups
-from grpo.masks import completion_mask
 from grpo.runtime.distributed import all_reduce_sum
 
 
@@ -102,14 +101,13 @@ def merge_groups(
     device: torch.device,
     group_size: int,
     pad_token_id: int,
-    eos_token_ids: list[int],
     merge_size: int,
 ) -> SampledGroups:
     """One generation batch of the chosen (round, group) pairs, as if it had been sampled at once.
 
     The prompts are collated again (left padded to the longest chosen prompt), the completions
-    padded with pad_token_id to the longest (masks come from the first EOS, so padding never
-    counts), and the rollout's image features kept per prompt.
+    padded with pad_token_id to the longest, each with its round's completion mask (padded with 0,
+    so padding never counts), and the rollout's image features kept per prompt.
     """
     G = group_size
     if chosen == [(0, g) for g in range(len(rounds[0].examples))]:
@@ -126,8 +124,12 @@ def merge_groups(
     if all(rounds[r].rollout.image_embeds is not None for r, _ in chosen):
         blocks = {r: _image_embeds_per_prompt(rounds[r], merge_size) for r in {r for r, _ in chosen}}
         image_embeds = torch.cat([blocks[r][g] for r, g in chosen])  # [N, D]
-    # The merged batch's one completion mask, from the merged ids (as RolloutRounds does for a round).
-    mask, is_truncated = completion_mask(completion_ids, list(eos_token_ids))  # [B*G, T], [B*G]
+    # Each row keeps the mask its round computed, padded with 0: never re-derived from the padded
+    # ids, where a pad that is also an EOS id (Qwen's <|endoftext|>) would read as an ending.
+    mask = torch.stack(
+        [_pad_columns(rounds[r].completion_mask[i : i + 1], width, 0.0)[0] for r, i in rows]
+    )  # [B*G, T]
+    is_truncated = torch.stack([rounds[r].is_truncated[i] for r, i in rows])  # [B*G]
     rollout = Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
@@ -161,7 +163,6 @@ def sample_generation_batch(
     collate: Callable[[list[dict]], dict],
     device: torch.device,
     pad_token_id: int,
-    eos_token_ids: list[int],
     merge_size: int,
 ) -> tuple[SampledGroups, dict[str, float]]:
     """The generation batch: one round when `enabled` is False, else DAPO's dynamic sampling.
@@ -174,7 +175,7 @@ def sample_generation_batch(
     chosen, info = select_groups([zero_spread_groups(r.rewards, group_size) for r in rounds], needed)
     merged = merge_groups(
         rounds, chosen, collate=collate, device=device, group_size=group_size,
-        pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, merge_size=merge_size,
+        pad_token_id=pad_token_id, merge_size=merge_size,
     )  # fmt: skip
     metrics = {f"dynamic/{key}": all_reduce_sum(float(value)) for key, value in info.items()}
     metrics["dynamic/extra_rounds"] = float(len(rounds) - 1)  # the same on every rank

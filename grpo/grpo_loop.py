@@ -89,7 +89,7 @@ def train_grpo(config: Config) -> dict:
                 sampled, sampling_metrics = sample_generation_batch(
                     rounds, enabled=True, needed=gargs.per_device_prompts, group_size=G,
                     max_rounds=gargs.max_generation_rounds, collate=rounds.collator, device=device,
-                    pad_token_id=policy.tokens.pad_token_id, eos_token_ids=policy.tokens.eos_token_ids,
+                    pad_token_id=policy.tokens.pad_token_id,
                     merge_size=merge_size,
                 )  # fmt: skip
             rollout, rollout_seconds = sampled.rollout, sum(rounds.seconds)

@@ -68,7 +68,7 @@ def test_disabled_is_one_plain_round():
     plain = _fake_round([1.0, 1.0])
     batch, metrics = sample_generation_batch(
         lambda: plain, enabled=False, needed=1, group_size=2, max_rounds=3, collate=None,
-        device=torch.device("cpu"), pad_token_id=0, eos_token_ids=[1], merge_size=2,
+        device=torch.device("cpu"), pad_token_id=0, merge_size=2,
     )  # fmt: skip
     assert batch is plain and metrics == {}
 
@@ -102,7 +102,7 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
         ))  # fmt: skip
     merged = merge_groups(
         rounds, [(1, 0), (0, 1)], collate=collator, device=torch.device("cpu"), group_size=G,
-        pad_token_id=tokens.pad_token_id, eos_token_ids=tokens.eos_token_ids, merge_size=merge,
+        pad_token_id=tokens.pad_token_id, merge_size=merge,
     )  # fmt: skip
     # group (1, 0) is rows 0, 1 of round 1; group (0, 1) rows 2, 3 of round 0
     assert merged.rewards.tolist() == [10.0, 11.0, 2.0, 3.0]
@@ -114,12 +114,15 @@ def test_merged_batch_is_the_chosen_groups_of_a_real_rollout():
     assert torch.equal(merged.rollout.completion_ids[2:4, : short.shape[1]], short)
     assert (merged.rollout.completion_ids[2:4, short.shape[1] :] == tokens.pad_token_id).all()
     assert torch.equal(merged.rollout.completion_ids[:2], rounds[1].rollout.completion_ids[:2, :width])
-    # The merged batch's mask is the mask of its ids; round 1's rows (already at the merged width)
-    # keep the mask their round computed, and the tokens generated are the mask's count.
-    mask, is_truncated = completion_mask(merged.rollout.completion_ids, tokens.eos_token_ids)  # [4, T]
-    assert torch.equal(merged.completion_mask, mask) and torch.equal(merged.is_truncated, is_truncated)
-    assert torch.equal(merged.completion_mask[:2], rounds[1].completion_mask[:2])
-    assert merged.rollout.num_generated_tokens == int(mask.sum())
+    # Each row keeps the mask its round computed, padded with 0 to the merged width (never
+    # re-derived from the padded ids: the tiny tokenizer's pad is an EOS id, as Qwen's is, so a
+    # row cut at round 0's 4 tokens would gain an "EOS" from its padding).
+    short_mask = rounds[0].completion_mask[2:4]  # [2, T0]
+    assert torch.equal(merged.completion_mask[2:4, : short_mask.shape[1]], short_mask)
+    assert (merged.completion_mask[2:4, short_mask.shape[1] :] == 0).all()
+    assert torch.equal(merged.completion_mask[:2], rounds[1].completion_mask[:2, :width])
+    assert merged.is_truncated.tolist() == rounds[1].is_truncated[:2].tolist() + rounds[0].is_truncated[2:4].tolist()
+    assert merged.rollout.num_generated_tokens == int(merged.completion_mask.sum())
     # image features: round 1's first prompt, then round 0's second, each as the round encoded it
     per_prompt_tokens = (rounds[0].batch["image_grid_thw"].prod(-1) // merge**2).tolist()
     n0 = per_prompt_tokens[0]
