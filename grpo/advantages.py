@@ -31,7 +31,7 @@ Every token of completion i gets the same A_i. Choices where papers and code dif
    batch std over every scored reward; an unscored completion gets A = 0 exactly, and a group
    with fewer than 2 scored completions counts as zero-spread (all its A = 0). With every
    completion scored this is point 1-4 unchanged, bit for bit. This is a separate, earlier step
-   (`fill_unscored`), so the z-score itself stays the textbook line A = (r - mean) / (std + eps).
+   (`fill_unscored`), so the z-score itself stays the one textbook line in `group_advantages`.
 
 Run the tests: `python -m pytest tests/test_advantages.py -q`.
 """
