@@ -11,6 +11,7 @@ The numbers reuse tests/test_loss.py's worked example: R = 2 completions, T = 3,
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -173,6 +174,160 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
             for rows in (slice(0, 3), slice(3, 8))
         )  # fmt: skip
         assert split_loss.item() == pytest.approx(loss.item(), abs=tol), label
+
+
+# --- the loop twin, the options beyond GRPO's (objectives, delta, masks, floors, aggregations) ---
+
+# Each row's drift log pi_theta - log pi_old and log pi_sampler - log pi_old (before noise) and
+# the sign of A are chosen so that every bound binds, at both ratio levels and in both epochs:
+# row 0 (A > 0, drift +0.6) is clipped high; row 1 (A < 0, drift -0.7) is clipped low, and its
+# pi_old and pi_sampler lie ~0.5 above pi_theta (the off-policy mask drops it, not rows 2, 5, 7);
+# rows 2 and 5 (A < 0, drift +0.5, +0.7) pass delta = 1.5 (log 0.41); the sampler drifts push
+# weights past the cap 2 (row 7) and under the floor 0.5 (rows 3, 6); row 4 is empty (padding only).
+_DRIFT = [0.6, -0.7, 0.5, -0.4, 0.0, 0.7, -0.6, 0.2]
+_ADVANTAGES = [1.2, -0.8, -1.5, 0.6, 0.9, -0.7, 0.4, -1.1]
+_LENGTHS = [6, 5, 3, 6, 0, 4, 2, 6]
+_SAMPLER_DRIFT = [0.3, 0.3, 0.0, 0.3, 0.2, 0.0, 0.4, -0.5]
+
+
+def _far_off_batch():
+    generator = torch.Generator().manual_seed(7)
+    R, T = len(_DRIFT), max(_LENGTHS)
+
+    def noise(scale):
+        return scale * torch.randn(R, T, generator=generator, dtype=torch.float64)  # [R, T]
+
+    logprobs = -3 * torch.rand(R, T, generator=generator, dtype=torch.float64)  # [R, T]
+    old_logprobs = logprobs - torch.tensor(_DRIFT, dtype=torch.float64)[:, None] + noise(0.3)  # [R, T]
+    ref_logprobs = logprobs + noise(0.3)  # [R, T]
+    sampler_logprobs = old_logprobs + torch.tensor(_SAMPLER_DRIFT, dtype=torch.float64)[:, None] + noise(0.4)  # [R, T]
+    advantages = torch.tensor(_ADVANTAGES, dtype=torch.float64)  # [R]
+    mask = (torch.arange(T) < torch.tensor(_LENGTHS)[:, None]).double()  # [R, T]
+    return logprobs.requires_grad_(True), old_logprobs, ref_logprobs, advantages, mask, sampler_logprobs
+
+
+# The objectives (SAPO's and VESPO's hyper-parameters away from the defaults and from each other's
+# sign, so a swapped _pos/_neg shows), each with the ratio levels it allows. The hyper-parameters are
+# exact in float32: grpo/objectives.py, as TRL, makes tau, k and lambda float32 tensors
+# (torch.where of two python floats) whatever the loss's dtype, so 0.7 would differ from the twin's
+# float64 0.7 by ~1e-8 relative, a rounding, not a wrong term.
+_OBJECTIVES = [
+    (dict(objective="clip", delta=1.5), ("token", "sequence")),
+    (dict(objective="clip"), ("token", "sequence")),
+    (dict(objective="cispo"), ("token", "sequence")),
+    (dict(objective="sapo", sapo_temperature_pos=0.75, sapo_temperature_neg=1.625), ("token", "sequence")),
+    (dict(objective="vespo", vespo_k_pos=1.25, vespo_lambda_pos=2.75, vespo_k_neg=2.5, vespo_lambda_neg=1.5), ("token",)),
+]
+_CAP, _FLOOR, _THRESHOLD = 2.0, 0.5, 0.3
+
+
+def test_the_newer_options_bind_and_match_the_loop_twin():
+    logprobs, old_logprobs, ref_logprobs, advantages, mask, sampler_logprobs = _far_off_batch()
+    epsilon_low, epsilon_high, beta = 0.2, 0.28, 0.04
+    lp, is_completion, A = logprobs.detach(), mask > 0, advantages[:, None]  # [R, T], [R, T], [R, 1]
+    lengths = mask.sum(dim=1)  # [R]
+
+    # --- the data makes every bound bind (counted from the tensors, not by the code under test) ---
+    token_log_ratio = lp - old_logprobs  # [R, T] two epochs; one epoch: 0
+    sequence_log_ratio = (token_log_ratio * mask).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]  # [R, 1]
+    for level_log_ratio in (token_log_ratio, sequence_log_ratio):
+        ratio = level_log_ratio.exp().expand_as(lp)  # [R, T]
+        assert ((ratio > 1 + epsilon_high) & (A > 0) & is_completion).sum() > 0  # clipped high
+        assert ((ratio < 1 - epsilon_low) & (A < 0) & is_completion).sum() > 0  # clipped low
+        assert ((ratio > 1.5) & (A < 0) & is_completion).sum() > 0  # delta bounds the ratio
+    for old in (lp, old_logprobs):  # one epoch (pi_old = pi_theta), two epochs
+        sampler_log_ratio = torch.where(is_completion, old - sampler_logprobs, 0.0)  # [R, T]
+        for weight in (sampler_log_ratio.exp(), sampler_log_ratio.sum(dim=1, keepdim=True).exp()):  # token, sequence
+            weight = weight.expand_as(lp)  # [R, T]
+            assert ((weight > _CAP) & is_completion).sum() > 0 and ((weight < _FLOOR) & is_completion).sum() > 0
+    for sampling in (sampler_logprobs, old_logprobs):  # pi_sampling: the sampler's, else pi_old's
+        mean_gap = (torch.where(is_completion, sampling - lp, 0.0)).sum(dim=1) / lengths.clamp(min=1)  # [R]
+        negative = (advantages < 0) & (lengths > 0)  # [R]
+        assert (negative & (mean_gap > _THRESHOLD)).sum() > 0 and (negative & (mean_gap <= _THRESHOLD)).sum() > 0
+
+    # --- the tolerance, from the magnitudes ---
+    # |each per-token loss term and each of its derivatives| <= m: |A| times the largest of the
+    # ratio, the clip's 1 + eps_high, SAPO's 4 / tau and VESPO's max phi = e^lam (k / lam)^k e^-k,
+    # times max(1, |log pi|) (CISPO's and VESPO's REINFORCE term) and the cap; plus beta times a
+    # bound on the KL estimators and their derivatives (e^x + x^2 / 2 + |x| + 1, times the ratio for k3_ratio).
+    ratio_max = token_log_ratio[is_completion].abs().max().exp().item()
+    phi_max = max(math.exp(lam) * (k / lam) ** k * math.exp(-k) for k, lam in ((1.25, 2.75), (2.5, 1.5)))
+    x = (ref_logprobs - lp)[is_completion]  # [N]
+    kl_max = (x.exp() + x**2 / 2 + x.abs() + 1).max().item() * ratio_max
+    surrogate_max = max(ratio_max, 1 + epsilon_high, 4 / 0.75, phi_max) * max(1.0, lp.abs().max().item()) * _CAP
+    m = advantages.abs().max().item() * surrogate_max + beta * kl_max
+    assert m < 60  # ~48 in this batch
+    # float64: each side is a sum of <= 48 terms of size <= m, off by <= sum_error(48, 48 m), each term
+    # after <= 20 roundings (exp, sigmoid, products, the mean log-ratio), <= 48 * 20 u m < sum_error(48, 48 m):
+    # each side within 2 sum_error(48, 48 m) of the exact value (~2.8e-11 at m = 48), so 4 apart. A
+    # gradient entry adds fewer and smaller terms (at most one completion's), within the same bound.
+    tol = 4 * sum_error(48, 48 * m, torch.float64)
+
+    # --- every option against the twin: value and gradient, both epochs, and split into micro-batches ---
+    corrections = [("none", None)] + [(mode, _FLOOR) for mode in SAMPLER_CORRECTIONS if mode != "none"]
+    # The aggregations and KL estimators taken in turn (every combination of everything would take
+    # minutes in the twin's python loops); the new aggregations first, so each objective meets both.
+    settings = itertools.cycle(
+        itertools.product(("sequence_sum", "micro_batch_token", "sequence", "token"), ("k3", "k3_ratio", "k2"))
+    )
+    cases = 0
+    for (objective, levels), level, (correction, floor), threshold in itertools.product(
+        _OBJECTIVES, ("token", "sequence"), corrections, (None, _THRESHOLD)
+    ):
+        if level not in levels or (objective["objective"] == "vespo" and correction != "none"):
+            continue  # refused by LossOptions (its own tests check that)
+        # Without a correction, the sampler's log-probs given and not: the off-policy mask then
+        # measures pi_old instead.
+        for samplers, one_epoch in itertools.product((sampler_logprobs, None) if correction == "none" else (sampler_logprobs,), (True, False)):
+            aggregation, kl_estimator = next(settings)
+            old = None if one_epoch else old_logprobs
+            option_kwargs = dict(
+                epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, aggregation=aggregation,
+                importance_sampling_level=level, kl_estimator=kl_estimator, sampler_correction=correction,
+                sampler_correction_cap=_CAP, sampler_correction_min=floor, off_policy_mask_threshold=threshold,
+                **objective,
+            )  # fmt: skip
+            options = LossOptions(**option_kwargs)
+            # The step's normaliser, counted by hand: 8 completions (sequence, sequence_sum), 32 tokens,
+            # 1 micro-batch (micro_batch_token: the call's own token mean).
+            normaliser = {"sequence": 8.0, "sequence_sum": 8.0, "token": 32.0, "micro_batch_token": 1.0}[aggregation]
+            assert normaliser == step_normaliser(mask, aggregation)
+            label = f"{option_kwargs} one_epoch={one_epoch} sampler={samplers is not None}"
+            loss, _ = grpo_loss(logprobs, old, ref_logprobs, advantages, mask, options, normaliser=normaliser,
+                                sampler_logprobs=samplers)  # fmt: skip
+            reference = grpo_loss_reference(logprobs, old, ref_logprobs, advantages, mask, normaliser=normaliser,
+                                            sampler_logprobs=samplers, **option_kwargs)  # fmt: skip
+            (grad,) = torch.autograd.grad(loss, logprobs)
+            (reference_grad,) = torch.autograd.grad(reference, logprobs)
+            assert loss.item() == pytest.approx(reference.item(), abs=tol), label
+            torch.testing.assert_close(grad, reference_grad, atol=tol, rtol=0, msg=label)
+            # Two micro-batches (rows 0-2 and 3-7, 14 and 18 tokens): every option acts within a
+            # completion, so they add up to the whole, except micro_batch_token, where each takes its
+            # own token mean: there the twin, called per micro-batch, is the reference.
+            halves = (slice(0, 3), slice(3, 8))
+            split_normaliser = 2.0 if aggregation == "micro_batch_token" else normaliser
+            split = [
+                (logprobs[rows], None if old is None else old[rows], ref_logprobs[rows], advantages[rows], mask[rows])
+                for rows in halves
+            ]  # fmt: skip
+            split_samplers = [None if samplers is None else samplers[rows] for rows in halves]
+            split_loss = sum(
+                grpo_loss(*tensors, options, normaliser=split_normaliser, sampler_logprobs=part)[0]
+                for tensors, part in zip(split, split_samplers, strict=True)
+            )  # fmt: skip
+            if aggregation == "micro_batch_token":
+                expected = sum(
+                    grpo_loss_reference(*tensors, normaliser=split_normaliser, sampler_logprobs=part, **option_kwargs)
+                    for tensors, part in zip(split, split_samplers, strict=True)
+                ).item()  # fmt: skip
+                assert expected != pytest.approx(reference.item(), abs=1e-3), label  # the split matters here
+            else:
+                expected = loss.item()
+            assert split_loss.item() == pytest.approx(expected, abs=tol), label
+            cases += 1
+    # 4 objectives x 2 levels x (no correction: 2 thresholds x 2 samplers x 2 epochs, + 4 corrections x
+    # 2 thresholds x 2 epochs), + VESPO at the token level without a correction.
+    assert cases == 4 * 2 * (2 * 2 * 2 + 4 * 2 * 2) + 2 * 2 * 2
 
 
 # --- --loss_type: TRL's names onto this project's options ---
