@@ -3,7 +3,8 @@
 docs/architecture.md, "One GRPO step, file by file", lists the files one optimizer step at the
 default flags crosses from train.py to the loss, and says the step never enters the option modules.
 Here one tiny step runs in this process under `sys.setprofile`, which sees every Python call: for
-each call into a project file (tests/ and everything outside the repository left out) it records
+each call into a project file (train.py, eval.py, grpo/, data/, models/; tests/, bench/ and a
+virtual environment inside the checkout left out) it records
 the callee's file, its function, and the nearest project file below it on the stack (the caller).
 
 The counting rule, as the page states it (`counted_files`):
@@ -63,13 +64,20 @@ OPTION_MODULES = {
 OPTION_FUNCTIONS = {("grpo/sampler_correction.py", "importance_weights"): "--sampler_correction"}
 
 
+# The project's own code: its two scripts and its three packages. Everything else in the
+# repository is left out: tests/ (the test's own code), bench/, and a virtual environment made
+# inside the checkout (CI's .venv-ci holds torch and transformers under the repository's root).
+PROJECT_SCRIPTS = ("train.py", "eval.py")
+PROJECT_PACKAGES = ("grpo/", "data/", "models/")
+
+
 def _project_file(path: str) -> str | None:
-    """`path` relative to the repository, or None outside it and under tests/ (the test's own code)."""
+    """`path` relative to the repository when it is the project's own code, else None."""
     root = str(REPO) + "/"
     if not path.startswith(root):
         return None
     relative = path[len(root) :]
-    return None if relative.startswith("tests/") else relative
+    return relative if relative in PROJECT_SCRIPTS or relative.startswith(PROJECT_PACKAGES) else None
 
 
 def is_grpo_level(path: str) -> bool:
