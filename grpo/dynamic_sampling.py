@@ -133,7 +133,6 @@ def merge_groups(
     rollout = Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
-        is_eos_terminated=torch.stack([rounds[r].rollout.is_eos_terminated[i] for r, i in rows]),  # [B*G]
         image_embeds=image_embeds,
         images_per_prompt=[rounds[r].rollout.images_per_prompt[g] for r, g in chosen],
         num_generated_tokens=int(mask.sum()),

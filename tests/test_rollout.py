@@ -176,7 +176,7 @@ def test_rows_stop_at_eos_and_pad_afterwards(model, batch):
     assert first_eos <= 2
     assert (stopped.completion_ids[0, first_eos + 1 :] == PAD).all()
     assert (stopped.sampler_logprobs[0, first_eos + 1 :] == 0).all()
-    assert stopped.is_eos_terminated[0]
+    assert not grpo_completion_mask(stopped.completion_ids, [eos])[1][0]  # row 0 ended, not cut
     # Before the EOS, the rows are those of the free run: until a row ends the two runs compute
     # the same ops on the same shapes, so they agree to the last bit.
     assert torch.equal(stopped.completion_ids[0, : first_eos + 1], free_run.completion_ids[0, : first_eos + 1])
@@ -190,11 +190,11 @@ def test_loop_stops_when_every_row_ended(model, batch):
     # Every token but the pad id ends a row: all rows end at their first token.
     rollout = _sample(model, batch, eos_token_ids=[i for i in range(300) if i != PAD], max_new_tokens=10)
     assert rollout.completion_ids.shape == (6, 1)
-    assert rollout.is_eos_terminated.all()
+    assert not grpo_completion_mask(rollout.completion_ids, [i for i in range(300) if i != PAD])[1].any()  # none cut
     assert rollout.num_generated_tokens == 6
     # And no row ends: trimmed to max_new_tokens, none terminated.
     rollout = _sample(model, batch, eos_token_ids=[299], max_new_tokens=5, top_k=50)
-    assert rollout.completion_ids.shape[1] == 5 and not rollout.is_eos_terminated.all()
+    assert rollout.completion_ids.shape[1] == 5 and grpo_completion_mask(rollout.completion_ids, [299])[1].any()
 
 
 @pytest.mark.parametrize("sampling_method", ["inverse_cdf", "multinomial"])
@@ -283,7 +283,7 @@ def test_static_decoding_equals_the_dynamic_loop(model, batch, options):
     eos = int(free.completion_ids[1, 3])
     dynamic = _sample(model, batch, decode="dynamic", eos_token_ids=[eos], **options)
     static = _sample(model, batch, decode="static", eos_token_ids=[eos], **options)
-    assert dynamic.is_eos_terminated.any()
+    assert not grpo_completion_mask(dynamic.completion_ids, [eos])[1].all()  # some row ended at the EOS
     # Fixed-size KV buffers vs growing ones: other shapes, other orders (see the float64 note at
     # the top); greedy needs a margin over the bound.
     logits = _teacher_forced_logits(model, batch, dynamic.completion_ids, group_size=3)  # [R, T, V]
@@ -292,7 +292,6 @@ def test_static_decoding_equals_the_dynamic_loop(model, batch, options):
         margin, _ = _greedy_margin(model, batch, dynamic.completion_ids, group_size=3, eos_ids=[eos])
         assert margin > 2 * network_error(PATH_TERMS, largest), f"a near tie (margin {margin:.1e})"
     assert torch.equal(static.completion_ids, dynamic.completion_ids)
-    assert torch.equal(static.is_eos_terminated, dynamic.is_eos_terminated)
     # float64 orders, then each side's float32 cast of z / tau (2 u |z| / tau) and log-softmax.
     m = dynamic.sampler_logprobs.abs().max().item()
     atol = network_error(PATH_TERMS, m) + 4 * U32 * largest / tau + 2 * logsumexp_error(VOCAB, m)

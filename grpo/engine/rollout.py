@@ -68,9 +68,6 @@ class Rollout:
     """[B*G, T] sampled tokens; pad_token_id after each row's first EOS; T = longest row."""
     sampler_logprobs: Tensor
     """[B*G, T] float32 log softmax(logits / tau) of each chosen token (tau = 1 when greedy); 0 after EOS."""
-    is_eos_terminated: Tensor
-    """[B*G] bool: the row emitted an EOS (False = cut at max_new_tokens; `is_truncated` of
-    grpo.masks.completion_mask negated)."""
     image_embeds: Tensor | None
     """[N, D] merged image tokens per prompt (not per row), detached: reusable by the trainer
     when the vision tower is frozen (expand with grpo.engine.inputs.image_inputs_for_rows)."""
@@ -208,7 +205,6 @@ def sample_rollouts(
     return Rollout(
         completion_ids=completion_ids,
         sampler_logprobs=sampler_logprobs,
-        is_eos_terminated=finished,
         image_embeds=None if image_embeds is None else image_embeds.detach(),
         images_per_prompt=count_images_per_prompt(
             input_ids, image_grid_thw, image_token_id=image_token_id, spatial_merge_size=merge
