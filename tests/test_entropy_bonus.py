@@ -342,17 +342,11 @@ def _bonus_rank_worker(rank: int, world_size: int, port: int, out_dir: str, prob
 
 
 def test_two_gloo_ranks_give_the_single_process_bonus_gradient(tmp_path, monkeypatch, float64_hf, rendezvous_port):
-    import torch.multiprocessing as mp
-    from test_torchrun import _build_problem
+    from test_torchrun import _build_problem, run_two_gloo_ranks
     from tolerances import TINY_PATH_TERMS, network_error
 
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     problem = _build_problem()
-    mp.start_processes(
-        _bonus_rank_worker, args=(2, rendezvous_port, str(tmp_path), problem), nprocs=2, join=True, start_method="fork"
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_two_gloo_ranks(_bonus_rank_worker, problem, tmp_path, monkeypatch, rendezvous_port)
     for aggregation, quantile in BONUS_CASES:
         whole_rows = list(range(8))
         single, sums = _bonus_gradients(problem, problem["whole"], whole_rows, aggregation, quantile, 3, 1)

@@ -175,17 +175,23 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str, problem: d
         distributed.cleanup()
 
 
-def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, float64_hf, rendezvous_port):
+def run_two_gloo_ranks(worker, payload, tmp_path, monkeypatch, port: int, prefix: str = "rank") -> list:
+    """Run `worker(rank, 2, port, out_dir, payload)` on two gloo ranks in this test's process tree;
+    returns what each rank saved to `{prefix}{rank}.pt`, in rank order.
+
+    fork, not spawn: the ranks inherit the imported modules and the payload instead of spending
+    seconds re-importing transformers. Each rank is single-threaded (as DataLoader workers are),
+    which keeps OpenMP out of trouble after a fork. The launcher's variables of an outer torchrun
+    are cleared first, so the ranks rendezvous at `port` only."""
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    mp.start_processes(worker, args=(2, port, str(tmp_path), payload), nprocs=2, join=True, start_method="fork")
+    return [torch.load(tmp_path / f"{prefix}{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path, monkeypatch, float64_hf, rendezvous_port):
     problem = _build_problem()
-    # fork, not spawn: the ranks inherit the imported modules and the problem instead of spending
-    # seconds re-importing transformers. Each rank is single-threaded (as DataLoader workers are),
-    # which keeps OpenMP out of trouble after a fork.
-    mp.start_processes(
-        _rank_worker, args=(2, rendezvous_port, str(tmp_path), problem), nprocs=2, join=True, start_method="fork"
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_two_gloo_ranks(_rank_worker, problem, tmp_path, monkeypatch, rendezvous_port)
 
     names = [name for name, p in problem["model"].named_parameters() if p.requires_grad]
     for aggregation, quantile in CASES:
@@ -228,8 +234,6 @@ def _advantage_worker(rank: int, world_size: int, port: int, out_dir: str, rewar
 
 
 def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, monkeypatch, rendezvous_port):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     from grpo.grpo_loop import generation_advantages
 
     # G = 4, two prompts: [0,1,0,1] and [5,7,5,7]. The batch std is 3.0589447 (worked out in
@@ -242,10 +246,7 @@ def test_batch_scaled_advantages_do_not_depend_on_the_number_of_ranks(tmp_path, 
     expected = torch.tensor([-a, a, -a, a, -b, b, -b, b])
     # float32 mean/std of 8 numbers <= 7 then one division: a few ulps of 7, ~1e-6 absolute at most.
     torch.testing.assert_close(single, expected, atol=2e-6, rtol=0)
-    mp.start_processes(
-        _advantage_worker, args=(2, rendezvous_port, str(tmp_path), rewards), nprocs=2, join=True, start_method="fork"
-    )
-    ranks = torch.cat([torch.load(tmp_path / f"advantages{r}.pt", weights_only=True) for r in range(2)])
+    ranks = torch.cat(run_two_gloo_ranks(_advantage_worker, rewards, tmp_path, monkeypatch, rendezvous_port, "advantages"))
     # Same float32 std, of the same 8 numbers in the same order (gathered in rank order): the
     # same kernel on the same values, so equal to the last bit on any CPU.
     assert torch.equal(ranks, single)
