@@ -18,6 +18,10 @@ Choices, and where implementations differ:
    --mask_truncated_completions, truncated completions are not candidates, as in TRL).
 2. The quantile is torch.quantile's (linear interpolation), and ties at the threshold are kept
    (`>=`), as in TRL: q = 0 keeps only the highest-entropy token(s), q = 1 keeps every token.
+   It is taken in float64; TRL takes it in float32, where 1 - q rounds (0.8 -> 0.800000012), so
+   when (1 - q)(N - 1) is a whole number (q = 0.2 and N - 1 a multiple of 5) its threshold can
+   land just above the token at that position and drop it, with every token tied to it. Here
+   that token is kept, as the definition says (tests/test_token_selection.py shows both).
 3. The entropy is the policy's at the start of the optimizer step (a no-grad forward over the
    step's rows, at the loss's temperature), the same for every inner epoch's micro-batch.
 4. Only the surrogate is masked (grpo/objectives.py point 4); the KL and the normaliser keep every token.

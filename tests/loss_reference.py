@@ -17,7 +17,8 @@ The formulas, from the papers (grpo/objectives.py's docstring lists them):
   mean_t (log pi_sampling - log pi_theta) > threshold loses its policy term.
 - the sampler weight pi_old / pi_sampler (per token, or the product over the completion): above
   the cap C truncated to C or dropped (0); below the floor C_min raised to C_min or dropped.
-The guards, restated: the log-ratio is clamped above at 20 before exp (grpo/loss.py); VESPO
+The guards, restated: the log-ratio is clamped above at 20 before exp (grpo/loss.py), and so is
+k3's x = log pi_ref - log pi (grpo/kl.py; k1 and k2 take x unclamped, k3_plus k3's value); VESPO
 bounds each token's log-ratio to [-20, 20] and log w to [log 1e-8, 20] (as TRL).
 """
 
@@ -148,7 +149,10 @@ def grpo_loss_reference(
             kl = 0.0
             if beta > 0:
                 x = ref_logprobs[i, t] - logp
-                k3 = torch.exp(x) - x - 1
+                x_k3 = x  # k3's x, clamped like the ratio's log (grpo/kl.py 2.); k1 and k2 use x as it is
+                if x_k3 > LOG_RATIO_MAX:
+                    x_k3 = torch.clamp(x_k3, max=LOG_RATIO_MAX)  # guard: no overflow in exp
+                k3 = torch.exp(x_k3) - x_k3 - 1
                 kl = {
                     "k3": k3,
                     "k1": -x,

@@ -176,6 +176,39 @@ def test_every_option_matches_the_loop_twin_and_splits_into_micro_batches():
         assert split_loss.item() == pytest.approx(loss.item(), abs=tol), label
 
 
+def test_the_loop_twin_clamps_the_kl_log_ratio_as_grpo_loss_does():
+    # Token (0, 0) has x = log pi_ref - log pi_theta = -2 - (-25) = 23 > 20: grpo/kl.py clamps x
+    # at 20 before exp (its point 2), so k3 there is e^20 - 20 - 1 = 485165195.4097903 - 21
+    # = 485165174.4097903 with gradient 0 (unclamped, e^23 - 24 ~ 9.7e9: 20x larger). The other
+    # tokens have |x| <= 0.5, where no guard acts. One epoch, so the ratio is 1 in value.
+    logprobs = torch.tensor([[-25.0, -1.0], [-0.5, -1.5]], dtype=torch.float64, requires_grad=True)  # [R, T]
+    ref_logprobs = torch.tensor([[-2.0, -1.2], [-0.7, -1.0]], dtype=torch.float64)  # [R, T]
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)  # [R]
+    mask = torch.ones(2, 2, dtype=torch.float64)  # [R, T]
+    beta = 0.04
+    # Tolerance, as test_the_newer_options_bind_and_match_the_loop_twin derives it: each per-token
+    # term and derivative is <= m = |A| * max(1, |log pi|) (ratio 1) + beta * (e^20 + 20^2 / 2 + 20 + 1)
+    # = 25 + 0.04 * 485165416.4 = 19406641.7; float64 sums of 4 such terms: 4 sum_error(4, 4 m) ~ 5.5e-7,
+    # against a gap of beta * (e^23 - e^20) / (2 tokens * 2 completions) ~ 9.3e7 if the twin did not clamp.
+    m = 1.0 * 25.0 + beta * (math.exp(20.0) + 20.0**2 / 2 + 20.0 + 1)
+    tol = 4 * sum_error(4, 4 * m, torch.float64)
+    for kl_estimator in KL_ESTIMATORS:
+        options = LossOptions(beta=beta, kl_estimator=kl_estimator)
+        loss, _ = grpo_loss(logprobs, None, ref_logprobs, advantages, mask, options, normaliser=2.0)
+        reference = grpo_loss_reference(
+            logprobs, None, ref_logprobs, advantages, mask, beta=beta, kl_estimator=kl_estimator, normaliser=2.0
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        (reference_grad,) = torch.autograd.grad(reference, logprobs)
+        assert loss.item() == pytest.approx(reference.item(), abs=tol), kl_estimator
+        torch.testing.assert_close(grad, reference_grad, atol=tol, rtol=0, msg=kl_estimator)
+        if kl_estimator == "k3":
+            # Row 0: (-A (grad-only surrogate: ratio 1 in value) + beta k3) per token, averaged over its
+            # 2 tokens; the clamped token alone is 0.04 * 485165174.4097903 / 2 / 2 (normaliser)
+            # = 4851651.744097903; the other 7 terms add ~+-1, so the loss lies within 2 of it.
+            assert abs(reference.item() - 4851651.744097903) < 2.0
+
+
 # --- the loop twin, the options beyond GRPO's (objectives, delta, masks, floors, aggregations) ---
 
 # Each row's drift log pi_theta - log pi_old and log pi_sampler - log pi_old (before noise) and

@@ -5,6 +5,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_token_selection.py 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,3 +56,23 @@ def test_the_mask_removes_only_the_policy_term():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.05, -0.5]]), rtol=0, atol=tol)
     reference = grpo_loss_reference(logprobs.detach(), None, ref, torch.tensor([1.0]), mask, policy_token_mask=keep, **kwargs)
     assert reference.item() == pytest.approx(loss.item(), abs=2 * tol)  # each side within tol
+
+
+def test_a_threshold_on_a_token_keeps_it_where_trls_float32_quantile_drops_it():
+    # Candidates 0.1 0.2 0.3 0.4 0.5 5.0 (N = 6), q = 0.2: position (1 - 0.2) * (6 - 1) = 4 exactly
+    # (0.8 * 5 rounds to 4.0 in float64), so the threshold is the 5th smallest, 0.5: 0.5 and 5.0 kept.
+    entropy = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 5.0]])  # [R=2, T=3]
+    loss_mask = torch.ones(2, 3)
+    threshold = entropy_threshold(entropy[loss_mask > 0], 0.2)
+    assert threshold == 0.5  # 0.5 is exact in float32 and the interpolation weight is 0
+    selected = high_entropy_mask(entropy, loss_mask, threshold)
+    assert selected.tolist() == [[False, False, False], [False, True, True]]
+    # TRL 1.16 takes the quantile in float32: 0.8 becomes 0.800000012, the position 4.0000000596,
+    # the threshold 0.5 + 0.0000000596 * (5.0 - 0.5) = 0.50000027, rounded to 0.50000024 > 0.5:
+    # it keeps 5.0 only (grpo/token_selection.py point 2).
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL shows the other result (pip install -e '.[dev]')")
+    one_process = SimpleNamespace(
+        accelerator=SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=lambda x: x)
+    )  # fmt: skip
+    trl_selected = grpo_trainer.GRPOTrainer.get_high_entropy_mask(one_process, entropy, loss_mask, 1 - 0.2)
+    assert trl_selected.tolist() == [[False, False, False], [False, False, True]]
