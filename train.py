@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if config.train.stage == "sft":
-        return train_sft(config)
-    return train_grpo(config)
+    try:
+        if config.train.stage == "sft":
+            return train_sft(config)
+        return train_grpo(config)
+    except ConfigError as error:  # a flag only the loaded model shows wrong (--num_trainable_layers past its layers)
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

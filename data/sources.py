@@ -214,6 +214,11 @@ def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root:
             logger.warning("skipping row %s, whose image failed to decode or is refused: %s", batch[SOURCE_ROW][i], error)
             continue
         raw_answer = batch[columns["answer"]][i]
+        for kind, value in (("question", batch[columns["question"]][i]), ("answer", raw_answer)):
+            if value is None:  # str(None) would make "None" the question or the gold answer
+                raise ValueError(
+                    f"row {batch[SOURCE_ROW][i]}: its {kind} ({columns[kind]!r}) is null; fill it in or drop the row"
+                )
         thinking = batch[columns["thinking"]][i] if columns["thinking"] else None
         if thinking is None and "<think>" in str(raw_answer):
             thinking = raw_answer  # some gold fields carry "<think>..</think><answer>..</answer>"
