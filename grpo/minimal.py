@@ -282,8 +282,25 @@ def parse_args(argv=None) -> Hyper:
     if hp.G < 2 or hp.B < 1 or hp.steps < 1 or hp.num_iterations < 1 or hp.max_completion_length < 1:
         parser.error("--G must be >= 2 (the std of a group), and --B, --steps, --num_iterations, "
                      "--max_completion_length >= 1")  # fmt: skip
-    if hp.temperature <= 0:
+    if not hp.temperature > 0:  # NaN too
         parser.error(f"--temperature {hp.temperature}: must be > 0 (this file samples; no greedy)")
+    for name in ("epsilon", "beta", "std_eps", "learning_rate", "weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(hp, name) < float("inf"):  # NaN and inf fail both comparisons' sides
+            parser.error(f"--{name} {getattr(hp, name)}: must be a finite number >= 0")
+    if hp.num_prompts < 1 or hp.image_size < 28:  # a scene is at least one 28 x 28 image token
+        parser.error(f"--num_prompts {hp.num_prompts} / --image_size {hp.image_size}: need >= 1 prompt and >= 28 pixels")
+    if hp.dtype not in ("float32", "bfloat16", "float16", "float64"):
+        parser.error(f"--dtype {hp.dtype!r}: use float32, bfloat16, float16 or float64")
+    try:  # imports every module:function now, not after the model has loaded
+        names = resolve_reward_functions(hp.reward_functions.split(","))
+    except (ValueError, ImportError, AttributeError, TypeError) as error:
+        parser.error(str(error))
+    try:
+        weights = [float(w) for w in hp.reward_weights.split(",")] if hp.reward_weights else [1.0] * len(names)
+    except ValueError:
+        parser.error(f"--reward_weights {hp.reward_weights!r}: give comma-separated numbers, e.g. 0.5,1")
+    if len(weights) != len(names) or not all(abs(w) < float("inf") for w in weights):
+        parser.error(f"--reward_weights {hp.reward_weights!r}: give one finite weight per --reward_functions name ({len(names)})")
     return hp
 
 
