@@ -47,6 +47,7 @@ T completion tokens, V vocabulary, D hidden size, N image tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -279,6 +280,13 @@ def parse_args(argv=None) -> Hyper:
             parser.error(f"--init_from {hp.init_from}: no model folder or train.py output_dir there; make one "
                          "with the SFT command at the top of grpo/minimal.py, or pass --init_from tiny")  # fmt: skip
         hp.init_from = str(checkpoints[-1])
+    if hp.init_from != "tiny":  # a text LM or another model failed only in the loader, with a traceback
+        try:
+            model_type = json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            parser.error(f"--init_from {hp.init_from}: cannot read its config.json ({error})")
+        if model_type != "qwen2_5_vl":
+            parser.error(f"--init_from {hp.init_from}: model_type {model_type!r}, not a Qwen2.5-VL ('qwen2_5_vl')")
     if hp.G < 2 or hp.B < 1 or hp.steps < 1 or hp.num_iterations < 1 or hp.max_completion_length < 1:
         parser.error("--G must be >= 2 (the std of a group), and --B, --steps, --num_iterations, "
                      "--max_completion_length >= 1")  # fmt: skip

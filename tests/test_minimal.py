@@ -223,6 +223,14 @@ def test_minimal_loop_learns_a_rare_reward_and_not_with_flipped_advantages(monke
     assert learned == (sign > 0), rewards
 
 
+def test_an_init_from_that_is_not_a_qwen2_5_vl_exits_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a text LM: a traceback in the loader
+    with pytest.raises(SystemExit) as exit_info:
+        minimal.parse_args(["--init_from", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--init_from {tmp_path}: model_type 'qwen2', not a Qwen2.5-VL" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
