@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from data.collators import GRPOCollator
-from data.loading import check_gold_answers, load_eval_dataset
+from data.loading import SYNTHETIC, check_gold_answers, load_eval_dataset
 from grpo.config import ConfigError, DataArguments, check_pixel_range
 from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import MIN_TEMPERATURE
@@ -263,6 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.format_reward:
             check_reward_specs("--format_reward", [args.format_reward])
         check_dataset_source(data_args)
+        if data_args.dataset not in SYNTHETIC and args.eval_part in ("validation", "test"):
+            # data/loading.py refuses both, but only after the model has loaded
+            if args.eval_part == "test":
+                raise ConfigError(
+                    f"--eval_part test is drawn only for the built-in synthetic data; for {data_args.dataset} score "
+                    "its test split with --split test --eval_part all"
+                )
+            if data_args.val_fraction == 0:
+                raise ConfigError("--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction or use --eval_part all")
         check_writable("--output_dir", args.output_dir)
     except (ConfigError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

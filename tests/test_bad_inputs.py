@@ -525,6 +525,16 @@ BAD_EVAL_FLAGS = [
 ]
 
 
+def test_an_eval_part_a_jsonl_file_cannot_have_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "problem": "How many?", "solution": "1"}) + "\n")
+    flags = ["--dataset", str(tmp_path / "data.jsonl"), "--output_dir", str(tmp_path / "e")]
+    err = _exit_2([*flags, "--eval_part", "test"], capsys, eval_script.main)  # ValueError traceback once loaded
+    assert "--eval_part test is drawn only for the built-in synthetic data" in err
+    err = _exit_2([*flags, "--val_fraction", "0"], capsys, eval_script.main)
+    assert "--eval_part validation with --val_fraction 0 holds no examples" in err
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("flags, message", BAD_EVAL_FLAGS, ids=[flags[0] for flags, _ in BAD_EVAL_FLAGS])
 def test_bad_eval_flags_exit_2_before_the_model_loads(tmp_path, capsys, no_model_load, flags, message):
     # Each was a traceback once the model had loaded, or (--top_k -1) read as "off" without a word.
