@@ -39,7 +39,7 @@ def _has_no_rows(path: Path) -> bool:
     return False
 
 
-def _check_not_empty(source: str) -> None:
+def check_not_empty(source: str) -> None:
     """A clear error for a local --dataset without rows. `datasets` fails on one with messages that
     do not say so: StopIteration (empty jsonl), "corresponds to no data" (parquet), IndexError
     (save_to_disk of an empty Dataset)."""
@@ -49,7 +49,7 @@ def _check_not_empty(source: str) -> None:
 
 
 def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pixels: int | None = None):
-    _check_not_empty(data_args.dataset)
+    check_not_empty(data_args.dataset)
     kinds = tuple(kind.strip() for kind in data_args.question_kinds.split(",") if kind.strip())
     return load_examples(
         data_args.dataset,

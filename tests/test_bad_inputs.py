@@ -572,6 +572,9 @@ def test_a_missing_dataset_or_image_root_exits_2_before_the_model_loads(tmp_path
     (tmp_path / "empty").mkdir()  # datasets' EmptyDatasetError traceback
     err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(tmp_path / "empty")), capsys)
     assert f"--dataset {tmp_path / 'empty'}: a folder with no save_to_disk dataset" in err
+    (tmp_path / "empty.jsonl").write_text("\n")  # a ValueError traceback once the model had loaded
+    err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(tmp_path / "empty.jsonl")), capsys)
+    assert f"--dataset {tmp_path / 'empty.jsonl'} holds no rows" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
 
 

@@ -385,7 +385,7 @@ def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run):
 
 
 @pytest.mark.parametrize("form", ["jsonl", "parquet", "save_to_disk"])
-def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, form):
+def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, capsys, form):
     features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")})
     empty = datasets.Dataset.from_dict({"image": [], "problem": [], "solution": []}, features=features)
     path = tmp_path / f"empty.{form}"
@@ -395,19 +395,24 @@ def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, form):
         empty.to_parquet(str(path))
     else:
         empty.save_to_disk(str(path))
-    with pytest.raises(ValueError, match=f"--dataset {path} holds no rows"):
+    with pytest.raises(SystemExit) as exit_info:  # found before the model loads: exit 2
         train_run(tmp_path / "run", "--dataset", str(path))
+    assert exit_info.value.code == 2
+    assert f"--dataset {path} holds no rows" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
-def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run):
+def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=10)
     out = train_run(tmp_path / "sft", "--dataset", source, "--val_fraction", "0", "--max_steps", "2", stage="sft")
     assert [("val_loss" in record) for record in read_metrics(out)] == [False, False]
-    # eval.py scores the held-out part, which --val_fraction 0 leaves empty: it says so.
+    # eval.py scores the held-out part, which --val_fraction 0 leaves empty: it says so, before loading.
     import eval as eval_script
 
-    with pytest.raises(ValueError, match="the validation part is empty; raise --val_fraction"):
+    with pytest.raises(SystemExit) as exit_info:
         eval_script.main(["--model", str(out), "--dataset", source, "--val_fraction", "0", "--output_dir", str(tmp_path / "e")])
+    assert exit_info.value.code == 2
+    assert "--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction" in capsys.readouterr().err
 
 
 def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run):

@@ -5,7 +5,7 @@ otherwise surface minutes later, after the model and the data have loaded, as a 
 - `--model` / `--init_from` name a preset, an existing folder holding a Qwen2.5-VL (its config.json), or a Hub id that can be reached
   (offline, a Hub id must already be in the local cache; a relative path whose first folder
   exists here, such as runs/nothere, is a missing folder, not a Hub id);
-- a local `--dataset` and `--image_root` exist;
+- a local `--dataset` exists, is a file type the loader reads and holds rows; `--image_root` exists;
 - `--decode cuda_graph` and `--device cuda` have CUDA; `--attn_implementation flash_attention_2` has flash-attn;
 - `--output_dir` is given (not '', as an unset shell variable makes it) and can be written to (a
   probe file in it, or in the nearest folder above it that exists);
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 
-from data.loading import SYNTHETIC
+from data.loading import SYNTHETIC, check_not_empty
 from grpo.config import Config, ConfigError
 from grpo.rewards import resolve_reward_functions
 from grpo.runtime.checkpoint import RUN_CONFIG, _stage_of, latest_checkpoint
@@ -157,6 +157,10 @@ def check_dataset_source(data_args) -> None:
             raise ConfigError(
                 f"--dataset {source}: a folder with no save_to_disk dataset and no {', '.join(DATA_FILE_TYPES)} files in it"
             )
+    try:
+        check_not_empty(source)  # an empty jsonl or parquet file, or a folder of them
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if data_args.image_root is not None and not Path(data_args.image_root).is_dir():
         raise ConfigError(f"--image_root {data_args.image_root}: no such folder (the one the jsonl's image paths are under)")
 
