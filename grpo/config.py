@@ -31,7 +31,14 @@ import yaml
 from transformers import HfArgumentParser
 
 from data.prompts import SYSTEM_PROMPT
-from data.synthetic import GRID_CELLS, LAYOUTS, PALETTE, QUESTION_KINDS, SHIFTED_PALETTE, TRACES  # the generator owns its options
+from data.synthetic import (  # the generator owns its options
+    GRID_CELLS,
+    LAYOUTS,
+    PALETTE,
+    QUESTION_KINDS,
+    SHIFTED_PALETTE,
+    TRACES,
+)
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
 from grpo.engine.sampling import MIN_TEMPERATURE
