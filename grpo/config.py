@@ -227,6 +227,11 @@ class DataArguments:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
         if self.num_examples is not None and self.num_examples < 1:
             raise ConfigError(f"--num_examples {self.num_examples}: must be >= 1 (or leave it unset for all)")
+        if self.dataset in ("synthetic", "synthetic-shifted") and self.split != "train":  # it was ignored
+            raise ConfigError(
+                f"--split {self.split!r}: the built-in synthetic data has no splits to pick (train.py trains on its "
+                "train stream; eval.py --eval_part validation / test scores the held-out ones); drop --split"
+            )
         kinds = [kind.strip() for kind in self.question_kinds.split(",") if kind.strip()]
         if not kinds or any(kind not in QUESTION_KINDS for kind in kinds):
             raise ConfigError(f"--question_kinds {self.question_kinds!r}: give a comma list of {', '.join(QUESTION_KINDS)}")

@@ -475,6 +475,7 @@ NAMED_AT_START = [
     (["--freeze_policy", "lora", "--lora_targets", "q_proj,zzz_proj"], "--lora_targets 'q_proj,zzz_proj': give a comma list"),
     (["--demonstrator_misses", "pink"], "--demonstrator_misses 'pink' is not a colour of synthetic's scenes"),
     (["--dataset", "data.jsonl", "--demonstrator_misses", "gray"], "--demonstrator_misses relabels the built-in synthetic scenes"),
+    (["--split", "test"], "--split 'test': the built-in synthetic data has no splits to pick"),  # trained on train
 ]
 
 

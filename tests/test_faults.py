@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -315,11 +316,13 @@ def test_impossible_setting_through_the_real_command(tmp_path):
 # --- output directories and stages ---
 
 
-def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, train_run):
+def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, train_run, capsys):
     out = train_run(tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-2")
     first = read_metrics(out)
-    with pytest.raises(FileExistsError, match="already holds a run .*pass --resume to continue it or --overwrite_output_dir"):
+    with pytest.raises(SystemExit) as exit_info:  # exit 2 before the model loads (it was a FileExistsError traceback)
         train_run(out, "--max_steps", "1")
+    assert exit_info.value.code == 2
+    assert re.search(r"already holds a run .*pass --resume to continue it or --overwrite_output_dir", capsys.readouterr().err)
     assert read_metrics(out) == first  # refused before touching anything
     train_run(out, "--max_steps", "2", "--overwrite_output_dir")
     records = read_metrics(out)
@@ -336,10 +339,13 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path, train
     assert _steps(out) == [1]
 
 
-def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run):
+def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run, capsys):
     out = train_run(tmp_path / "sft", "--max_steps", "1", stage="sft")
-    with pytest.raises(ValueError, match=r"stage/checkpoint mismatch: .* --stage sft but this run is --stage grpo.*--init_from"):
+    with pytest.raises(SystemExit) as exit_info:  # exit 2 before the model loads (it was a ValueError traceback)
         train_run(out, "--max_steps", "2", "--resume")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"stage/checkpoint mismatch: .* --stage sft but this run is --stage grpo.*--init_from", err)
     # What the message suggests works: GRPO from the SFT checkpoint, in a new output dir.
     grpo = train_run(tmp_path / "grpo", "--max_steps", "1", "--init_from", str(out))
     assert _steps(grpo) == [1]
