@@ -127,6 +127,9 @@ class ModelArguments:
 
     def __post_init__(self):
         _reject_non_finite(self)
+        for name in ("model", "init_from"):  # '' (an unset shell variable): --init_from '' started from --model
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"--{name} is empty (an unset shell variable, e.g. --{name} $CKPT?); give the model folder")
         self.freeze_policy = canonical_freeze_policy(self.freeze_policy)  # "seed" still works, with a warning
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
@@ -602,6 +605,8 @@ class GRPOArguments:
             )
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
+        if self.sample_log_steps < 0:
+            raise ConfigError(f"--sample_log_steps {self.sample_log_steps}: must be >= 0 (0 writes no samples.log)")
         if self.max_generation_rounds < 1:
             raise ConfigError(f"--max_generation_rounds {self.max_generation_rounds}: must be >= 1 (1 = no extra rounds)")
         if not 1 <= self.overlong_buffer_length <= self.max_completion_length:

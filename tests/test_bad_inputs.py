@@ -90,6 +90,7 @@ BAD_NUMBERS = [
     (["--image_size", "0"], "--image_size 0"),
     (["--num_examples", "0"], "--num_examples 0"),
     (["--adam_epsilon", "0"], "--adam_epsilon 0"),
+    (["--sample_log_steps", "-1"], "--sample_log_steps -1: must be >= 0"),  # was read as 0, without a word
     (["--synthetic_layout", "spiral"], "--synthetic_layout 'spiral': use one of scatter, grid"),
     (["--synthetic_layout", "grid", "--count_max", "17"], "--count_max 17: the grid layout holds at most 16 objects"),
     (["--delta", "0.5"], "--delta 0.5"),
@@ -476,6 +477,8 @@ NAMED_AT_START = [
     (["--demonstrator_misses", "pink"], "--demonstrator_misses 'pink' is not a colour of synthetic's scenes"),
     (["--dataset", "data.jsonl", "--demonstrator_misses", "gray"], "--demonstrator_misses relabels the built-in synthetic scenes"),
     (["--split", "test"], "--split 'test': the built-in synthetic data has no splits to pick"),  # trained on train
+    (["--init_from", ""], "--init_from is empty (an unset shell variable"),  # started from --model instead
+    (["--model", ""], "--model is empty"),
 ]
 
 
