@@ -146,3 +146,13 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, t
         train_run(out, "--max_steps", "1")
     assert [r["step"] for r in read_metrics(out)] == [1]
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("flag, value", [(["--nproc_per_node", "0"], "0"), (["--nproc-per-node=-1"], "-1")])
+def test_launch_refuses_a_nproc_per_node_below_1(capsys, flag, value):
+    from grpo.runtime.launch import main
+
+    with pytest.raises(SystemExit) as exit_info:  # torchrun itself stops on a bare AssertionError
+        main([*flag, "train.py", "--nproc_per_node", "1"])  # the script's flags are its own
+    assert exit_info.value.code == 2
+    assert f"launch: error: --nproc_per_node {value}: must be >= 1" in capsys.readouterr().err

@@ -45,12 +45,29 @@ def _shutdown_timeout_given(argv: list[str]) -> bool:
     return any(arg in flags or arg.startswith(tuple(f + "=" for f in flags)) for arg in argv)
 
 
+def _nproc_per_node(argv: list[str]) -> str | None:
+    """--nproc_per_node's value among the launcher's flags (those before the training script)."""
+    flags = ("--nproc_per_node", "--nproc-per-node")
+    for i, arg in enumerate(argv):
+        if arg.endswith(".py") or arg in ("-m", "--module"):
+            return None  # the script's own flags follow
+        if arg in flags and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(tuple(f + "=" for f in flags)):
+            return arg.partition("=")[2]
+    return None
+
+
 def clean_stop_reports(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(folder.glob("local-rank-*.json"))]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    nproc = _nproc_per_node(argv)
+    if nproc is not None and nproc.lstrip("-").isdigit() and int(nproc) < 1:  # torchrun: a bare AssertionError
+        print(f"launch: error: --nproc_per_node {nproc}: must be >= 1 (or auto, gpu, cpu)", file=sys.stderr)
+        raise SystemExit(2)
     if not _shutdown_timeout_given(argv):
         argv = ["--shutdown_timeout", str(NO_DEADLINE_SECONDS), *argv]
     with tempfile.TemporaryDirectory(prefix="grpo-launch-") as folder:
