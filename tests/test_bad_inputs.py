@@ -451,6 +451,8 @@ def test_an_empty_output_dir_is_refused_naming_the_flag(tmp_path, capsys, no_mod
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no metrics.jsonl in the working directory
     err = _exit_2(["--model", "tiny", "--output_dir", value], capsys, eval_script.main)
     assert "--output_dir is empty" in err
+    err = _exit_2(["--model", value, "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert "--model is empty (an unset shell variable?)" in err  # it said '--model . holds no model'
 
 
 # --- round two: tracebacks where a named error belongs ---

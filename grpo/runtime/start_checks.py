@@ -90,6 +90,8 @@ def check_attn_implementation(flag: str, value: str) -> None:
 
 def check_model_source(flag: str, value: str) -> None:
     """A preset name, an existing path, or an owner/name Hub id (in the cache, when offline)."""
+    if not value.strip():  # Path("") is ".": it read as the working directory
+        raise ConfigError(f"{flag} is empty (an unset shell variable?); give the model folder, a Hub id or a preset")
     if value in TINY_PRESETS:
         return
     if Path(value).expanduser().exists():
