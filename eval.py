@@ -31,6 +31,7 @@ from transformers import HfArgumentParser
 
 from data.collators import GRPOCollator
 from data.loading import SYNTHETIC, check_gold_answers, load_eval_dataset
+from data.sources import DataError
 from grpo.config import ConfigError, DataArguments, check_pixel_range
 from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import MIN_TEMPERATURE
@@ -276,7 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return evaluate(args, data_args)
+    try:
+        return evaluate(args, data_args)
+    except DataError as error:  # a bad row, column or file of --dataset
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from data.sources import DataError
 from grpo.config import ConfigError, parse_config
 from grpo.grpo_loop import train_grpo
 from grpo.runtime.start_checks import check_before_loading
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         if config.train.stage == "sft":
             return train_sft(config)
         return train_grpo(config)
-    except ConfigError as error:  # a flag only the loaded model shows wrong (--num_trainable_layers past its layers)
+    except (ConfigError, DataError) as error:  # a flag only the loaded model shows wrong; a bad row, column or file
         print(f"train.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

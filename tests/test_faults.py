@@ -380,14 +380,22 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, train_run):
     assert all(r["skipped_images"] == 2 for r in records)
 
 
-def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run):
+def _refused(capsys, run, *args, **kwargs) -> str:
+    """A bad --dataset row, column or file: `train.py: error: ...` and exit 2, no traceback; returns stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(*args, **kwargs)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=4, drop="solution")
-    with pytest.raises(ValueError, match=r"no answer column .* the columns found are \['image', 'problem'\]. .*--answer_column"):
-        train_run(tmp_path / "run", "--dataset", source)
+    err = _refused(capsys, train_run, tmp_path / "run", "--dataset", source)
+    assert re.search(r"no answer column .* the columns found are \['image', 'problem'\]. .*--answer_column", err)
     renamed = tmp_path / "renamed"
     datasets.load_from_disk(source).add_column("count", ["3"] * 4).save_to_disk(str(renamed))
-    with pytest.raises(ValueError, match=r"no answer column \(looked for \['total'\]\)"):
-        train_run(tmp_path / "run", "--dataset", str(renamed), "--answer_column", "total")
+    err = _refused(capsys, train_run, tmp_path / "run", "--dataset", str(renamed), "--answer_column", "total")
+    assert "no answer column (looked for ['total'])" in err
 
 
 @pytest.mark.parametrize("form", ["jsonl", "parquet", "save_to_disk"])
@@ -421,28 +429,29 @@ def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run
     assert "--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction" in capsys.readouterr().err
 
 
-def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run):
+def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=3, corrupt=3)
-    with pytest.raises(ValueError, match=r"no usable examples \(3 rows read, 3 skipped because their images failed"):
-        with pytest.warns(UserWarning, match="skipped 3 of 3 rows"):
-            train_run(tmp_path / "run", "--dataset", source)
+    with pytest.warns(UserWarning, match="skipped 3 of 3 rows"):
+        err = _refused(capsys, train_run, tmp_path / "run", "--dataset", source)
+    assert "no usable examples (3 rows read, 3 skipped because their images failed" in err
 
 
-def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run):
+def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run, capsys):
     answers = ["3", "4", "blue", "5", "2", "1", "3", "two", "4", "5"]
     source = _save_dataset(tmp_path / "data", rows=10, answers=answers)
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('(blue|two)'") as error:
-        train_run(tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
-    assert "question 'How many objects are there in the image? (2)'" in str(error.value)  # the first bad row
-    assert "2 of 10 examples" not in str(error.value)  # "two" is a number word count_accuracy reads
-    assert "1 of 10 examples are like it" in str(error.value)
+    flags = ("--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
+    err = _refused(capsys, train_run, tmp_path / "run", *flags)
+    assert re.search(r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('(blue|two)'", err)
+    assert "question 'How many objects are there in the image? (2)'" in err  # the first bad row
+    assert "2 of 10 examples" not in err  # "two" is a number word count_accuracy reads
+    assert "1 of 10 examples are like it" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
     # The same data with a reward that does not parse gold answers trains.
     out = train_run(tmp_path / "ok", "--dataset", source, "--val_fraction", "0.0", "--max_steps", "1")
     assert _steps(out) == [1]
 
 
-def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_path, train_run):
+def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_path, train_run, capsys):
     from data.collators import prompt_length
     from data.prompts import SYSTEM_PROMPT
     from data.sources import load_examples
@@ -458,10 +467,10 @@ def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_
 
     out = train_run(tmp_path / "skip", "--max_steps", "2", "--max_prompt_length", str(limit))
     assert [r["skipped_long_prompts"] for r in read_metrics(out)] == [too_long, too_long]
-    with pytest.raises(ValueError, match=f"{too_long} of 64 prompts are longer than --max_prompt_length {limit} .*--long_prompts skip"):
-        train_run(tmp_path / "error", "--max_prompt_length", str(limit), "--long_prompts", "error")
-    with pytest.raises(ValueError, match="every prompt is over --max_prompt_length"):
-        train_run(tmp_path / "none", "--max_prompt_length", "10")
+    err = _refused(capsys, train_run, tmp_path / "error", "--max_prompt_length", str(limit), "--long_prompts", "error")
+    assert re.search(f"{too_long} of 64 prompts are longer than --max_prompt_length {limit} .*--long_prompts skip", err)
+    err = _refused(capsys, train_run, tmp_path / "none", "--max_prompt_length", "10")
+    assert "every prompt is over --max_prompt_length" in err
 
 
 @pytest.mark.parametrize(
@@ -487,12 +496,13 @@ def test_an_unknown_reward_function_fails_at_start(tmp_path, train_run, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
 
 
-def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path):
+def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path, capsys):
     import eval as eval_script
 
     source = _save_dataset(tmp_path / "data", rows=6, answers=["1", "2", "3", "four", "5", "many"])
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('many'"):
-        eval_script.main(["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"])
+    argv = ["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"]
+    err = _refused(capsys, eval_script.main, argv)
+    assert re.search(r"eval.py: error: reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('many'", err)
 
 
 def test_metrics_file_and_checkpoint_left_by_a_crash_mid_line_are_repaired(tmp_path, train_run):
