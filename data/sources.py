@@ -204,7 +204,7 @@ def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dic
 # --------------------------------------------------------------------------- conversion
 
 def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root: Path | None,
-                   max_pixels: int | None) -> dict:
+                   max_pixels: int | None, source: str = "--dataset") -> dict:
     """Batched map: schema columns from source columns; rows with a bad image are dropped."""
     out = {name: [] for name in (*SCHEMA_COLUMNS, *extras)}
     for i in range(len(batch[columns["image"]])):
@@ -222,7 +222,7 @@ def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root:
         for kind, value in (("question", batch[columns["question"]][i]), ("answer", raw_answer)):
             if value is None:  # str(None) would make "None" the question or the gold answer
                 raise DataError(
-                    f"row {batch[SOURCE_ROW][i]}: its {kind} ({columns[kind]!r}) is null; fill it in or drop the row"
+                    f"{source}: row {batch[SOURCE_ROW][i]}: its {kind} ({columns[kind]!r}) is null; fill it in or drop the row"
                 )
         thinking = batch[columns["thinking"]][i] if columns["thinking"] else None
         if thinking is None and "<think>" in str(raw_answer):
@@ -354,7 +354,7 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
         "image_paths": datasets.List(datasets.Value("string")), **{c: raw.features[c] for c in extras},
     })
     convert = functools.partial(_convert_batch, columns=columns, extras=extras, image_root=root,
-                                max_pixels=max_pixels)
+                                max_pixels=max_pixels, source=name)
     dataset = raw.map(convert, batched=True, batch_size=256, remove_columns=raw.column_names,
                       features=features, num_proc=num_proc, desc=f"reading {name}")
     report = LoadReport(source=name, split=split, num_rows=len(raw), num_examples=len(dataset),

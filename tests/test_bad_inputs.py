@@ -593,7 +593,7 @@ def test_a_null_question_or_answer_is_named_by_its_row(tmp_path, column):
     rows[2][column] = None  # was read as the text "None": a question, or a gold answer, of "None"
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     kind = {"problem": "question", "solution": "answer"}[column]
-    with pytest.raises(ValueError, match=rf"row 2: its {kind} \('{column}'\) is null; fill it in or drop the row"):
+    with pytest.raises(ValueError, match=rf"data.jsonl: row 2: its {kind} \('{column}'\) is null; fill it in or drop the row"):
         load_examples(str(tmp_path / "data.jsonl"), image_root=str(tmp_path))
 
 
