@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from data.collators import GRPOCollator
-from data.loading import check_gold_answers, load_eval_dataset
-from grpo.config import ConfigError, DataArguments
+from data.loading import SYNTHETIC, check_gold_answers, load_eval_dataset
+from data.sources import DataError
+from grpo.config import ConfigError, DataArguments, check_pixel_range
 from grpo.engine.rollout import sample_rollouts
 from grpo.engine.sampling import MIN_TEMPERATURE
 from grpo.reward_functions import extract_answer
@@ -39,12 +40,14 @@ from grpo.rewards import check_reward_output, example_columns, resolve_reward_fu
 from grpo.runtime.device import resolve_device, seed_everything
 from grpo.runtime.start_checks import (
     check_attn_implementation,
+    check_dataset_source,
+    check_device,
     check_model_source,
     check_reward_specs,
     check_writable,
 )
 from grpo.runtime.starting_point import resolve_model_path
-from models.loading import load_policy, resolve_dtype, special_token_ids
+from models.loading import ATTN_IMPLEMENTATIONS, load_policy, resolve_dtype, special_token_ids
 
 
 def _help(text, **kwargs):
@@ -94,6 +97,15 @@ class EvalArguments:
             raise ValueError(f"--eval_part {self.eval_part!r}: use validation, test, train or all")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_completion_length < 1:
             raise ValueError("--num_samples, --batch_size and --max_completion_length must be >= 1")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k {self.top_k}: must be >= 0 (0 = off)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16, float16 or float64")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        check_pixel_range(self.min_pixels, self.max_pixels)
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -247,14 +259,29 @@ def main(argv: list[str] | None = None) -> dict:
         args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
         check_model_source("--model", args.model)
         check_attn_implementation("--attn_implementation", args.attn_implementation)
+        check_device("--device", args.device)
         check_reward_specs("--accuracy_reward", [args.accuracy_reward])
         if args.format_reward:
             check_reward_specs("--format_reward", [args.format_reward])
+        check_dataset_source(data_args)
+        if data_args.dataset not in SYNTHETIC and args.eval_part in ("validation", "test"):
+            # data/loading.py refuses both, but only after the model has loaded
+            if args.eval_part == "test":
+                raise ConfigError(
+                    f"--eval_part test is drawn only for the built-in synthetic data; for {data_args.dataset} score "
+                    "its test split with --split test --eval_part all"
+                )
+            if data_args.val_fraction == 0:
+                raise ConfigError("--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction or use --eval_part all")
         check_writable("--output_dir", args.output_dir)
     except (ConfigError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return evaluate(args, data_args)
+    try:
+        return evaluate(args, data_args)
+    except DataError as error:  # a bad row, column or file of --dataset
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from data.sources import DataError
 from grpo.config import ConfigError, parse_config
 from grpo.grpo_loop import train_grpo
 from grpo.runtime.start_checks import check_before_loading
@@ -27,9 +28,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if config.train.stage == "sft":
-        return train_sft(config)
-    return train_grpo(config)
+    try:
+        if config.train.stage == "sft":
+            return train_sft(config)
+        return train_grpo(config)
+    except (ConfigError, DataError) as error:  # a flag only the loaded model shows wrong; a bad row, column or file
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

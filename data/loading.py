@@ -19,7 +19,7 @@ import datasets
 import pyarrow.parquet
 
 from data.collators import filter_long_prompts
-from data.sources import load_examples, train_val_split
+from data.sources import DataError, load_examples, train_val_split
 from grpo.reward_functions import parse_choice, parse_integer
 
 SYNTHETIC = ("synthetic", "synthetic-shifted")
@@ -39,17 +39,17 @@ def _has_no_rows(path: Path) -> bool:
     return False
 
 
-def _check_not_empty(source: str) -> None:
+def check_not_empty(source: str) -> None:
     """A clear error for a local --dataset without rows. `datasets` fails on one with messages that
     do not say so: StopIteration (empty jsonl), "corresponds to no data" (parquet), IndexError
     (save_to_disk of an empty Dataset)."""
     path = Path(source)
     if path.exists() and _has_no_rows(path):
-        raise ValueError(f"--dataset {source} holds no rows; point it at a file or folder with examples")
+        raise DataError(f"--dataset {source} holds no rows; point it at a file or folder with examples")
 
 
 def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pixels: int | None = None):
-    _check_not_empty(data_args.dataset)
+    check_not_empty(data_args.dataset)
     kinds = tuple(kind.strip() for kind in data_args.question_kinds.split(",") if kind.strip())
     return load_examples(
         data_args.dataset,
@@ -86,7 +86,7 @@ def _part(
         split = part if part in ("validation", "test") else "train"
         return _load(data_args, split=split, seed=seed, num_examples=num_examples, max_pixels=max_pixels)
     if part == "test":
-        raise ValueError(
+        raise DataError(
             f"a 'test' part is drawn only for the built-in synthetic data; for {data_args.dataset} score "
             "its test split with --split test --eval_part all"
         )
@@ -96,7 +96,7 @@ def _part(
         dataset = val if part == "validation" else train
         if len(dataset) == 0 and not allow_empty:
             change = "lower" if part == "train" else "raise"  # the train part shrinks as val_fraction grows
-            raise ValueError(f"{data_args.dataset}: the {part} part is empty; {change} --val_fraction or add data")
+            raise DataError(f"{data_args.dataset}: the {part} part is empty; {change} --val_fraction or add data")
     if num_examples is not None and num_examples < len(dataset):
         dataset = dataset.select(range(num_examples))
     return dataset, report
@@ -141,7 +141,7 @@ def _load_prompt_dataset(config, processor, *, is_main: bool):
             dataset, processor, data_args.max_prompt_length, system_prompt=data_args.system_prompt_text
         )
         if skipped and data_args.long_prompts == "error":
-            raise ValueError(
+            raise DataError(
                 f"{skipped} of {before} prompts are longer than --max_prompt_length "
                 f"{data_args.max_prompt_length} tokens (images included); raise it, lower --max_pixels, "
                 "or pass --long_prompts skip"
@@ -150,7 +150,7 @@ def _load_prompt_dataset(config, processor, *, is_main: bool):
             print(f"[data] skipped {skipped} of {before} prompts over --max_prompt_length", flush=True)
         report.skipped_long_prompts = skipped
         if len(dataset) == 0:
-            raise ValueError("every prompt is over --max_prompt_length; raise it or lower --max_pixels")
+            raise DataError("every prompt is over --max_prompt_length; raise it or lower --max_pixels")
     check_gold_answers(dataset, config.grpo.reward_function_names, data_args.dataset)
     if is_main:
         print(f"[data] {data_args.dataset}: {len(dataset)} prompts ({report.skipped_images} skipped images)", flush=True)
@@ -175,7 +175,7 @@ def check_gold_answers(dataset, reward_names: list[str], dataset_name: str = "")
             # Name the row of the file, not the position after the split's shuffle.
             rows = [dataset[index].get("source_row", index) for index in bad[:5]]
             first = bad[0]
-            raise ValueError(
+            raise DataError(
                 f"reward function {name!r}: the gold answer of row {rows[0]} of --dataset {dataset_name} "
                 f"({answers[first]!r}, question {dataset[first]['question']!r}; rows counted from 0, so line "
                 f"{rows[0] + 1} of a jsonl file) is not {kind}; {len(bad)} of {len(answers)} examples are like "

@@ -97,6 +97,11 @@ class LoadReport:
                 f"columns {self.columns}")
 
 
+class DataError(ValueError):
+    """Bad input data: the message names the --dataset file, row or column and the fix. train.py and
+    eval.py report it as `error: ...` and exit 2, without a traceback."""
+
+
 # --------------------------------------------------------------------------- text helpers
 
 def extract_tag(text, tag: str) -> str:
@@ -113,7 +118,7 @@ def _raise_on_the_bad_json_line(path: Path, error: Exception) -> None:
         try:
             json.loads(text)
         except json.JSONDecodeError as bad:
-            raise ValueError(f"--dataset {path}: line {bad.lineno} is not valid JSON ({bad.msg}); fix it") from error
+            raise DataError(f"--dataset {path}: line {bad.lineno} is not valid JSON ({bad.msg}); fix it") from error
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -121,12 +126,12 @@ def _raise_on_the_bad_json_line(path: Path, error: Exception) -> None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as bad:
-            raise ValueError(
+            raise DataError(
                 f"--dataset {path}: line {number} is not valid JSON ({bad.msg} at column {bad.colno}): "
                 f"{line[:120]!r}; fix or delete that line (one JSON object per line)"
             ) from error
         if not isinstance(row, dict):
-            raise ValueError(
+            raise DataError(
                 f"--dataset {path}: line {number} is a JSON {type(row).__name__}, not an object: {line[:120]!r}; "
                 "each line must be one object such as {\"image\": ..., \"problem\": ..., \"solution\": ...}"
             ) from error
@@ -199,7 +204,7 @@ def _encode_image(value, image_root: Path | None, max_pixels: int | None) -> dic
 # --------------------------------------------------------------------------- conversion
 
 def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root: Path | None,
-                   max_pixels: int | None) -> dict:
+                   max_pixels: int | None, source: str = "--dataset") -> dict:
     """Batched map: schema columns from source columns; rows with a bad image are dropped."""
     out = {name: [] for name in (*SCHEMA_COLUMNS, *extras)}
     for i in range(len(batch[columns["image"]])):
@@ -214,6 +219,11 @@ def _convert_batch(batch: dict, *, columns: dict, extras: list[str], image_root:
             logger.warning("skipping row %s, whose image failed to decode or is refused: %s", batch[SOURCE_ROW][i], error)
             continue
         raw_answer = batch[columns["answer"]][i]
+        for kind, value in (("question", batch[columns["question"]][i]), ("answer", raw_answer)):
+            if value is None:  # str(None) would make "None" the question or the gold answer
+                raise DataError(
+                    f"{source}: row {batch[SOURCE_ROW][i]}: its {kind} ({columns[kind]!r}) is null; fill it in or drop the row"
+                )
         thinking = batch[columns["thinking"]][i] if columns["thinking"] else None
         if thinking is None and "<think>" in str(raw_answer):
             thinking = raw_answer  # some gold fields carry "<think>..</think><answer>..</answer>"
@@ -242,7 +252,7 @@ def _pick_column(dataset: datasets.Dataset, field_name: str, explicit: str | Non
             return name
     if not required and explicit is None:
         return None
-    raise ValueError(
+    raise DataError(
         f"{source}: no {field_name} column (looked for {list(candidates)}); the columns found are "
         f"{found}. Name the right one with --{field_name}_column (the {field_name}_column argument).")
 
@@ -259,7 +269,7 @@ def _read_source(source, split: str, seed: int, num_examples: int | None,
     if source in ("synthetic", "synthetic-shifted"):
         offset = SYNTHETIC_SPLIT_SEED_OFFSET.get(split)
         if offset is None:
-            raise ValueError(f"synthetic splits are {list(SYNTHETIC_SPLIT_SEED_OFFSET)}, got {split!r}")
+            raise DataError(f"synthetic splits are {list(SYNTHETIC_SPLIT_SEED_OFFSET)}, got {split!r}")
         count = DEFAULT_SYNTHETIC_EXAMPLES if num_examples is None else num_examples
         kwargs = dict(synthetic_kwargs or {})
         kwargs.setdefault("shifted", source == "synthetic-shifted")
@@ -270,13 +280,13 @@ def _read_source(source, split: str, seed: int, num_examples: int | None,
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{source} has splits {list(loaded)}, not {split!r} (--split)")
+                raise DataError(f"{source} has splits {list(loaded)}, not {split!r} (--split)")
             loaded = loaded[split]
         return loaded, path
     if path.is_file():
         builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{source}: unsupported file type {path.suffix!r} (parquet, jsonl, json)")
+            raise DataError(f"{source}: unsupported file type {path.suffix!r} (parquet, jsonl, json)")
         try:
             loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split,
                                            cache_dir=cache_dir)
@@ -344,7 +354,7 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
         "image_paths": datasets.List(datasets.Value("string")), **{c: raw.features[c] for c in extras},
     })
     convert = functools.partial(_convert_batch, columns=columns, extras=extras, image_root=root,
-                                max_pixels=max_pixels)
+                                max_pixels=max_pixels, source=name)
     dataset = raw.map(convert, batched=True, batch_size=256, remove_columns=raw.column_names,
                       features=features, num_proc=num_proc, desc=f"reading {name}")
     report = LoadReport(source=name, split=split, num_rows=len(raw), num_examples=len(dataset),
@@ -353,7 +363,7 @@ def load_examples(source, *, split: str = "train", image_column: str | None = No
         warnings.warn(f"{name}: skipped {report.skipped_images} of {len(raw)} rows whose images "
                       f"failed to decode or have an aspect ratio over {MAX_ASPECT_RATIO}", stacklevel=2)
     if len(dataset) == 0:
-        raise ValueError(f"{name} [{split}]: no usable examples ({len(raw)} rows read, "
+        raise DataError(f"{name} [{split}]: no usable examples ({len(raw)} rows read, "
                          f"{report.skipped_images} skipped because their images failed to decode "
                          f"or have an aspect ratio over {MAX_ASPECT_RATIO})")
     return dataset, report

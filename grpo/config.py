@@ -31,7 +31,14 @@ import yaml
 from transformers import HfArgumentParser
 
 from data.prompts import SYSTEM_PROMPT
-from data.synthetic import GRID_CELLS, LAYOUTS  # the generator owns its options
+from data.synthetic import (  # the generator owns its options
+    GRID_CELLS,
+    LAYOUTS,
+    PALETTE,
+    QUESTION_KINDS,
+    SHIFTED_PALETTE,
+    TRACES,
+)
 from grpo.advantages import ADVANTAGE_SCALES  # the math modules own their option lists
 from grpo.engine.decoders import DECODE_MODES
 from grpo.engine.sampling import MIN_TEMPERATURE
@@ -41,12 +48,15 @@ from grpo.objectives import (
     LossOptions,
 )
 from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
+from models.loading import ATTN_IMPLEMENTATIONS
+from models.lora import LANGUAGE_PROJECTIONS
 
 # LossOptions' fields whose flag has another name (GRPO's epsilon is the lower clip; the
 # aggregation is --loss_aggregation); every other field is its flag.
 LOSS_OPTION_FLAGS = {"epsilon_low": "epsilon", "aggregation": "loss_aggregation"}
 SCHEDULES = ("constant", "cosine")
 STAGES = ("sft", "grpo")
+SMALLEST_IMAGE_PIXELS = 28 * 28  # one merged image token of Qwen2.5-VL: the processor never makes an image smaller
 REPORT_TO = ("tensorboard", "wandb")  # the import name is the package name for both
 
 
@@ -66,6 +76,20 @@ def _reject_non_finite(args) -> None:
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{f.name} {value}: must be a finite number")
+
+
+def check_pixel_range(min_pixels: int | None, max_pixels: int | None) -> None:
+    """--min_pixels / --max_pixels (train.py and eval.py): the processor refuses a bad range only when
+    the model loads, with a traceback."""
+    if max_pixels is not None and max_pixels < SMALLEST_IMAGE_PIXELS:
+        raise ConfigError(
+            f"--max_pixels {max_pixels}: must be >= {SMALLEST_IMAGE_PIXELS} (28 x 28, one image token), or leave it "
+            "unset (the blog post uses 65536)"
+        )
+    if min_pixels is not None and min_pixels < 1:
+        raise ConfigError(f"--min_pixels {min_pixels}: must be >= 1, or leave it unset")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ConfigError(f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}; lower --min_pixels")
 
 
 @dataclass
@@ -103,6 +127,9 @@ class ModelArguments:
 
     def __post_init__(self):
         _reject_non_finite(self)
+        for name in ("model", "init_from"):  # '' (an unset shell variable): --init_from '' started from --model
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"--{name} is empty (an unset shell variable, e.g. --{name} $CKPT?); give the model folder")
         self.freeze_policy = canonical_freeze_policy(self.freeze_policy)  # "seed" still works, with a warning
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
@@ -110,6 +137,16 @@ class ModelArguments:
             raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16, float16 or float64")
         if self.num_trainable_layers < 0:
             raise ConfigError("--num_trainable_layers must be >= 0")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        check_pixel_range(self.min_pixels, self.max_pixels)
+        targets = [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+        unknown = [name for name in targets if name not in LANGUAGE_PROJECTIONS]
+        if self.freeze_policy == "lora" and (unknown or not targets):  # an unknown name would be skipped silently
+            raise ConfigError(
+                f"--lora_targets {self.lora_targets!r}: give a comma list of Qwen2.5-VL's language projections "
+                f"({','.join(LANGUAGE_PROJECTIONS)}), e.g. q_proj,v_proj"
+            )
         if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_r {self.lora_r} / --lora_dropout {self.lora_dropout}: need r >= 1 and dropout in [0, 1)")
         if self.freeze_policy == "lora" and self.lora_alpha <= 0:  # alpha / r scales the update: 0 never trains
@@ -193,6 +230,31 @@ class DataArguments:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
         if self.num_examples is not None and self.num_examples < 1:
             raise ConfigError(f"--num_examples {self.num_examples}: must be >= 1 (or leave it unset for all)")
+        if self.dataset in ("synthetic", "synthetic-shifted") and self.split != "train":  # it was ignored
+            raise ConfigError(
+                f"--split {self.split!r}: the built-in synthetic data has no splits to pick (train.py trains on its "
+                "train stream; eval.py --eval_part validation / test scores the held-out ones); drop --split"
+            )
+        kinds = [kind.strip() for kind in self.question_kinds.split(",") if kind.strip()]
+        if not kinds or any(kind not in QUESTION_KINDS for kind in kinds):
+            raise ConfigError(f"--question_kinds {self.question_kinds!r}: give a comma list of {', '.join(QUESTION_KINDS)}")
+        if self.synthetic_trace not in TRACES:
+            raise ConfigError(f"--synthetic_trace {self.synthetic_trace!r}: use one of {', '.join(TRACES)}")
+        if self.demonstrator_misses is not None:
+            palette = SHIFTED_PALETTE if self.dataset == "synthetic-shifted" else PALETTE
+            if self.dataset not in ("synthetic", "synthetic-shifted"):  # it would be ignored
+                raise ConfigError(
+                    f"--demonstrator_misses relabels the built-in synthetic scenes, not --dataset {self.dataset}; drop it"
+                )
+            if self.demonstrator_misses not in palette:
+                raise ConfigError(
+                    f"--demonstrator_misses {self.demonstrator_misses!r} is not a colour of {self.dataset}'s scenes; "
+                    f"use one of {', '.join(palette)}"
+                )
+            if kinds != ["total"]:
+                raise ConfigError(
+                    f"--demonstrator_misses works with --question_kinds total only, got {self.question_kinds!r}"
+                )
         if self.image_size < 28:  # one 28 x 28 block is one merged image token of Qwen2.5-VL
             raise ConfigError(f"--image_size {self.image_size}: synthetic scenes need at least 28 pixels a side")
 
@@ -543,6 +605,8 @@ class GRPOArguments:
             )
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("--top_p must be in (0, 1] and --top_k >= 0")
+        if self.sample_log_steps < 0:
+            raise ConfigError(f"--sample_log_steps {self.sample_log_steps}: must be >= 0 (0 writes no samples.log)")
         if self.max_generation_rounds < 1:
             raise ConfigError(f"--max_generation_rounds {self.max_generation_rounds}: must be >= 1 (1 = no extra rounds)")
         if not 1 <= self.overlong_buffer_length <= self.max_completion_length:
@@ -755,6 +819,8 @@ class Config:
 
 
 def _read_config_file(path: str) -> dict:
+    if not path.strip():  # it was skipped: the run went on with the defaults
+        raise ConfigError("--config is empty (an unset shell variable?); give the YAML or JSON file, or drop --config")
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -838,7 +904,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.config:
+    if known.config is not None:
         values = _read_config_file(known.config)
         # HfArgumentParser resolves `int | None` to `int` in place: a None default marks the optional ones.
         annotations = {

@@ -47,6 +47,7 @@ T completion tokens, V vocabulary, D hidden size, N image tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -279,11 +280,35 @@ def parse_args(argv=None) -> Hyper:
             parser.error(f"--init_from {hp.init_from}: no model folder or train.py output_dir there; make one "
                          "with the SFT command at the top of grpo/minimal.py, or pass --init_from tiny")  # fmt: skip
         hp.init_from = str(checkpoints[-1])
+    if hp.init_from != "tiny":  # a text LM or another model failed only in the loader, with a traceback
+        try:
+            model_type = json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            parser.error(f"--init_from {hp.init_from}: cannot read its config.json ({error})")
+        if model_type != "qwen2_5_vl":
+            parser.error(f"--init_from {hp.init_from}: model_type {model_type!r}, not a Qwen2.5-VL ('qwen2_5_vl')")
     if hp.G < 2 or hp.B < 1 or hp.steps < 1 or hp.num_iterations < 1 or hp.max_completion_length < 1:
         parser.error("--G must be >= 2 (the std of a group), and --B, --steps, --num_iterations, "
                      "--max_completion_length >= 1")  # fmt: skip
-    if hp.temperature <= 0:
+    if not hp.temperature > 0:  # NaN too
         parser.error(f"--temperature {hp.temperature}: must be > 0 (this file samples; no greedy)")
+    for name in ("epsilon", "beta", "std_eps", "learning_rate", "weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(hp, name) < float("inf"):  # NaN and inf fail both comparisons' sides
+            parser.error(f"--{name} {getattr(hp, name)}: must be a finite number >= 0")
+    if hp.num_prompts < 1 or hp.image_size < 28:  # a scene is at least one 28 x 28 image token
+        parser.error(f"--num_prompts {hp.num_prompts} / --image_size {hp.image_size}: need >= 1 prompt and >= 28 pixels")
+    if hp.dtype not in ("float32", "bfloat16", "float16", "float64"):
+        parser.error(f"--dtype {hp.dtype!r}: use float32, bfloat16, float16 or float64")
+    try:  # imports every module:function now, not after the model has loaded
+        names = resolve_reward_functions(hp.reward_functions.split(","))
+    except (ValueError, ImportError, AttributeError, TypeError) as error:
+        parser.error(str(error))
+    try:
+        weights = [float(w) for w in hp.reward_weights.split(",")] if hp.reward_weights else [1.0] * len(names)
+    except ValueError:
+        parser.error(f"--reward_weights {hp.reward_weights!r}: give comma-separated numbers, e.g. 0.5,1")
+    if len(weights) != len(names) or not all(abs(w) < float("inf") for w in weights):
+        parser.error(f"--reward_weights {hp.reward_weights!r}: give one finite weight per --reward_functions name ({len(names)})")
     return hp
 
 

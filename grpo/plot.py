@@ -24,6 +24,8 @@ from pathlib import Path
 
 from grpo.runtime.metrics import read_metrics
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # formats matplotlib's Agg backend writes
+
 # (title, metric names); "reward/*/mean" stands for every reward function's mean, total first.
 PANELS = (
     ("rewards of the sampled completions", ("reward/*/mean",)),
@@ -130,13 +132,25 @@ def main(argv: list[str] | None = None) -> Path:
     metrics_path = Path(args.run_dir) / "metrics.jsonl"
     if not metrics_path.is_file():
         parser.exit(2, f"grpo.plot: error: {metrics_path} not found; pass the --output_dir of a training run\n")
-    records = read_metrics(metrics_path)
+    output = Path(args.output or Path(args.run_dir) / "curves.png")
+    # Before drawing: matplotlib writes X.png for an --output X without a suffix (or a folder X) and
+    # fails only after the figure is drawn on a missing folder or an unknown suffix.
+    if output.is_dir() or output.suffix.lower() not in PLOT_SUFFIXES:
+        parser.exit(2, f"grpo.plot: error: --output {output}: give an image file name ending in {', '.join(PLOT_SUFFIXES)}\n")
+    if not output.parent.is_dir():
+        parser.exit(2, f"grpo.plot: error: --output {output}: no folder {output.parent}; create it or choose another\n")
+    try:
+        records = read_metrics(metrics_path)
+    except ValueError as error:
+        parser.exit(2, f"grpo.plot: error: {error}\n")
     if not records:
         parser.exit(2, f"grpo.plot: error: {metrics_path} holds no complete step yet; try again after a step\n")
     try:
-        written = plot_curves(records, args.output or Path(args.run_dir) / "curves.png", title=str(args.run_dir))
+        written = plot_curves(records, output, title=str(args.run_dir))
     except ImportError as error:
         parser.exit(2, f"grpo.plot: error: {error}\n")
+    except (KeyError, TypeError) as error:  # a record without "step", or a value that is not a number
+        parser.exit(2, f"grpo.plot: error: {metrics_path} is not a metrics file train.py wrote ({type(error).__name__}: {error})\n")
     print(f"wrote {written} ({len(records)} steps)")
     return written
 

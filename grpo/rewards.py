@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ def _import_reward_function(spec: str) -> RewardFunction:
         raise ValueError(f"--reward_functions {spec!r}: write a custom reward as module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except (ImportError, SyntaxError) as error:  # a syntax error in the module too: its message names file and line
         raise ImportError(
             f"--reward_functions {spec!r}: cannot import module {module_name!r} ({error}); "
             "check the name and that its folder is on PYTHONPATH"
@@ -61,6 +62,15 @@ def _import_reward_function(spec: str) -> RewardFunction:
     function = getattr(module, attribute)
     if not callable(function):
         raise TypeError(f"--reward_functions {spec!r}: {attribute!r} is a {type(function).__name__}, not a function")
+    try:  # the call every step makes (example_columns' columns by name), tried now rather than at step 1
+        inspect.signature(function).bind([], [], questions=[], images=[], image_paths=[], source_row=[])
+    except TypeError:
+        raise TypeError(
+            f"--reward_functions {spec!r}: {attribute}{inspect.signature(function)} cannot be called as "
+            f"{attribute}(completions, answers, **columns); define it as def {attribute}(completions, answers, **columns)"
+        ) from None
+    except ValueError:  # no signature to read (a C function): it is called as it is
+        pass
     return function
 
 

@@ -265,15 +265,28 @@ def graft(vision, text, *, dtype: torch.dtype | str | None = None, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.graft", description=__doc__.split("\n")[0])
     parser.add_argument("--vision", required=True, help="Qwen2.5-VL Hub id or directory (vision tower + processor)")
     parser.add_argument("--text", required=True, help="Qwen2.5 text LM Hub id or directory (Qwen2ForCausalLM)")
     parser.add_argument("--out", required=True, help="output directory (save_pretrained)")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the text LM's)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: the text LM's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new merger.mlp.2")
     args = parser.parse_args(argv)
+    # --out before the (slow) graft: a file there, or a model save_pretrained would overwrite.
+    for flag, source in (("--vision", args.vision), ("--text", args.text)):
+        if not os.path.isdir(source) and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+            parser.error(f"{flag} {source}: no such directory, and not a Hub id (owner/name)")
+    if not args.out.strip():
+        parser.error("--out is empty (an unset shell variable?); give the folder to write the grafted model to")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a folder; choose another --out")
+    if os.path.exists(os.path.join(args.out, "config.json")):
+        parser.error(f"--out {args.out} already holds a model (config.json); choose another --out, or delete it first")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, processor = graft(args.vision, args.text, dtype=args.dtype, seed=args.seed)
+    try:
+        model, processor = graft(args.vision, args.text, dtype=args.dtype, seed=args.seed)
+    except (ValueError, OSError) as error:  # a missing folder, a non-Qwen checkpoint, the Hub unreachable offline
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     n_params = sum(p.numel() for p in model.parameters())

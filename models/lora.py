@@ -65,6 +65,10 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, in={self.base.in_features}, out={self.base.out_features}"
 
 
+# The nn.Linear names of Qwen2.5-VL's language layers, the ones --lora_targets may name.
+LANGUAGE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def apply_lora(
     model: nn.Module,
     targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),

@@ -110,3 +110,8 @@ def fails_on_batches(completions, answers, **columns):
     if len(completions) > 1:
         raise ValueError("expected one completion")
     return length_reward(completions, answers)
+
+
+def completions_only(completions):
+    """Takes no answers and no columns: the call every step makes cannot bind (refused at start-up)."""
+    return [1.0] * len(completions)

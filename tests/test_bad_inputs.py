@@ -90,6 +90,7 @@ BAD_NUMBERS = [
     (["--image_size", "0"], "--image_size 0"),
     (["--num_examples", "0"], "--num_examples 0"),
     (["--adam_epsilon", "0"], "--adam_epsilon 0"),
+    (["--sample_log_steps", "-1"], "--sample_log_steps -1: must be >= 0"),  # was read as 0, without a word
     (["--synthetic_layout", "spiral"], "--synthetic_layout 'spiral': use one of scatter, grid"),
     (["--synthetic_layout", "grid", "--count_max", "17"], "--count_max 17: the grid layout holds at most 16 objects"),
     (["--delta", "0.5"], "--delta 0.5"),
@@ -143,6 +144,8 @@ def test_a_malformed_config_file_names_the_file_and_field(tmp_path, capsys, no_m
 def test_a_missing_config_file_is_named(tmp_path, capsys, no_model_load):
     err = _exit_2([*train_argv(tmp_path / "run"), "--config", str(tmp_path / "nope.yaml")], capsys)
     assert f"--config {tmp_path / 'nope.yaml'}: no such file" in err
+    err = _exit_2([*train_argv(tmp_path / "run"), "--config", ""], capsys)  # was skipped: a run on the defaults
+    assert "--config is empty (an unset shell variable?)" in err
 
 
 def test_config_file_values_of_the_right_type_still_parse(tmp_path):
@@ -179,6 +182,23 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path, capsys, no_model_loa
     assert f"--init_from {tmp_path / 'nonexistent'}: no such directory" in err
     err = _exit_2(["--model", str(tmp_path / "nonexistent"), "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
     assert "no such directory" in err
+
+
+@pytest.mark.parametrize("flag", ["--model", "--init_from"])
+def test_a_folder_that_holds_no_qwen2_5_vl_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load, flag):
+    # Each was a traceback from the loader, after --output_dir was made (and it said --model for --init_from).
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{oops")
+    (tmp_path / "empty").mkdir()
+    err = _exit_2(train_argv(tmp_path / "run", flag, str(tmp_path / "bert")), capsys)
+    assert f"{flag} {tmp_path / 'bert'}: {tmp_path / 'bert' / 'config.json'} has model_type 'bert', but this trainer expects a Qwen2.5-VL" in err
+    err = _exit_2(train_argv(tmp_path / "run", flag, str(tmp_path / "broken")), capsys)
+    assert f"{flag} {tmp_path / 'broken'}: cannot read {tmp_path / 'broken' / 'config.json'}" in err
+    err = _exit_2(train_argv(tmp_path / "run", flag, str(tmp_path / "empty")), capsys)
+    assert f"{flag} {tmp_path / 'empty'} holds no model: expected config.json" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_hub_id_that_cannot_be_reached_offline_says_so(tmp_path, capsys, no_model_load, monkeypatch):
@@ -232,14 +252,14 @@ def test_a_full_disk_during_a_save_names_the_output_dir_and_what_was_kept(tmp_pa
 # --- item 10: the gold-answer check names rows of the file ---
 
 
-def test_the_gold_answer_check_names_the_row_of_the_file(tmp_path, train_run):
+def test_the_gold_answer_check_names_the_row_of_the_file(tmp_path, train_run, capsys):
     answers = [str(i % 5 + 1) for i in range(20)]
     answers[2] = answers[13] = "blue"  # rows 2 and 13 of the file
     source = _save_dataset(tmp_path / "data", rows=20, answers=answers)
     # The default --val_fraction shuffles before splitting: positions no longer match rows.
-    with pytest.raises(ValueError, match=r"the gold answer of row (\d+) of --dataset") as error:
-        train_run(tmp_path / "run", "--dataset", source, "--reward_functions", "count_accuracy")
-    message = str(error.value)
+    # A bad row is the input's fault: exit 2 with the message, no traceback (data.sources.DataError).
+    message = _exit_2(train_argv(tmp_path / "run", "--dataset", source, "--reward_functions", "count_accuracy"), capsys)
+    assert "the gold answer of row" in message
     row = int(re.search(r"row (\d+) of --dataset", message).group(1))
     assert row in (2, 13)
     assert f"question 'How many objects are there in the image? ({row})'" in message  # that row's question
@@ -431,6 +451,8 @@ def test_an_empty_output_dir_is_refused_naming_the_flag(tmp_path, capsys, no_mod
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no metrics.jsonl in the working directory
     err = _exit_2(["--model", "tiny", "--output_dir", value], capsys, eval_script.main)
     assert "--output_dir is empty" in err
+    err = _exit_2(["--model", value, "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert "--model is empty (an unset shell variable?)" in err  # it said '--model . holds no model'
 
 
 # --- round two: tracebacks where a named error belongs ---
@@ -442,6 +464,23 @@ NAMED_AT_START = [
     (["--count_min", "0", "--count_max", "0"], "--count_min 0 / --count_max 0: need 1 <= --count_min <= --count_max"),
     # CUDA graphs on the CPU failed in the first rollout, after metrics.jsonl was created.
     (["--decode", "cuda_graph", "--device", "cpu"], "--decode cuda_graph needs CUDA, but this run is on the CPU (--device cpu"),
+    # Round three (an outside sweep of every entry point): each was a traceback after the model loaded...
+    (["--max_pixels", "-1"], "--max_pixels -1: must be >= 784"),
+    (["--min_pixels", "100000", "--max_pixels", "1000"], "--min_pixels 100000 is above --max_pixels 1000"),
+    (["--attn_implementation", "flash"], "--attn_implementation 'flash': use one of sdpa, eager, flash_attention_2"),
+    (["--freeze_policy", "lora", "--lora_targets", ""], "--lora_targets '': give a comma list of Qwen2.5-VL's"),
+    (["--question_kinds", "sizes"], "--question_kinds 'sizes': give a comma list of total, by_color, by_shape, complex"),
+    (["--synthetic_trace", "aloud"], "--synthetic_trace 'aloud': use one of by_shape, count_aloud, none"),
+    (["--demonstrator_misses", "gray", "--question_kinds", "total,by_color"], "--demonstrator_misses works with --question_kinds total"),
+    (["--reward_functions", "reward_fns:completions_only"], "completions_only(completions) cannot be called as"),
+    # ...or no error at all: q_proj trained and zzz_proj was dropped without a word; the colour of
+    # another palette, or any --dataset but the synthetic one, relabelled nothing.
+    (["--freeze_policy", "lora", "--lora_targets", "q_proj,zzz_proj"], "--lora_targets 'q_proj,zzz_proj': give a comma list"),
+    (["--demonstrator_misses", "pink"], "--demonstrator_misses 'pink' is not a colour of synthetic's scenes"),
+    (["--dataset", "data.jsonl", "--demonstrator_misses", "gray"], "--demonstrator_misses relabels the built-in synthetic scenes"),
+    (["--split", "test"], "--split 'test': the built-in synthetic data has no splits to pick"),  # trained on train
+    (["--init_from", ""], "--init_from is empty (an unset shell variable"),  # started from --model instead
+    (["--model", ""], "--model is empty"),
 ]
 
 
@@ -450,6 +489,64 @@ def test_settings_that_failed_with_a_traceback_exit_2_naming_the_flag(tmp_path, 
     err = _exit_2(train_argv(tmp_path / "run", *flags), capsys)
     assert message in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_device_cuda_without_cuda_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load):
+    err = _exit_2(train_argv(tmp_path / "run", "--device", "cuda"), capsys)  # was a RuntimeError traceback
+    assert "--device cuda: no CUDA device is visible here; use --device cpu or auto" in err
+    err = _exit_2(["--device", "cuda", "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert "--device cuda: no CUDA device is visible here" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_reward_module_with_a_syntax_error_exits_2_naming_it(tmp_path, capsys, no_model_load, monkeypatch):
+    (tmp_path / "broken_rewards.py").write_text("def reward(completions, answers, **columns:\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = _exit_2(train_argv(tmp_path / "run", "--reward_functions", "broken_rewards:reward"), capsys)  # was a SyntaxError traceback
+    assert "--reward_functions 'broken_rewards:reward': cannot import module 'broken_rewards'" in err and "line 1" in err
+
+
+def test_a_bad_eval_accuracy_reward_is_named_by_its_own_flag(tmp_path, capsys, no_model_load):
+    err = _exit_2(train_argv(tmp_path / "run", "--eval_accuracy_reward", "no_such_module:f", stage="sft"), capsys)
+    assert "--eval_accuracy_reward 'no_such_module:f': cannot import module" in err
+    assert "--reward_functions" not in err  # it named the GRPO flag this SFT run does not have
+
+
+def test_more_trainable_layers_than_the_model_has_exits_2_naming_the_flag(tmp_path, capsys):
+    # Only the loaded model knows its layer count: a ValueError traceback, now exit 2 (nothing saved).
+    flags = ("--freeze_policy", "projector_embeddings_first_layers", "--num_trainable_layers", "1000")
+    err = _exit_2(train_argv(tmp_path / "run", *flags), capsys)
+    assert "--num_trainable_layers 1000 is outside [0, 2]" in err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+BAD_EVAL_FLAGS = [
+    (["--dtype", "int8"], "--dtype 'int8': use auto, float32, bfloat16, float16 or float64"),
+    (["--device", "tpu"], "--device 'tpu': use auto, cpu or cuda"),
+    (["--top_k", "-1"], "--top_k -1: must be >= 0"),
+    (["--attn_implementation", "flash"], "--attn_implementation 'flash': use one of"),
+    (["--max_pixels", "-1"], "--max_pixels -1: must be >= 784"),
+    (["--accuracy_reward", "reward_fns:completions_only"], "--accuracy_reward 'reward_fns:completions_only': completions_only"),
+]
+
+
+def test_an_eval_part_a_jsonl_file_cannot_have_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "problem": "How many?", "solution": "1"}) + "\n")
+    flags = ["--dataset", str(tmp_path / "data.jsonl"), "--output_dir", str(tmp_path / "e")]
+    err = _exit_2([*flags, "--eval_part", "test"], capsys, eval_script.main)  # ValueError traceback once loaded
+    assert "--eval_part test is drawn only for the built-in synthetic data" in err
+    err = _exit_2([*flags, "--val_fraction", "0"], capsys, eval_script.main)
+    assert "--eval_part validation with --val_fraction 0 holds no examples" in err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("flags, message", BAD_EVAL_FLAGS, ids=[flags[0] for flags, _ in BAD_EVAL_FLAGS])
+def test_bad_eval_flags_exit_2_before_the_model_loads(tmp_path, capsys, no_model_load, flags, message):
+    # Each was a traceback once the model had loaded, or (--top_k -1) read as "off" without a word.
+    err = _exit_2([*flags, "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert message in err
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_relative_model_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path, capsys, no_model_load, monkeypatch):
@@ -462,6 +559,42 @@ def test_a_relative_model_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_pa
     assert "--model runs/nothere: no such directory (./runs exists, so it reads as a local path" in err
     err = _exit_2(train_argv(tmp_path / "out", "--init_from", "runs/nothere"), capsys)
     assert "--init_from runs/nothere: no such directory" in err
+
+
+def test_a_missing_dataset_or_image_root_exits_2_before_the_model_loads(tmp_path, capsys, no_model_load):
+    # A FileNotFoundError traceback from the data loader, after the model had loaded.
+    missing = tmp_path / "nope.jsonl"
+    err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(missing)), capsys)
+    assert f"--dataset {missing}: no such file or folder, and not a Hub dataset (owner/name)" in err
+    err = _exit_2(["--dataset", str(missing), "--output_dir", str(tmp_path / "e")], capsys, eval_script.main)
+    assert f"--dataset {missing}: no such file or folder" in err
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "problem": "How many?", "solution": "1"}) + "\n")
+    flags = ("--dataset", str(tmp_path / "data.jsonl"), "--image_root", str(tmp_path / "images"))
+    err = _exit_2(train_argv(tmp_path / "run", *flags), capsys)
+    assert f"--image_root {tmp_path / 'images'}: no such folder" in err
+    (tmp_path / "data.txt").write_text("How many?\n")
+    err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(tmp_path / "data.txt")), capsys)
+    assert f"--dataset {tmp_path / 'data.txt'}: a .txt file; give a .parquet, .jsonl, .json file" in err
+    (tmp_path / "empty").mkdir()  # datasets' EmptyDatasetError traceback
+    err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(tmp_path / "empty")), capsys)
+    assert f"--dataset {tmp_path / 'empty'}: a folder with no save_to_disk dataset" in err
+    (tmp_path / "empty.jsonl").write_text("\n")  # a ValueError traceback once the model had loaded
+    err = _exit_2(train_argv(tmp_path / "run", "--dataset", str(tmp_path / "empty.jsonl")), capsys)
+    assert f"--dataset {tmp_path / 'empty.jsonl'} holds no rows" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("column", ["problem", "solution"])
+def test_a_null_question_or_answer_is_named_by_its_row(tmp_path, column):
+    from data.sources import load_examples
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "problem": "How many?", "solution": "1"} for _ in range(4)]
+    rows[2][column] = None  # was read as the text "None": a question, or a gold answer, of "None"
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    kind = {"problem": "question", "solution": "answer"}[column]
+    with pytest.raises(ValueError, match=rf"data.jsonl: row 2: its {kind} \('{column}'\) is null; fill it in or drop the row"):
+        load_examples(str(tmp_path / "data.jsonl"), image_root=str(tmp_path))
 
 
 def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path):

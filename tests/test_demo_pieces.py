@@ -134,6 +134,13 @@ def test_every_arm_is_chosen_by_its_best_validation_accuracy():
     (["--seeds", "0,0"], "--seeds '0,0': a seed is given twice"),  # ran seed 0, then FileExistsError
     (["--output_dir", "{file}"], "is a file, not a folder"),  # NotADirectoryError traceback
     (["--output_dir", ""], "--output_dir is empty"),
+    # Each failed a later stage only after the earlier ones had run (--beta nan: after the SFT stage).
+    (["--beta", "nan"], "--beta nan must be finite and >= 0"),
+    (["--nproc", "0"], "--nproc 0: must be >= 1"),
+    (["--sft_eval_steps", "0"], "--sft_eval_steps 0: must be >= 1"),  # range() arg 3 must not be zero
+    (["--grpo_prompts", "1", "--num_generations", "5"], "--grpo_prompts 1 x --num_generations 5 must be even"),
+    (["--demonstrator_misses", "pink"], "--demonstrator_misses 'pink' is not a colour"),
+    (["--count_max", "17"], "--count_max 17: the grid layout holds at most 16 objects"),
 ])  # fmt: skip
 def test_demo_command_line_mistakes_exit_2_before_any_work(tmp_path, capsys, argv, message):
     from grpo.demo.pipeline import parse_args

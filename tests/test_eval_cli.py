@@ -96,9 +96,12 @@ def test_wilson_interval_holds_its_estimate_at_the_edges():
         assert low <= correct / 6 <= high
 
 
-def test_eval_of_a_folder_without_a_model_says_what_it_expected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no model: expected config.json"):
+def test_eval_of_a_folder_without_a_model_says_what_it_expected(tmp_path, capsys):
+    # Found before the model loads (it was a FileNotFoundError traceback from the loader).
+    with pytest.raises(SystemExit) as exit_info:
         eval_script.main(["--model", str(tmp_path), "--output_dir", str(tmp_path / "eval"), *TINY_EVAL])
+    assert exit_info.value.code == 2
+    assert f"--model {tmp_path} holds no model: expected config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("function, error, message", [

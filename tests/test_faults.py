@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -315,11 +316,13 @@ def test_impossible_setting_through_the_real_command(tmp_path):
 # --- output directories and stages ---
 
 
-def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, train_run):
+def test_output_dir_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, train_run, capsys):
     out = train_run(tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-2")
     first = read_metrics(out)
-    with pytest.raises(FileExistsError, match="already holds a run .*pass --resume to continue it or --overwrite_output_dir"):
+    with pytest.raises(SystemExit) as exit_info:  # exit 2 before the model loads (it was a FileExistsError traceback)
         train_run(out, "--max_steps", "1")
+    assert exit_info.value.code == 2
+    assert re.search(r"already holds a run .*pass --resume to continue it or --overwrite_output_dir", capsys.readouterr().err)
     assert read_metrics(out) == first  # refused before touching anything
     train_run(out, "--max_steps", "2", "--overwrite_output_dir")
     records = read_metrics(out)
@@ -336,10 +339,13 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path, train
     assert _steps(out) == [1]
 
 
-def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run):
+def test_resuming_an_sft_run_as_grpo_names_the_mismatch(tmp_path, train_run, capsys):
     out = train_run(tmp_path / "sft", "--max_steps", "1", stage="sft")
-    with pytest.raises(ValueError, match=r"stage/checkpoint mismatch: .* --stage sft but this run is --stage grpo.*--init_from"):
+    with pytest.raises(SystemExit) as exit_info:  # exit 2 before the model loads (it was a ValueError traceback)
         train_run(out, "--max_steps", "2", "--resume")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"stage/checkpoint mismatch: .* --stage sft but this run is --stage grpo.*--init_from", err)
     # What the message suggests works: GRPO from the SFT checkpoint, in a new output dir.
     grpo = train_run(tmp_path / "grpo", "--max_steps", "1", "--init_from", str(out))
     assert _steps(grpo) == [1]
@@ -374,18 +380,26 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, train_run):
     assert all(r["skipped_images"] == 2 for r in records)
 
 
-def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run):
+def _refused(capsys, run, *args, **kwargs) -> str:
+    """A bad --dataset row, column or file: `train.py: error: ...` and exit 2, no traceback; returns stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(*args, **kwargs)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_dataset_missing_a_column_names_it_and_the_flag(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=4, drop="solution")
-    with pytest.raises(ValueError, match=r"no answer column .* the columns found are \['image', 'problem'\]. .*--answer_column"):
-        train_run(tmp_path / "run", "--dataset", source)
+    err = _refused(capsys, train_run, tmp_path / "run", "--dataset", source)
+    assert re.search(r"no answer column .* the columns found are \['image', 'problem'\]. .*--answer_column", err)
     renamed = tmp_path / "renamed"
     datasets.load_from_disk(source).add_column("count", ["3"] * 4).save_to_disk(str(renamed))
-    with pytest.raises(ValueError, match=r"no answer column \(looked for \['total'\]\)"):
-        train_run(tmp_path / "run", "--dataset", str(renamed), "--answer_column", "total")
+    err = _refused(capsys, train_run, tmp_path / "run", "--dataset", str(renamed), "--answer_column", "total")
+    assert "no answer column (looked for ['total'])" in err
 
 
 @pytest.mark.parametrize("form", ["jsonl", "parquet", "save_to_disk"])
-def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, form):
+def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, capsys, form):
     features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")})
     empty = datasets.Dataset.from_dict({"image": [], "problem": [], "solution": []}, features=features)
     path = tmp_path / f"empty.{form}"
@@ -395,43 +409,49 @@ def test_an_empty_dataset_is_a_clear_error(tmp_path, train_run, form):
         empty.to_parquet(str(path))
     else:
         empty.save_to_disk(str(path))
-    with pytest.raises(ValueError, match=f"--dataset {path} holds no rows"):
+    with pytest.raises(SystemExit) as exit_info:  # found before the model loads: exit 2
         train_run(tmp_path / "run", "--dataset", str(path))
+    assert exit_info.value.code == 2
+    assert f"--dataset {path} holds no rows" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
-def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run):
+def test_val_fraction_zero_turns_the_sft_validation_loss_off(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=10)
     out = train_run(tmp_path / "sft", "--dataset", source, "--val_fraction", "0", "--max_steps", "2", stage="sft")
     assert [("val_loss" in record) for record in read_metrics(out)] == [False, False]
-    # eval.py scores the held-out part, which --val_fraction 0 leaves empty: it says so.
+    # eval.py scores the held-out part, which --val_fraction 0 leaves empty: it says so, before loading.
     import eval as eval_script
 
-    with pytest.raises(ValueError, match="the validation part is empty; raise --val_fraction"):
+    with pytest.raises(SystemExit) as exit_info:
         eval_script.main(["--model", str(out), "--dataset", source, "--val_fraction", "0", "--output_dir", str(tmp_path / "e")])
+    assert exit_info.value.code == 2
+    assert "--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction" in capsys.readouterr().err
 
 
-def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run):
+def test_every_image_corrupt_is_a_clear_error(tmp_path, train_run, capsys):
     source = _save_dataset(tmp_path / "data", rows=3, corrupt=3)
-    with pytest.raises(ValueError, match=r"no usable examples \(3 rows read, 3 skipped because their images failed"):
-        with pytest.warns(UserWarning, match="skipped 3 of 3 rows"):
-            train_run(tmp_path / "run", "--dataset", source)
+    with pytest.warns(UserWarning, match="skipped 3 of 3 rows"):
+        err = _refused(capsys, train_run, tmp_path / "run", "--dataset", source)
+    assert "no usable examples (3 rows read, 3 skipped because their images failed" in err
 
 
-def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run):
+def test_gold_answers_count_accuracy_cannot_read_fail_before_step_one(tmp_path, train_run, capsys):
     answers = ["3", "4", "blue", "5", "2", "1", "3", "two", "4", "5"]
     source = _save_dataset(tmp_path / "data", rows=10, answers=answers)
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('(blue|two)'") as error:
-        train_run(tmp_path / "run", "--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
-    assert "question 'How many objects are there in the image? (2)'" in str(error.value)  # the first bad row
-    assert "2 of 10 examples" not in str(error.value)  # "two" is a number word count_accuracy reads
-    assert "1 of 10 examples are like it" in str(error.value)
+    flags = ("--dataset", source, "--val_fraction", "0.0", "--reward_functions", "count_accuracy")
+    err = _refused(capsys, train_run, tmp_path / "run", *flags)
+    assert re.search(r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('(blue|two)'", err)
+    assert "question 'How many objects are there in the image? (2)'" in err  # the first bad row
+    assert "2 of 10 examples" not in err  # "two" is a number word count_accuracy reads
+    assert "1 of 10 examples are like it" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
     # The same data with a reward that does not parse gold answers trains.
     out = train_run(tmp_path / "ok", "--dataset", source, "--val_fraction", "0.0", "--max_steps", "1")
     assert _steps(out) == [1]
 
 
-def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_path, train_run):
+def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_path, train_run, capsys):
     from data.collators import prompt_length
     from data.prompts import SYSTEM_PROMPT
     from data.sources import load_examples
@@ -447,10 +467,10 @@ def test_prompts_over_max_prompt_length_are_skipped_and_counted_or_rejected(tmp_
 
     out = train_run(tmp_path / "skip", "--max_steps", "2", "--max_prompt_length", str(limit))
     assert [r["skipped_long_prompts"] for r in read_metrics(out)] == [too_long, too_long]
-    with pytest.raises(ValueError, match=f"{too_long} of 64 prompts are longer than --max_prompt_length {limit} .*--long_prompts skip"):
-        train_run(tmp_path / "error", "--max_prompt_length", str(limit), "--long_prompts", "error")
-    with pytest.raises(ValueError, match="every prompt is over --max_prompt_length"):
-        train_run(tmp_path / "none", "--max_prompt_length", "10")
+    err = _refused(capsys, train_run, tmp_path / "error", "--max_prompt_length", str(limit), "--long_prompts", "error")
+    assert re.search(f"{too_long} of 64 prompts are longer than --max_prompt_length {limit} .*--long_prompts skip", err)
+    err = _refused(capsys, train_run, tmp_path / "none", "--max_prompt_length", "10")
+    assert "every prompt is over --max_prompt_length" in err
 
 
 @pytest.mark.parametrize(
@@ -476,12 +496,13 @@ def test_an_unknown_reward_function_fails_at_start(tmp_path, train_run, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or _steps(tmp_path / "run") == []
 
 
-def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path):
+def test_eval_refuses_gold_answers_its_accuracy_reward_cannot_read(tmp_path, capsys):
     import eval as eval_script
 
     source = _save_dataset(tmp_path / "data", rows=6, answers=["1", "2", "3", "four", "5", "many"])
-    with pytest.raises(ValueError, match=r"reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('many'"):
-        eval_script.main(["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"])
+    argv = ["--model", "tiny", "--dataset", source, "--eval_part", "all", "--output_dir", str(tmp_path / "e"), "--progress_bar", "false"]
+    err = _refused(capsys, eval_script.main, argv)
+    assert re.search(r"eval.py: error: reward function 'count_accuracy': the gold answer of row \d+ of --dataset \S+ \('many'", err)
 
 
 def test_metrics_file_and_checkpoint_left_by_a_crash_mid_line_are_repaired(tmp_path, train_run):

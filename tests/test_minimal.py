@@ -223,12 +223,28 @@ def test_minimal_loop_learns_a_rare_reward_and_not_with_flipped_advantages(monke
     assert learned == (sign > 0), rewards
 
 
+def test_an_init_from_that_is_not_a_qwen2_5_vl_exits_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a text LM: a traceback in the loader
+    with pytest.raises(SystemExit) as exit_info:
+        minimal.parse_args(["--init_from", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--init_from {tmp_path}: model_type 'qwen2', not a Qwen2.5-VL" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "names"),
-    [(["--init_from", "no/such/run"], "--init_from"), (["--G", "1"], "--G"), (["--temperature", "0"], "--temperature")],
-)
+    [
+        (["--init_from", "no/such/run"], "--init_from"), (["--G", "1"], "--G"), (["--temperature", "0"], "--temperature"),
+        # Each of these was a traceback once the model had loaded (or, --temperature nan, in the sampler).
+        (["--temperature", "nan"], "--temperature nan"), (["--learning_rate", "nan"], "--learning_rate nan"),
+        (["--beta", "inf"], "--beta inf"), (["--reward_weights", "a,b"], "--reward_weights 'a,b'"),
+        (["--reward_weights", "1"], "--reward_weights '1': give one finite weight per --reward_functions name (2)"),
+        (["--reward_functions", "no_such_module:f"], "cannot import module 'no_such_module'"),
+        (["--dtype", "int8"], "--dtype 'int8'"), (["--num_prompts", "0"], "--num_prompts 0"),
+    ],
+)  # fmt: skip
 def test_bad_command_line_exits_2_naming_the_flag(capsys, argv, names):
     with pytest.raises(SystemExit) as exit_info:
-        minimal.parse_args(argv)
+        minimal.parse_args(["--init_from", "tiny", *argv])  # argparse keeps the last --init_from
     assert exit_info.value.code == 2
     assert names in capsys.readouterr().err

@@ -122,3 +122,35 @@ def test_graft_refuses_wrong_sources(tmp_path):
     with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
         graft((vl_model, vl_processor), (vl_model, vl_processor.tokenizer))
     assert Qwen2Config().model_type == "qwen2"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-vision", "--vision {tmp}/nope: no such directory, and not a Hub id"),
+    ("lm-as-vision", "--vision '{tmp}/lm' has model_type 'qwen2'; expected a Qwen2.5-VL"),
+    ("out-is-a-file", "--out {tmp}/a-file is a file, not a folder"),
+    ("out-holds-a-model", "--out {tmp}/lm already holds a model (config.json)"),
+    ("bad-dtype", "argument --dtype: invalid choice: 'int8'"),
+])  # fmt: skip
+def test_graft_command_line_mistakes_exit_2_naming_the_flag(tmp_path, capsys, monkeypatch, case, message):
+    # Each was a traceback (a ValueError, or HFValidationError for a missing folder); a file as
+    # --out failed only after the whole graft, and a model in --out was overwritten.
+    lm = text_lm(64, tie=True)
+    lm.save_pretrained(tmp_path / "lm")
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(path.name for path in (tmp_path / "lm").iterdir())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vision, out, extra = str(tmp_path / "lm"), str(tmp_path / "out"), []  # a text LM: no Qwen2.5-VL
+    if case == "missing-vision":
+        vision = str(tmp_path / "nope")
+    elif case == "out-is-a-file":
+        out = str(tmp_path / "a-file")
+    elif case == "out-holds-a-model":
+        out = str(tmp_path / "lm")
+    elif case == "bad-dtype":
+        extra = ["--dtype", "int8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--vision", vision, "--text", str(tmp_path / "lm"), "--out", out, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and sorted(path.name for path in (tmp_path / "lm").iterdir()) == before

@@ -146,3 +146,39 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, t
         train_run(out, "--max_steps", "1")
     assert [r["step"] for r in read_metrics(out)] == [1]
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("flag, value", [(["--nproc_per_node", "0"], "0"), (["--nproc-per-node=-1"], "-1")])
+def test_launch_refuses_a_nproc_per_node_below_1(capsys, flag, value):
+    from grpo.runtime.launch import main
+
+    with pytest.raises(SystemExit) as exit_info:  # torchrun itself stops on a bare AssertionError
+        main([*flag, "train.py", "--nproc_per_node", "1"])  # the script's flags are its own
+    assert exit_info.value.code == 2
+    assert f"launch: error: --nproc_per_node {value}: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("codes, refused", [
+    ((2, 2), True),         # both workers refused their command line
+    ((2, -15), True),       # the second was stopped by torchrun (SIGTERM) before it got to its exit 2
+    ((2, 1), False),        # a worker that crashed: torchrun's own error, unchanged
+    ((1, 2), False),
+])  # fmt: skip
+def test_launch_exits_2_when_the_workers_refuse_their_command_line(monkeypatch, capsys, codes, refused):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import grpo.runtime.launch as launch
+
+    def workers_fail(argv):  # rank 0 fails first (the timestamps order them)
+        failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="") for rank, code in enumerate(codes)}
+        for rank, failure in failures.items():
+            failure.timestamp = rank
+        raise ChildFailedError("train.py", failures)
+
+    monkeypatch.setattr(launch, "torchrun_main", workers_fail)
+    if refused:
+        assert launch.main(["--nproc_per_node", "2", "train.py"]) == 2  # was torchrun's traceback and exit 1
+        assert "[launch] the workers refused the command line (exit 2)" in capsys.readouterr().err
+    else:
+        with pytest.raises(ChildFailedError):
+            launch.main(["--nproc_per_node", "2", "train.py"])

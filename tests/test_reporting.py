@@ -214,6 +214,29 @@ def test_plot_command_names_the_missing_metrics_file(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'} not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("metrics, output, message", [
+    # Each was a traceback (JSONDecodeError, TypeError, FileNotFoundError after drawing, matplotlib's
+    # ValueError), or (a folder, no suffix) 'wrote X' while matplotlib had written X.png.
+    ('not json\n{"step": 1}\n', "curves.png", "metrics.jsonl: line 1 is not valid JSON"),
+    ('{"step": 1, "loss": "x"}\n', "curves.png", "is not a metrics file train.py wrote (TypeError"),
+    ('{"step": 1, "loss": 0.5}\n', "nodir/curves.png", "no folder {tmp}/nodir"),
+    ('{"step": 1, "loss": 0.5}\n', "curves.txt", "--output {tmp}/curves.txt: give an image file name ending in .png"),
+    ('{"step": 1, "loss": 0.5}\n', "curves", "--output {tmp}/curves: give an image file name"),
+    ('{"step": 1, "loss": 0.5}\n', "run", "--output {tmp}/run: give an image file name"),  # the run folder itself
+])  # fmt: skip
+def test_plot_command_line_mistakes_exit_2_naming_the_problem(tmp_path, capsys, metrics, output, message):
+    pytest.importorskip("matplotlib")  # the TypeError comes from drawing
+    from grpo.plot import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(metrics)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "run"), "--output", str(tmp_path / output)])
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # nothing drawn anywhere
+
+
 # --- the whole thing on two ranks ---
 
 

@@ -91,7 +91,7 @@ def parse_args(argv=None):
     # data
     add("--count_max", type=int, default=10, help="most objects in a scene")
     add("--demonstrator_misses", default="gray", help="the colour the demonstrator does not see ('' = a perfect demonstrator)")
-    add("--trace", default="count_aloud", help="how the demonstrations count: count_aloud | by_shape")
+    add("--trace", default="count_aloud", choices=("count_aloud", "by_shape"), help="how the demonstrations count: count_aloud | by_shape")
     add("--layout", default="grid", choices=("grid", "scatter"), help="scene layout: grid (one object per image token) | scatter")
     add("--sft_examples", type=int, default=1000, help="demonstrations (with traces) for SFT")
     add("--grpo_examples", type=int, default=8000, help="answer-only prompts for GRPO")
@@ -124,6 +124,25 @@ def parse_args(argv=None):
         parser.error("--seeds is empty")
     if len(set(args.seed_list)) < len(args.seed_list):  # each seed writes its own folder, seed-N
         parser.error(f"--seeds {args.seeds!r}: a seed is given twice; give each once, e.g. 0,1,2")
+    # Numbers the later stages would refuse (train.py, eval.py) only after the earlier ones ran: refused now.
+    for name in ("sft_examples", "grpo_examples", "val_examples", "eval_examples", "pass_examples", "sft_max_steps",
+                 "sft_eval_steps", "grpo_steps", "grpo_prompts", "curve_every", "pass_k", "nproc"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.num_generations < 2 or args.sft_patience < 0:
+        parser.error("--num_generations must be >= 2 (a group) and --sft_patience >= 0")
+    generation_batch = args.grpo_prompts * args.num_generations
+    if generation_batch % (generation_batch // 2):  # the GRPO stage's micro-batch is half the generation batch
+        parser.error(f"--grpo_prompts {args.grpo_prompts} x --num_generations {args.num_generations} must be even")
+    if not (0 < args.sft_lr < float("inf") and 0 < args.grpo_lr < float("inf")):  # NaN fails too
+        parser.error(f"--sft_lr {args.sft_lr} / --grpo_lr {args.grpo_lr}: each must be a finite number > 0")
+    if not (0 <= args.beta < float("inf") and 0 <= args.sft_min_delta < 1):
+        parser.error(f"--beta {args.beta} must be finite and >= 0, --sft_min_delta {args.sft_min_delta} in [0, 1)")
+    try:  # the data flags, as train.py will read them
+        DataArguments(count_max=args.count_max, synthetic_layout=args.layout, synthetic_trace=args.trace,
+                      demonstrator_misses=args.demonstrator_misses or None)  # fmt: skip
+    except ConfigError as error:
+        parser.error(str(error))
     try:  # a file where the folder goes, an unwritable place, '' (an unset variable)
         check_writable("--output_dir", args.output_dir)
     except ConfigError as error:

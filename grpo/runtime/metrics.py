@@ -62,9 +62,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics JSONL file (for plots and tests); skips a partial last line."""
     records = []
     with open(path, encoding="utf-8") as file:
-        for line in file:
+        for number, line in enumerate(file, 1):
             if line.endswith("\n"):
-                records.append(json.loads(line))
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:  # a ValueError still, now naming the line
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
     return records
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import Config, ModelArguments
+from grpo.config import Config, ConfigError, ModelArguments
 from grpo.runtime.checkpoint import damaged_checkpoint_error
 from grpo.runtime.distributed import is_main
 from grpo.runtime.fsdp import FullModel, FullStateOptimizer, shard_model
@@ -89,15 +89,18 @@ def build_policy(
             start_model = load(source)[0]
             starting_point = check_fingerprint(starting_point, start_model)
         reference = make_reference(start_model)
-    apply_freeze_policy(
-        model,
-        args.freeze_policy,
-        num_trainable_layers=args.num_trainable_layers,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-    )
+    try:
+        apply_freeze_policy(
+            model,
+            args.freeze_policy,
+            num_trainable_layers=args.num_trainable_layers,
+            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+        )
+    except ValueError as error:  # a flag the model's shape refuses (e.g. more trainable layers than it has)
+        raise ConfigError(str(error)) from None
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     vision_trainable = any(p.requires_grad for p in model.model.visual.parameters())

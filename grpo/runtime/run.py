@@ -242,6 +242,9 @@ def start_run(config: Config, stage: str, *, with_reference: bool) -> TrainingRu
                 resume_from = check_output_dir(
                     targs.output_dir, resume=targs.resume, overwrite=targs.overwrite_output_dir, stage=stage
                 )
+            except (FileExistsError, ValueError) as error:  # another run's checkpoints, a stage mismatch
+                refusal = str(error)  # the command line's fault: exit 2 like the lock's refusal, not a traceback
+                lock.release()
             except BaseException:
                 lock.release()
                 raise

@@ -2,10 +2,11 @@
 otherwise surface minutes later, after the model and the data have loaded, as a traceback.
 
 - the reward functions resolve (built-in names, `module:function` imports);
-- `--model` / `--init_from` name a preset, an existing folder, or a Hub id that can be reached
+- `--model` / `--init_from` name a preset, an existing folder holding a Qwen2.5-VL (its config.json), or a Hub id that can be reached
   (offline, a Hub id must already be in the local cache; a relative path whose first folder
   exists here, such as runs/nothere, is a missing folder, not a Hub id);
-- `--decode cuda_graph` has CUDA; `--attn_implementation flash_attention_2` has flash-attn;
+- a local `--dataset` exists, is a file type the loader reads and holds rows; `--image_root` exists;
+- `--decode cuda_graph` and `--device cuda` have CUDA; `--attn_implementation flash_attention_2` has flash-attn;
 - `--output_dir` is given (not '', as an unset shell variable makes it) and can be written to (a
   probe file in it, or in the nearest folder above it that exists);
 - `--resume` changes no flag that changes what a step computes (RESUMABLE lists those that may change);
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 
+from data.loading import SYNTHETIC, check_not_empty
 from grpo.config import Config, ConfigError
 from grpo.rewards import resolve_reward_functions
 from grpo.runtime.checkpoint import RUN_CONFIG, _stage_of, latest_checkpoint
@@ -39,7 +41,7 @@ def check_reward_specs(flag: str, names: list[str], **settings) -> None:
     try:
         resolve_reward_functions(names, **settings)
     except (ValueError, ImportError, AttributeError, TypeError) as error:
-        message = str(error)
+        message = str(error).replace("--reward_functions", flag)  # resolve_reward_functions names train.py's flag
         raise ConfigError(message if message.startswith(flag) else f"{flag}: {message}") from None
 
 
@@ -70,6 +72,12 @@ def check_decode_device(config: Config) -> None:
         )
 
 
+def check_device(flag: str, value: str) -> None:
+    """--device cuda where no CUDA device is visible: refused here, not as a traceback at the start of the run."""
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} cuda: no CUDA device is visible here; use {flag} cpu or auto")
+
+
 def check_attn_implementation(flag: str, value: str) -> None:
     """flash_attention_2 needs the flash_attn package; without it transformers fails at load time,
     after output_dir was made."""
@@ -82,8 +90,13 @@ def check_attn_implementation(flag: str, value: str) -> None:
 
 def check_model_source(flag: str, value: str) -> None:
     """A preset name, an existing path, or an owner/name Hub id (in the cache, when offline)."""
-    if value in TINY_PRESETS or Path(value).expanduser().exists():
-        return  # a folder that holds no model is reported by resolve_model_path with what it expected
+    if not value.strip():  # Path("") is ".": it read as the working directory
+        raise ConfigError(f"{flag} is empty (an unset shell variable?); give the model folder, a Hub id or a preset")
+    if value in TINY_PRESETS:
+        return
+    if Path(value).expanduser().exists():
+        check_local_model(flag, value)
+        return
     if value.startswith((".", "/", "~")) or value.count("/") != 1:
         raise ConfigError(
             f"{flag} {value}: no such directory, and not a Hub id (owner/name) or a preset "
@@ -102,6 +115,56 @@ def check_model_source(flag: str, value: str) -> None:
                 "Hub is offline (HF_HUB_OFFLINE=1); download it where the Hub can be reached "
                 f"(huggingface-cli download {value}) or pass a local folder written by save_pretrained"
             )
+
+
+def check_local_model(flag: str, value: str) -> None:
+    """A local --model / --init_from holds a Qwen2.5-VL: its config.json read now, not the weights later."""
+    try:
+        folder = Path(resolve_model_path(str(Path(value).expanduser())))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{flag} {error}") from None
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"{flag} {value}: cannot read {folder / 'config.json'} ({error})") from None
+    if model_type != "qwen2_5_vl":
+        hint = " (a text-only LM: give it a vision tower with python -m models.graft first)" if model_type == "qwen2" else ""
+        raise ConfigError(
+            f"{flag} {value}: {folder / 'config.json'} has model_type {model_type!r}, but this trainer expects a "
+            f"Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'){hint}; pass a Qwen2.5-VL folder or a preset "
+            f"({', '.join(sorted(TINY_PRESETS))})"
+        )
+
+
+DATA_FILE_TYPES = (".parquet", ".jsonl", ".json")  # what data/sources.py reads from a local file
+
+
+def check_dataset_source(data_args) -> None:
+    """A local --dataset that is not there, or an --image_root that is not a folder: named now, not by
+    the loader once the model has loaded (data/sources.py reads a name with one '/' as a Hub dataset)."""
+    source = data_args.dataset
+    if source not in SYNTHETIC and not Path(source).exists():
+        looks_local = Path(source).suffix.lower() in (".parquet", ".jsonl", ".json", ".arrow")
+        if looks_local or source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise ConfigError(
+                f"--dataset {source}: no such file or folder, and not a Hub dataset (owner/name); check the path, "
+                f"or use --dataset {SYNTHETIC[0]} for the built-in scenes"
+            )
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() not in DATA_FILE_TYPES:
+        raise ConfigError(f"--dataset {source}: a {path.suffix or 'suffix-less'} file; give a {', '.join(DATA_FILE_TYPES)} file")
+    saved = ("dataset_info.json", "state.json", "dataset_dict.json")  # save_to_disk's folders
+    if path.is_dir() and not any((path / name).exists() for name in saved):
+        if not any(file.suffix.lower() in DATA_FILE_TYPES for file in path.rglob("*")):
+            raise ConfigError(
+                f"--dataset {source}: a folder with no save_to_disk dataset and no {', '.join(DATA_FILE_TYPES)} files in it"
+            )
+    try:
+        check_not_empty(source)  # an empty jsonl or parquet file, or a folder of them
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if data_args.image_root is not None and not Path(data_args.image_root).is_dir():
+        raise ConfigError(f"--image_root {data_args.image_root}: no such folder (the one the jsonl's image paths are under)")
 
 
 def check_writable(flag: str, output_dir: str) -> None:
@@ -216,10 +279,12 @@ def check_before_loading(config: Config) -> None:
     if config.train.stage == "sft" and config.sft.eval_accuracy_reward:
         check_reward_specs("--eval_accuracy_reward", [config.sft.eval_accuracy_reward])
     check_decode_device(config)
+    check_device("--device", config.train.device)
     check_attn_implementation("--attn_implementation", config.model.attn_implementation)
     check_model_source("--model", config.model.model)
     if config.model.init_from:
         check_model_source("--init_from", config.model.init_from)
+    check_dataset_source(config.data)
     check_writable("--output_dir", config.train.output_dir)
     check_overwrite_spares_the_start(config)
     check_resume_settings(config)
