@@ -47,6 +47,7 @@ from grpo.objectives import (
     LossOptionError,
     LossOptions,
 )
+from grpo.rewards import parse_reward_weights
 from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
 from models.loading import ATTN_IMPLEMENTATIONS
 from models.lora import LANGUAGE_PROJECTIONS
@@ -691,25 +692,12 @@ class GRPOArguments:
 
     def _parse_reward_weights(self) -> list[float] | None:
         """--reward_weights as numbers, one per reward function (None: every weight 1)."""
-        if self.reward_weights is None:
-            return None
+        if self.reward_weights is not None and not self.reward_weights.strip():
+            raise ConfigError("--reward_weights is empty; give one number per reward function, or drop it (all 1)")
         try:
-            weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
-        except ValueError:
-            raise ConfigError(f"--reward_weights {self.reward_weights!r}: give comma-separated numbers, e.g. 1,0.5") from None
-        if not all(math.isfinite(w) for w in weights):
-            raise ConfigError(f"--reward_weights {self.reward_weights!r}: every weight must be a finite number")
-        if len(weights) != len(self.reward_function_names):
-            raise ConfigError(
-                f"--reward_weights has {len(weights)} values but --reward_functions names "
-                f"{len(self.reward_function_names)} functions; give one weight per function"
-            )
-        if weights and all(w == 0 for w in weights):  # the reward would be 0 for every completion
-            raise ConfigError(
-                f"--reward_weights {self.reward_weights!r}: every weight is 0, so every reward and advantage "
-                "would be 0 and nothing would train; give at least one function a non-zero weight"
-            )
-        return weights
+            return parse_reward_weights(self.reward_weights, len(self.reward_function_names))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass

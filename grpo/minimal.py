@@ -9,9 +9,8 @@ The second prints a line per step; its mean reward (format + count_accuracy, at 
 0.61 over steps 1-10 to 0.91 over steps 51-60 (format 0.55 -> 0.80, count accuracy 0.05 -> 0.10).
 
 Read this file first; the production trainer (train.py -> grpo/grpo_loop.py) computes the same loss
-and gradients at its default flags (tests/test_minimal.py), with every option users arrive with.
-The untrained tiny model never earns a reward (every advantage 0, nothing to learn), hence the short
-SFT run above, whose model already writes the <think>/<answer> format and counts some scenes right.
+and gradients at its default flags (tests/test_minimal.py). The untrained tiny model never earns a
+reward (nothing to learn), hence the SFT run: its model writes the format and counts some scenes.
 
 DeepSeekMath (arXiv 2402.03300), Algorithm 1 (iterative GRPO) and eq. 3, one step:
 
@@ -32,16 +31,14 @@ Where it departs from the paper, and why:
     2. mu = 1 runs no old-policy forward: old = logprobs.detach(), so the ratio is 1 in value and
        its gradient is grad log pi (grpo/loss.py explains the trick).
     3. The policy is softmax(logits / temperature), the distribution the completions were drawn from.
-    4. The G copies of each prompt are prefilled as G rows (simplest to read: no KV-cache copying),
-       and every training forward runs [prompt ; completion] per row; the production engine runs
-       each prompt once and copies its KV cache G ways (grpo/engine/forward.py).
+    4. Each prompt is prefilled as G rows and every forward runs [prompt ; completion] per row
+       (simplest to read); the production engine runs each prompt once, its KV cache copied G ways.
     5. One process on the CPU, the whole generation batch in one forward: no micro-batches, no
        ranks, no checkpoints; every completion must be scored (no None rewards).
 
-Plumbing, not GRPO, comes from the project: the model and data builders (models/, data/), the reward
-functions (grpo/reward_functions.py) and Qwen2.5-VL's image inputs and 3-D rotary positions
-(grpo/engine/inputs.py). Letters: B prompts, G completions per prompt, R = B*G rows, P prompt tokens,
-T completion tokens, V vocabulary, D hidden size, N image tokens.
+Plumbing, not GRPO, comes from the project: model and data builders (models/, data/), reward functions
+(grpo/reward_functions.py), Qwen2.5-VL's image inputs and 3-D positions (grpo/engine/inputs.py).
+Letters: B prompts, G per prompt, R = B*G rows, P prompt and T completion tokens, V vocabulary, D hidden size, N image tokens.
 """
 
 from __future__ import annotations
@@ -70,8 +67,8 @@ from grpo.engine.inputs import (
     image_inputs_for_rows,
     mrope_position_ids,
 )
-from grpo.rewards import compute_rewards, resolve_reward_functions
-from models.loading import load_policy, make_reference, special_token_ids
+from grpo.rewards import compute_rewards, parse_reward_weights, resolve_reward_functions
+from models.loading import load_policy, make_reference, resolve_dtype, special_token_ids
 
 
 @dataclass
@@ -221,14 +218,12 @@ def train(hp: Hyper, log=print) -> list[float]:
     special = special_token_ids(model, processor)
     eos = torch.tensor(special.eos_token_ids)  # [E] Qwen chat stops at <|im_end|> or <|endoftext|>
     reference = make_reference(model) if hp.beta > 0 else None  # frozen copy of the start
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, betas=(0.9, 0.99),
-        weight_decay=hp.weight_decay,
-    )  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, betas=(0.9, 0.99), weight_decay=hp.weight_decay)
     scenes = make_counting_dataset(hp.num_prompts, seed=hp.seed, image_size=hp.image_size, layout="grid")
     collate = GRPOCollator(processor, system_prompt=None)  # left-padded prompts, images, gold answers
     reward_functions = resolve_reward_functions(hp.reward_functions.split(","))
-    weights = [float(w) for w in hp.reward_weights.split(",")] if hp.reward_weights else None
+    weights = parse_reward_weights(hp.reward_weights, len(reward_functions))  # None: every weight 1
     generator = torch.Generator().manual_seed(hp.seed)
     mean_rewards, started = [], time.perf_counter()
     for step in range(1, hp.steps + 1):
@@ -280,44 +275,26 @@ def parse_args(argv=None) -> Hyper:
             parser.error(f"--init_from {hp.init_from}: no model folder or train.py output_dir there; make one "
                          "with the SFT command at the top of grpo/minimal.py, or pass --init_from tiny")  # fmt: skip
         hp.init_from = str(checkpoints[-1])
-    if hp.init_from != "tiny":  # a text LM or another model failed only in the loader, with a traceback
-        try:
-            model_type = json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError) as error:
-            parser.error(f"--init_from {hp.init_from}: cannot read its config.json ({error})")
-        if model_type != "qwen2_5_vl":
-            parser.error(f"--init_from {hp.init_from}: model_type {model_type!r}, not a Qwen2.5-VL ('qwen2_5_vl')")
-    if hp.G < 2 or hp.B < 1 or hp.steps < 1 or hp.num_iterations < 1 or hp.max_completion_length < 1:
-        parser.error("--G must be >= 2 (the std of a group), and --B, --steps, --num_iterations, "
-                     "--max_completion_length >= 1")  # fmt: skip
-    if not hp.temperature > 0:  # NaN too
-        parser.error(f"--temperature {hp.temperature}: must be > 0 (this file samples; no greedy)")
-    for name in ("epsilon", "beta", "std_eps", "learning_rate", "weight_decay", "max_grad_norm"):
-        if not 0 <= getattr(hp, name) < float("inf"):  # NaN and inf fail both comparisons' sides
-            parser.error(f"--{name} {getattr(hp, name)}: must be a finite number >= 0")
-    if hp.num_prompts < 1 or hp.image_size < 28:  # a scene is at least one 28 x 28 image token
-        parser.error(f"--num_prompts {hp.num_prompts} / --image_size {hp.image_size}: need >= 1 prompt and >= 28 pixels")
-    if hp.dtype not in ("float32", "bfloat16", "float16", "float64"):
-        parser.error(f"--dtype {hp.dtype!r}: use float32, bfloat16, float16 or float64")
-    try:  # imports every module:function now, not after the model has loaded
-        names = resolve_reward_functions(hp.reward_functions.split(","))
+    if hp.init_from != "tiny" and json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type") != "qwen2_5_vl":
+        parser.error(f"--init_from {hp.init_from}: its config.json is not a Qwen2.5-VL's (model_type 'qwen2_5_vl')")
+    for name, low in {"G": 2, "B": 1, "steps": 1, "num_iterations": 1, "max_completion_length": 1, "num_prompts": 1, "image_size": 28}.items():
+        if getattr(hp, name) < low:  # --G: a group needs a std; --image_size: one 28 x 28 image token
+            parser.error(f"--{name} {getattr(hp, name)}: must be >= {low}")
+    for name in ("temperature", "epsilon", "beta", "std_eps", "learning_rate", "weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(hp, name) < float("inf") or hp.temperature == 0:  # NaN fails every comparison
+            parser.error(f"--{name} {getattr(hp, name)}: must be a finite number >= 0 (--temperature > 0: this file samples)")
+    try:  # the dtype, every module:function and every weight read now, not after the model has loaded
+        resolve_dtype(hp.dtype, torch.device("cpu"))
+        parse_reward_weights(hp.reward_weights, len(resolve_reward_functions(hp.reward_functions.split(","))))
     except (ValueError, ImportError, AttributeError, TypeError) as error:
         parser.error(str(error))
-    try:
-        weights = [float(w) for w in hp.reward_weights.split(",")] if hp.reward_weights else [1.0] * len(names)
-    except ValueError:
-        parser.error(f"--reward_weights {hp.reward_weights!r}: give comma-separated numbers, e.g. 0.5,1")
-    if len(weights) != len(names) or not all(abs(w) < float("inf") for w in weights):
-        parser.error(f"--reward_weights {hp.reward_weights!r}: give one finite weight per --reward_functions name ({len(names)})")
     return hp
 
 
 if __name__ == "__main__":
     hp = parse_args()
-    # The decode loop is many tiny ops: on a CPU one thread beats several that wait for each other.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the decode loop is many tiny ops: on a CPU one thread beats several
     started = time.perf_counter()
     rewards = train(hp)
     k = min(5, len(rewards))
-    print(f"mean reward, first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f} "
-          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    print(f"mean reward, first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f} ({time.perf_counter() - started:.0f} s)")

@@ -62,8 +62,9 @@ def _import_reward_function(spec: str) -> RewardFunction:
     function = getattr(module, attribute)
     if not callable(function):
         raise TypeError(f"--reward_functions {spec!r}: {attribute!r} is a {type(function).__name__}, not a function")
-    try:  # the call every step makes (example_columns' columns by name), tried now rather than at step 1
-        inspect.signature(function).bind([], [], questions=[], images=[], image_paths=[], source_row=[])
+    try:  # the two positional lists every call passes, tried now rather than at step 1; the columns
+        # come by name and depend on the data, so a parameter beyond the two may well be one of them
+        inspect.signature(function).bind_partial([], [])
     except TypeError:
         raise TypeError(
             f"--reward_functions {spec!r}: {attribute}{inspect.signature(function)} cannot be called as "
@@ -164,6 +165,29 @@ def check_reward_output(name: str, output, num_rows: int) -> list[float]:
             )
         checked.append(float(value))
     return checked
+
+
+def parse_reward_weights(text: str | None, num_functions: int) -> list[float] | None:
+    """--reward_weights as numbers, one per reward function (None or "": every weight 1)."""
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"--reward_weights {text!r}: give comma-separated numbers, e.g. 1,0.5") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--reward_weights {text!r}: every weight must be a finite number")
+    if len(weights) != num_functions:
+        raise ValueError(
+            f"--reward_weights has {len(weights)} values but --reward_functions names {num_functions} "
+            "functions; give one weight per function"
+        )
+    if all(w == 0 for w in weights):  # the reward would be 0 for every completion
+        raise ValueError(
+            f"--reward_weights {text!r}: every weight is 0, so every reward and advantage would be 0 and "
+            "nothing would train; give at least one function a non-zero weight"
+        )
+    return weights
 
 
 def compute_rewards(

@@ -58,8 +58,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     name = dtype.removeprefix("torch.")
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     resolved = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"--dtype {dtype!r} is not a torch dtype; use one of float32, bfloat16, float16, float64")
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:  # torch.int8 is a dtype too
+        raise ValueError(f"--dtype {dtype!r} is not a float dtype; use one of float32, bfloat16, float16, float64")
     return resolved
 
 

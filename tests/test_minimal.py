@@ -228,7 +228,7 @@ def test_an_init_from_that_is_not_a_qwen2_5_vl_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         minimal.parse_args(["--init_from", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"--init_from {tmp_path}: model_type 'qwen2', not a Qwen2.5-VL" in capsys.readouterr().err
+    assert f"--init_from {tmp_path}: its config.json is not a Qwen2.5-VL's (model_type 'qwen2_5_vl')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -238,7 +238,7 @@ def test_an_init_from_that_is_not_a_qwen2_5_vl_exits_2(tmp_path, capsys):
         # Each of these was a traceback once the model had loaded (or, --temperature nan, in the sampler).
         (["--temperature", "nan"], "--temperature nan"), (["--learning_rate", "nan"], "--learning_rate nan"),
         (["--beta", "inf"], "--beta inf"), (["--reward_weights", "a,b"], "--reward_weights 'a,b'"),
-        (["--reward_weights", "1"], "--reward_weights '1': give one finite weight per --reward_functions name (2)"),
+        (["--reward_weights", "1"], "--reward_weights has 1 values but --reward_functions names 2 functions"),
         (["--reward_functions", "no_such_module:f"], "cannot import module 'no_such_module'"),
         (["--dtype", "int8"], "--dtype 'int8'"), (["--num_prompts", "0"], "--num_prompts 0"),
     ],

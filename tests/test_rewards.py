@@ -379,3 +379,16 @@ def test_example_columns_repeat_each_prompts_columns_for_its_completions():
         example_columns([{"question": "q", "answer": "1", "completions": "x"}], 2)
     with pytest.raises(ValueError, match="dataset column 'questions' would reach the reward functions as 'questions'"):
         example_columns([{"question": "q", "answer": "1", "questions": "x"}], 1)
+
+
+def test_the_start_up_signature_check_refuses_only_what_no_call_can_bind(monkeypatch):
+    # The columns reach a reward function by name and depend on the data: a function naming one
+    # (`solution`) or the loop's `completion_lengths` is accepted at start-up and then called with
+    # them; only a function that cannot take (completions, answers) is refused.
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    [(name, function)] = resolve_reward_functions(["reward_fns:named_columns"])
+    rewards, _ = compute_rewards([(name, function)], None, ["a", "b"], ["1", "2"], solution=["1", "2"],
+                                 completion_lengths=[3, 9])  # fmt: skip
+    assert rewards.tolist() == [1.0, 0.0]
+    with pytest.raises(TypeError, match=r"completions_only\(completions\) cannot be called as"):
+        resolve_reward_functions(["reward_fns:completions_only"])
