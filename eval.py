@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from data.collators import GRPOCollator
-from data.loading import SYNTHETIC, check_gold_answers, load_eval_dataset
+from data.loading import check_gold_answers, check_part, load_eval_dataset
 from data.sources import DataError
 from grpo.config import ConfigError, DataArguments, check_pixel_range
 from grpo.engine.rollout import sample_rollouts
@@ -47,7 +47,7 @@ from grpo.runtime.start_checks import (
     check_writable,
 )
 from grpo.runtime.starting_point import resolve_model_path
-from models.loading import ATTN_IMPLEMENTATIONS, load_policy, resolve_dtype, special_token_ids
+from models.loading import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, load_policy, resolve_dtype, special_token_ids
 
 
 def _help(text, **kwargs):
@@ -101,8 +101,8 @@ class EvalArguments:
             raise ValueError(f"--top_k {self.top_k}: must be >= 0 (0 = off)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {self.device!r}: use auto, cpu or cuda")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16, float16 or float64")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype {self.dtype!r}: use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
         check_pixel_range(self.min_pixels, self.max_pixels)
@@ -264,15 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.format_reward:
             check_reward_specs("--format_reward", [args.format_reward])
         check_dataset_source(data_args)
-        if data_args.dataset not in SYNTHETIC and args.eval_part in ("validation", "test"):
-            # data/loading.py refuses both, but only after the model has loaded
-            if args.eval_part == "test":
-                raise ConfigError(
-                    f"--eval_part test is drawn only for the built-in synthetic data; for {data_args.dataset} score "
-                    "its test split with --split test --eval_part all"
-                )
-            if data_args.val_fraction == 0:
-                raise ConfigError("--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction or use --eval_part all")
+        check_part(data_args, args.eval_part)  # a part this data cannot give, before the model loads
         check_writable("--output_dir", args.output_dir)
     except (ConfigError, ValueError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

@@ -75,6 +75,21 @@ def _load(data_args, *, split: str, seed: int, num_examples: int | None, max_pix
     )
 
 
+def check_part(data_args, part: str, *, allow_empty: bool = False) -> None:
+    """The parts no loading can give, refused from the flags alone (eval.py calls it before the model
+    loads): 'test' of a source other than the synthetic data, 'validation' at --val_fraction 0
+    (unless allow_empty, as for _part)."""
+    if data_args.dataset in SYNTHETIC:
+        return
+    if part == "test":
+        raise DataError(
+            f"--eval_part test is drawn only for the built-in synthetic data; for {data_args.dataset} score "
+            "its test split with --split test --eval_part all"
+        )
+    if part == "validation" and data_args.val_fraction == 0 and not allow_empty:
+        raise DataError("--eval_part validation with --val_fraction 0 holds no examples; raise --val_fraction or use --eval_part all")
+
+
 def _part(
     data_args, *, part: str, seed: int, num_examples: int | None, max_pixels: int | None = None, allow_empty: bool = False
 ):
@@ -82,14 +97,10 @@ def _part(
 
     allow_empty: an empty part is returned rather than refused (SFT's validation part under
     --val_fraction 0, which only turns the validation loss off)."""
+    check_part(data_args, part, allow_empty=allow_empty)
     if data_args.dataset in SYNTHETIC:
         split = part if part in ("validation", "test") else "train"
         return _load(data_args, split=split, seed=seed, num_examples=num_examples, max_pixels=max_pixels)
-    if part == "test":
-        raise DataError(
-            f"a 'test' part is drawn only for the built-in synthetic data; for {data_args.dataset} score "
-            "its test split with --split test --eval_part all"
-        )
     dataset, report = _load(data_args, split=data_args.split, seed=seed, num_examples=None, max_pixels=max_pixels)
     if part != "all":
         train, val = train_val_split(dataset, data_args.val_fraction, seed=seed)

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from data.loading import SYNTHETIC
 from data.prompts import SYSTEM_PROMPT
 from data.synthetic import (  # the generator owns its options
     GRID_CELLS,
@@ -49,7 +50,7 @@ from grpo.objectives import (
 )
 from grpo.rewards import parse_reward_weights
 from models.freeze import FREEZE_POLICIES, canonical_freeze_policy
-from models.loading import ATTN_IMPLEMENTATIONS
+from models.loading import ATTN_IMPLEMENTATIONS, DTYPE_NAMES
 from models.lora import LANGUAGE_PROJECTIONS
 
 # LossOptions' fields whose flag has another name (GRPO's epsilon is the lower clip; the
@@ -134,8 +135,8 @@ class ModelArguments:
         self.freeze_policy = canonical_freeze_policy(self.freeze_policy)  # "seed" still works, with a warning
         if self.freeze_policy not in FREEZE_POLICIES:
             raise ConfigError(f"--freeze_policy {self.freeze_policy!r} is not one of {FREEZE_POLICIES}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-            raise ConfigError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16, float16 or float64")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r}: use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
         if self.num_trainable_layers < 0:
             raise ConfigError("--num_trainable_layers must be >= 0")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -231,7 +232,7 @@ class DataArguments:
             raise ConfigError("--max_prompt_length must be >= 1 (or leave it unset)")
         if self.num_examples is not None and self.num_examples < 1:
             raise ConfigError(f"--num_examples {self.num_examples}: must be >= 1 (or leave it unset for all)")
-        if self.dataset in ("synthetic", "synthetic-shifted") and self.split != "train":  # it was ignored
+        if self.dataset in SYNTHETIC and self.split != "train":  # it was ignored
             raise ConfigError(
                 f"--split {self.split!r}: the built-in synthetic data has no splits to pick (train.py trains on its "
                 "train stream; eval.py --eval_part validation / test scores the held-out ones); drop --split"
@@ -243,7 +244,7 @@ class DataArguments:
             raise ConfigError(f"--synthetic_trace {self.synthetic_trace!r}: use one of {', '.join(TRACES)}")
         if self.demonstrator_misses is not None:
             palette = SHIFTED_PALETTE if self.dataset == "synthetic-shifted" else PALETTE
-            if self.dataset not in ("synthetic", "synthetic-shifted"):  # it would be ignored
+            if self.dataset not in SYNTHETIC:  # it would be ignored
                 raise ConfigError(
                     f"--demonstrator_misses relabels the built-in synthetic scenes, not --dataset {self.dataset}; drop it"
                 )

@@ -68,7 +68,7 @@ from grpo.engine.inputs import (
     mrope_position_ids,
 )
 from grpo.rewards import compute_rewards, parse_reward_weights, resolve_reward_functions
-from models.loading import load_policy, make_reference, resolve_dtype, special_token_ids
+from models.loading import check_model_type, load_policy, make_reference, resolve_dtype, special_token_ids
 
 
 @dataclass
@@ -275,15 +275,15 @@ def parse_args(argv=None) -> Hyper:
             parser.error(f"--init_from {hp.init_from}: no model folder or train.py output_dir there; make one "
                          "with the SFT command at the top of grpo/minimal.py, or pass --init_from tiny")  # fmt: skip
         hp.init_from = str(checkpoints[-1])
-    if hp.init_from != "tiny" and json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type") != "qwen2_5_vl":
-        parser.error(f"--init_from {hp.init_from}: its config.json is not a Qwen2.5-VL's (model_type 'qwen2_5_vl')")
     for name, low in {"G": 2, "B": 1, "steps": 1, "num_iterations": 1, "max_completion_length": 1, "num_prompts": 1, "image_size": 28}.items():
         if getattr(hp, name) < low:  # --G: a group needs a std; --image_size: one 28 x 28 image token
             parser.error(f"--{name} {getattr(hp, name)}: must be >= {low}")
     for name in ("temperature", "epsilon", "beta", "std_eps", "learning_rate", "weight_decay", "max_grad_norm"):
         if not 0 <= getattr(hp, name) < float("inf") or hp.temperature == 0:  # NaN fails every comparison
             parser.error(f"--{name} {getattr(hp, name)}: must be a finite number >= 0 (--temperature > 0: this file samples)")
-    try:  # the dtype, every module:function and every weight read now, not after the model has loaded
+    try:  # the model's type, the dtype, every module:function and every weight read now, not after loading
+        if hp.init_from != "tiny":
+            check_model_type("--init_from", f"{hp.init_from}: its config.json", json.loads((Path(hp.init_from) / "config.json").read_text()).get("model_type"))
         resolve_dtype(hp.dtype, torch.device("cpu"))
         parse_reward_weights(hp.reward_weights, len(resolve_reward_functions(hp.reward_functions.split(","))))
     except (ValueError, ImportError, AttributeError, TypeError) as error:

@@ -110,6 +110,22 @@ def _own_memory(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.clone()
 
 
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "float64")  # what --dtype accepts
+
+
+def check_model_type(flag: str, where: str, model_type: str | None) -> None:
+    """A ValueError unless `model_type` (read from a checkpoint's config.json) is Qwen2.5-VL's.
+    where: how the message names the checkpoint, e.g. "runs/x: runs/x/config.json"."""
+    if model_type == "qwen2_5_vl":
+        return
+    hint = " (a text-only LM: give it a vision tower with python -m models.graft first)" if model_type == "qwen2" else ""
+    raise ValueError(
+        f"{flag} {where} has model_type {model_type!r}, but this trainer expects a Qwen2.5-VL checkpoint "
+        f"(model_type 'qwen2_5_vl'){hint}; pass a Qwen2.5-VL folder, a Hub id such as "
+        f"Qwen/Qwen2.5-VL-3B-Instruct, or a preset ({', '.join(sorted(TINY_PRESETS))})"
+    )
+
+
 def load_policy(
     name_or_path: str,
     *,
@@ -142,19 +158,7 @@ def load_policy(
                 f"Hugging Face Hub ({type(error).__name__}: {str(error).splitlines()[0]}). Check the path, or "
                 "the repo id and the network; offline, pass a local folder written by save_pretrained"
             ) from error
-        if config.model_type != "qwen2_5_vl":
-            hint = ""
-            if config.model_type == "qwen2":
-                hint = (
-                    " It is a text-only Qwen2/Qwen2.5 LM: give it a vision tower first with "
-                    "`python -m models.graft --vision <Qwen2.5-VL id|dir> --text "
-                    f"{name_or_path} --out DIR` and load DIR."
-                )
-            raise ValueError(
-                f"--model {name_or_path!r} has model_type {config.model_type!r}, but this trainer "
-                f"expects a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'), e.g. "
-                f"Qwen/Qwen2.5-VL-3B-Instruct or the preset names {sorted(TINY_PRESETS)}.{hint}"
-            )
+        check_model_type("--model", repr(name_or_path), config.model_type)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             name_or_path, dtype=torch_dtype, attn_implementation=attn
         )

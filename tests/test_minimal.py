@@ -228,7 +228,7 @@ def test_an_init_from_that_is_not_a_qwen2_5_vl_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         minimal.parse_args(["--init_from", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"--init_from {tmp_path}: its config.json is not a Qwen2.5-VL's (model_type 'qwen2_5_vl')" in capsys.readouterr().err
+    assert f"--init_from {tmp_path}: its config.json has model_type 'qwen2', but this trainer expects a Qwen2.5-VL" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

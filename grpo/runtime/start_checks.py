@@ -32,7 +32,7 @@ from grpo.config import Config, ConfigError
 from grpo.rewards import resolve_reward_functions
 from grpo.runtime.checkpoint import RUN_CONFIG, _stage_of, latest_checkpoint
 from grpo.runtime.starting_point import resolve_model_path
-from models.loading import TINY_PRESETS
+from models.loading import TINY_PRESETS, check_model_type
 
 
 def check_reward_specs(flag: str, names: list[str], **settings) -> None:
@@ -127,13 +127,10 @@ def check_local_model(flag: str, value: str) -> None:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as error:
         raise ConfigError(f"{flag} {value}: cannot read {folder / 'config.json'} ({error})") from None
-    if model_type != "qwen2_5_vl":
-        hint = " (a text-only LM: give it a vision tower with python -m models.graft first)" if model_type == "qwen2" else ""
-        raise ConfigError(
-            f"{flag} {value}: {folder / 'config.json'} has model_type {model_type!r}, but this trainer expects a "
-            f"Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'){hint}; pass a Qwen2.5-VL folder or a preset "
-            f"({', '.join(sorted(TINY_PRESETS))})"
-        )
+    try:
+        check_model_type(flag, f"{value}: {folder / 'config.json'}", model_type)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 DATA_FILE_TYPES = (".parquet", ".jsonl", ".json")  # what data/sources.py reads from a local file
