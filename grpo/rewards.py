@@ -46,28 +46,28 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
 _SETTINGS_OF = {"overlong": ("max_completion_length", "overlong_buffer_length")}
 
 
-def _import_reward_function(spec: str) -> RewardFunction:
+def _import_reward_function(spec: str, flag: str) -> RewardFunction:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"--reward_functions {spec!r}: write a custom reward as module:function")
+        raise ValueError(f"{flag} {spec!r}: write a custom reward as module:function")
     try:
         module = importlib.import_module(module_name)
     except (ImportError, SyntaxError) as error:  # a syntax error in the module too: its message names file and line
         raise ImportError(
-            f"--reward_functions {spec!r}: cannot import module {module_name!r} ({error}); "
+            f"{flag} {spec!r}: cannot import module {module_name!r} ({error}); "
             "check the name and that its folder is on PYTHONPATH"
         ) from error
     if not hasattr(module, attribute):
-        raise AttributeError(f"--reward_functions {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+        raise AttributeError(f"{flag} {spec!r}: module {module_name!r} has no attribute {attribute!r}")
     function = getattr(module, attribute)
     if not callable(function):
-        raise TypeError(f"--reward_functions {spec!r}: {attribute!r} is a {type(function).__name__}, not a function")
+        raise TypeError(f"{flag} {spec!r}: {attribute!r} is a {type(function).__name__}, not a function")
     try:  # the two positional lists every call passes, tried now rather than at step 1; the columns
         # come by name and depend on the data, so a parameter beyond the two may well be one of them
         inspect.signature(function).bind_partial([], [])
     except TypeError:
         raise TypeError(
-            f"--reward_functions {spec!r}: {attribute}{inspect.signature(function)} cannot be called as "
+            f"{flag} {spec!r}: {attribute}{inspect.signature(function)} cannot be called as "
             f"{attribute}(completions, answers, **columns); define it as def {attribute}(completions, answers, **columns)"
         ) from None
     except ValueError:  # no signature to read (a C function): it is called as it is
@@ -76,10 +76,11 @@ def _import_reward_function(spec: str) -> RewardFunction:
 
 
 def resolve_reward_functions(
-    names: Sequence[str | RewardFunction], **settings
+    names: Sequence[str | RewardFunction], *, flag: str = "--reward_functions", **settings
 ) -> list[tuple[str, RewardFunction]]:
     """Turn built-in names, `module:function` strings (or callables) into (name, function) pairs.
 
+    flag: the command-line flag the error messages name (eval.py's --accuracy_reward, say).
     settings: run settings some built-ins need (`overlong`: max_completion_length,
     overlong_buffer_length), bound to the function here.
 
@@ -98,20 +99,20 @@ def resolve_reward_functions(
             if spec in _SETTINGS_OF:
                 missing = [key for key in _SETTINGS_OF[spec] if settings.get(key) is None]
                 if missing:
-                    raise ValueError(f"--reward_functions {spec}: needs the settings {missing}")
+                    raise ValueError(f"{flag} {spec}: needs the settings {missing}")
                 function = functools.partial(function, **{key: settings[key] for key in _SETTINGS_OF[spec]})
         elif ":" in spec:
-            name, function = spec.partition(":")[2], _import_reward_function(spec)
+            name, function = spec.partition(":")[2], _import_reward_function(spec, flag)
         else:
             raise ValueError(
-                f"--reward_functions: unknown reward {spec!r}; use one of {sorted(REWARD_FUNCTIONS)} "
+                f"{flag}: unknown reward {spec!r}; use one of {sorted(REWARD_FUNCTIONS)} "
                 "or module:function for your own"
             )
         if any(name == seen for seen, _ in resolved):
-            raise ValueError(f"--reward_functions: {name!r} is given twice; each reward may appear once")
+            raise ValueError(f"{flag}: {name!r} is given twice; each reward may appear once")
         resolved.append((name, function))
     if not resolved:
-        raise ValueError("--reward_functions is empty; GRPO needs at least one reward function")
+        raise ValueError(f"{flag} is empty; GRPO needs at least one reward function")
     return resolved
 
 

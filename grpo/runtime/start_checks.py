@@ -39,9 +39,9 @@ def check_reward_specs(flag: str, names: list[str], **settings) -> None:
     """Import every reward function now (fails on unknown names, modules and attributes).
     settings: what some built-ins need bound (grpo.rewards.resolve_reward_functions)."""
     try:
-        resolve_reward_functions(names, **settings)
+        resolve_reward_functions(names, flag=flag, **settings)
     except (ValueError, ImportError, AttributeError, TypeError) as error:
-        message = str(error).replace("--reward_functions", flag)  # resolve_reward_functions names train.py's flag
+        message = str(error)
         raise ConfigError(message if message.startswith(flag) else f"{flag}: {message}") from None
 
 
